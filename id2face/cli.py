@@ -1,0 +1,63 @@
+"""`id2face <command>`: the command-line entry point (lazy: heavy imports happen in the command)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module under id2face.commands or None while not built yet, one-line help)
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "config": ("config", "print the resolved config of FILE... key=value; --build instantiates it"),
+    "synthfaces": ("synthfaces", "render a SynthFaces grid (rows = identities, columns = samples)"),
+    "train": (None, "train a model from a config"),
+    "train-encoder": (None, "train the tiny identity encoder on identity labels"),
+    "train-oracle": (None, "train the SynthFaces oracle (identity classifier + factor regressors)"),
+    "eval": (None, "evaluate a checkpoint and write metrics.json"),
+    "anonymize": (None, "anonymize the faces in photos or folders"),
+    "prepare": (None, "detect and align faces into a dataset folder with a manifest"),
+    "sweep": (None, "launch a grid of runs locally or on SLURM"),
+    "table": (None, "build paper-style tables from run folders"),
+    "demo": (None, "train, anonymize and evaluate on SynthFaces end to end"),
+}
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="id2face", description="ID²Face: identity-decoupled diffusion for face anonymization."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if module is not None and name == chosen:  # import only the command that runs
+            importlib.import_module(f"id2face.commands.{module}").add_arguments(p)
+        elif module is None:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = COMMANDS[args.command][0]
+    if module is None:
+        print(f"id2face {args.command}: not built yet in this version", file=sys.stderr)
+        return 2
+    from .errors import UserError
+
+    try:
+        return int(importlib.import_module(f"id2face.commands.{module}").run(args) or 0)
+    except UserError as err:
+        print(f"id2face {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"id2face {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

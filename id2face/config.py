@@ -1,0 +1,153 @@
+"""Layered configs: packaged default <- files in order <- ``key=value`` overrides.
+
+Struct mode everywhere: a key that the default does not define is an error naming the key and the
+layer it came from. A component node is ``{name, params}``; a layer that changes ``name`` replaces
+the whole node, so no parameter of the previous variant leaks into the new one (the new variant's
+constructor defaults apply to what the layer does not set).
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError
+
+SECTIONS = ("run", "model", "data", "trainer", "eval")
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override that cannot be applied; the message names the source."""
+
+
+def packaged_config_path(name: str) -> Path:
+    return Path(str(resources.files("id2face") / "configs" / f"{name}.yaml"))
+
+
+def resolve_config_path(arg: str) -> Path:
+    """A path, or the bare name of a packaged config (``tiny`` -> id2face/configs/tiny.yaml)."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    if path.suffix == "" and "/" not in arg and packaged_config_path(arg).is_file():
+        return packaged_config_path(arg)
+    packaged = sorted(p.stem for p in packaged_config_path("default").parent.glob("*.yaml"))
+    raise ConfigError(f"config '{arg}' not found: neither a file nor a packaged config ({', '.join(packaged)})")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        layer = OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read YAML: {_first_line(err)}") from None
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: cannot read YAML: {_first_line(err)}") from None
+    if layer is None:
+        return OmegaConf.create({})
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping at the top level")
+    return layer
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _is_component(node) -> bool:
+    return isinstance(node, DictConfig) and "name" in node and set(node.keys()) <= {"name", "params"}
+
+
+def _replace_swapped_components(base: DictConfig, layer: DictConfig, prefix: str = "") -> None:
+    """Where ``layer`` names a different variant than ``base``, reset the base node to it."""
+    for key in list(layer.keys()):
+        if key not in base:
+            continue  # the struct merge reports it
+        new, old = layer[key], base[key]
+        path = f"{prefix}{key}"
+        if isinstance(new, DictConfig) and _is_component(old) and "name" in new:
+            if new.name != old.name:
+                OmegaConf.set_struct(base, False)
+                base[key] = {"name": new.name, "params": {}}
+                OmegaConf.set_struct(base, True)
+        elif isinstance(new, DictConfig) and isinstance(old, DictConfig):
+            _replace_swapped_components(old, new, path + ".")
+
+
+def _open_params(cfg: DictConfig) -> None:
+    """A component's params are checked against its constructor at build time, not here.
+
+    A variant that came in by a swap starts with empty params, so its keys must be addable.
+    """
+    for key in cfg.keys():
+        node = cfg[key]
+        if _is_component(node):
+            if "params" in node and isinstance(node.params, DictConfig):
+                OmegaConf.set_struct(node.params, False)
+        elif isinstance(node, DictConfig):
+            _open_params(node)
+
+
+def merge_layer(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    _replace_swapped_components(base, layer)
+    _open_params(base)
+    try:
+        merged = OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        if "not in struct" in str(err) or type(err).__name__ == "ConfigKeyError":
+            parent = str(key).rsplit(".", 1)[0] if key and "." in str(key) else ""
+            valid = OmegaConf.select(base, parent) if parent else base
+            hint = f" (valid keys{' at ' + repr(parent) if parent else ''}: {', '.join(map(str, valid.keys()))})" if isinstance(valid, DictConfig) else ""
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}") from None
+        raise ConfigError(f"{source}: {_first_line(err)}") from None
+    OmegaConf.set_struct(merged, True)
+    _open_params(merged)
+    return merged
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command-line overrides: {_first_line(err)}") from None
+
+
+def load_config(files: Iterable[str] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved config: default <- each file in order <- ``key=value`` overrides."""
+    cfg = _read_yaml(packaged_config_path("default"))
+    OmegaConf.set_struct(cfg, True)
+    _open_params(cfg)
+    for arg in files:
+        path = resolve_config_path(arg)
+        cfg = merge_layer(cfg, _read_yaml(path), str(arg))
+    if overrides:
+        cfg = merge_layer(cfg, parse_overrides(overrides), "command line")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve interpolation: {_first_line(err)}") from None
+    return cfg
+
+
+def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """CLI positional arguments -> (config files, key=value overrides)."""
+    files = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    return files, overrides
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path

@@ -1,0 +1,15 @@
+"""Errors that mean "the user asked for something that cannot be done": the CLI prints their
+message on one line and exits non-zero; anything else is a bug and keeps its traceback."""
+
+
+class UserError(Exception):
+    """Bad input, a missing file, an impossible request."""
+
+
+class MissingWeightsError(UserError, FileNotFoundError):
+    """A pretrained weights file named in the config does not exist."""
+
+    def __init__(self, what: str, path, source: str):
+        super().__init__(
+            f"{what} weights not found at {path!s}: set the path in the config; such weights come from {source}"
+        )

@@ -1,0 +1,142 @@
+"""One registry per plug-in role; components are chosen by short registered names.
+
+A config node ``{name: gated, params: {...}}`` picks the class registered as ``gated`` in the
+``harmonizer`` registry and calls it with ``params`` plus runtime facts (``build(node, in_dim=...)``).
+Each registry lists the modules that define its entries and imports them on first use, so
+``id2face --help`` never pays for torch.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import UserError
+
+
+class RegistryError(UserError, KeyError):
+    """An unknown, duplicate or mis-parametrised component name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Registry:
+    def __init__(self, role: str, modules: Iterable[str] = ()):
+        self.role = role
+        self._modules = tuple(modules)
+        self._entries: dict[str, type | Callable] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable:
+        def decorator(obj):
+            if name in self._entries and self._entries[name] is not obj:
+                raise RegistryError(
+                    f"{self.role} '{name}' is already registered by {_qualname(self._entries[name])}"
+                )
+            self._entries[name] = obj
+            return obj
+
+        return decorator
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._modules:
+                importlib.import_module(module)
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+    def get(self, name: str):
+        self._load()
+        if name not in self._entries:
+            raise RegistryError(
+                f"unknown {self.role} '{name}'; valid names: {', '.join(self.names()) or '(none)'}"
+            )
+        return self._entries[name]
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._entries
+
+    def build(self, node: Mapping[str, Any] | str, **runtime: Any):
+        """Instantiate ``node`` = ``{name, params}`` (or a bare name) with runtime keyword facts.
+
+        Runtime facts are passed only if the constructor accepts them, so a variant that has no
+        use for ``in_dim`` need not declare it.
+        """
+        if isinstance(node, str):
+            name, params = node, {}
+        else:
+            name, params = node["name"], dict(node.get("params") or {})
+        cls = self.get(name)
+        accepted = _accepted_kwargs(cls)
+        unknown = sorted(set(params) - accepted) if accepted is not None else []
+        if unknown:
+            raise RegistryError(
+                f"{self.role} '{name}' has no parameter {', '.join(map(repr, unknown))}; "
+                f"valid: {', '.join(sorted(accepted - set(runtime))) or '(none)'}"
+            )
+        extra = {k: v for k, v in runtime.items() if accepted is None or k in accepted}
+        return cls(**_plain(params), **extra)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.role!r}, {self.names()})"
+
+
+def _accepted_kwargs(cls) -> set[str] | None:
+    """Names a constructor accepts, or None if it takes **kwargs (accepts anything)."""
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    signature = inspect.signature(target)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return {n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_POSITIONAL}
+
+
+def _plain(params: Mapping[str, Any]) -> dict:
+    """OmegaConf containers -> plain Python, so components never see DictConfig/ListConfig."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(params):
+            return OmegaConf.to_container(params, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in params.items()}
+
+
+def _qualname(obj) -> str:
+    return f"{obj.__module__}.{getattr(obj, '__qualname__', obj)}"
+
+
+_C = "id2face.components."
+IDENTITY_ENCODERS = Registry("identity_encoder", [_C + "identity"])
+ID_VAES = Registry("id_vae", [_C + "id_vae"])
+ATTRIBUTE_ENCODERS = Registry("attribute_encoder", [_C + "attributes"])
+ALIGNMENTS = Registry("alignment", [_C + "alignment"])
+HARMONIZERS = Registry("harmonizer", [_C + "harmonizer"])
+ID_MAPPINGS = Registry("id_mapping", [_C + "id_mapping"])
+GUIDANCES = Registry("guidance", [_C + "guidance"])
+BACKBONES = Registry("backbone", [_C + "backbone"])
+FIRST_STAGES = Registry("first_stage", [_C + "backbone"])
+SCHEDULERS = Registry("scheduler", [_C + "backbone"])
+SAMPLERS = Registry("sampler", [_C + "backbone"])
+DATASETS = Registry("dataset", ["id2face.data.synthfaces", "id2face.data.datasets"])
+RECOGNIZERS = Registry("recognizer", ["id2face.metrics.recognizers"])
+
+# Roles under `model:` in the config, in build order, with their registry.
+MODEL_ROLES: dict[str, Registry] = {
+    "identity_encoder": IDENTITY_ENCODERS,
+    "id_vae": ID_VAES,
+    "attribute_encoder": ATTRIBUTE_ENCODERS,
+    "alignment": ALIGNMENTS,
+    "harmonizer": HARMONIZERS,
+    "id_mapping": ID_MAPPINGS,
+    "guidance": GUIDANCES,
+    "first_stage": FIRST_STAGES,
+    "backbone": BACKBONES,
+    "scheduler": SCHEDULERS,
+    "sampler": SAMPLERS,
+}
