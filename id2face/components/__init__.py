@@ -1,0 +1,1 @@
+"""Plug-in components, one module per role; each variant registered by short name."""

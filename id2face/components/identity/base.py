@@ -1,0 +1,66 @@
+"""The identity-encoder contract shared by every variant."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import MissingWeightsError, UserError
+
+
+class IdentityEncoder(nn.Module):
+    """Frozen face-identity embedder.
+
+    Contract: ``forward(images)`` takes RGB NCHW images in [-1, 1] of any square size and returns
+    L2-normalised embeddings ``(N, embed_dim)``. The encoder owns its preprocessing (resize to
+    ``input_size``, its own normalisation), stays in eval mode and has no trainable parameters,
+    but gradients flow to the input (the training losses differentiate through it).
+    Subclasses implement ``embed(x)`` on preprocessed ``(N, 3, input_size, input_size)`` tensors.
+    """
+
+    embed_dim: int
+    input_size: int
+    # per-channel normalisation applied after mapping [-1, 1] -> [0, 1]
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=images.shape[-1] > self.input_size)
+        x = (images + 1) / 2
+        mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = x.new_tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embed(self.preprocess(images)), dim=-1)
+
+    def freeze(self) -> "IdentityEncoder":
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "IdentityEncoder":
+        # Frozen: BatchNorm/Dropout must not change behaviour when the parent calls .train().
+        return super().train(False)
+
+
+def load_state_dict_file(path: str | Path | None, what: str, source: str) -> dict:
+    """Read a local state-dict file (``torch.save`` format), unwrapping common containers."""
+    if path is None or not Path(path).is_file():
+        raise MissingWeightsError(what, path, source)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{what} weights at {path} cannot be read as a torch state dict: {err}") from None
+    for key in ("state_dict", "model", "net"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"{what} weights at {path} are not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
