@@ -95,16 +95,15 @@ def _accepted_kwargs(cls) -> set[str] | None:
     return {n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_POSITIONAL}
 
 
-def _plain(params: Mapping[str, Any]) -> dict:
+def _plain(value: Any) -> Any:
     """OmegaConf containers -> plain Python, so components never see DictConfig/ListConfig."""
-    try:
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        if OmegaConf.is_config(params):
-            return OmegaConf.to_container(params, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in params.items()}
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _qualname(obj) -> str:

@@ -1,0 +1,23 @@
+"""Shared test set-up: offline hubs, GPU tests skipped without CUDA, small deterministic runs."""
+from __future__ import annotations
+
+import os
+
+# Before any hub-aware library is imported: a hub id must fail in 0.2 s, not retry for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if not any("gpu" in item.keywords for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

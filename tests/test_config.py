@@ -1,0 +1,127 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from id2face.config import ConfigError, load_config, packaged_config_path, save_config, split_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_default_has_the_sections_of_the_design():
+    cfg = load_config()
+    assert list(cfg.keys()) == ["run", "model", "data", "trainer", "eval"]
+
+
+def test_layers_apply_in_order_then_overrides(tmp_path):
+    first = write(tmp_path, "first.yaml", "data:\n  batch_size: 3\n  num_workers: 1\n")
+    second = write(tmp_path, "second.yaml", "data:\n  batch_size: 5\n")
+    cfg = load_config([first, second], ["data.num_workers=7"])
+    assert cfg.data.batch_size == 5  # later file wins
+    assert cfg.data.num_workers == 7  # command line wins over files
+    assert cfg.data.image_size == load_config().data.image_size  # untouched keys keep the default
+
+
+def test_bare_name_resolves_to_packaged_config():
+    cfg = load_config(["tiny"])
+    assert cfg.data.image_size == 32
+    assert packaged_config_path("tiny").is_file()
+
+
+def test_misspelt_key_in_file_names_key_and_file(tmp_path):
+    bad = write(tmp_path, "typo.yaml", "data:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([bad])
+    assert "typo.yaml" in str(err.value) and "data.batch_sise" in str(err.value)
+    assert "batch_size" in str(err.value)  # the valid keys are listed
+
+
+def test_misspelt_key_on_command_line():
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'trainer.max_stepz'"):
+        load_config(["tiny"], ["trainer.max_stepz=3"])
+
+
+def test_swapping_a_component_replaces_its_params(tmp_path):
+    base = load_config()
+    assert base.model.identity_encoder.name == "facenet" and "weights" in base.model.identity_encoder.params
+    swap = write(tmp_path, "swap.yaml", "model:\n  identity_encoder:\n    name: timm\n    params:\n      embed_dim: 128\n")
+    cfg = load_config([swap])
+    assert cfg.model.identity_encoder.name == "timm"
+    assert OmegaConf.to_container(cfg.model.identity_encoder.params) == {"embed_dim": 128}
+
+
+def test_swap_from_command_line_then_set_new_params():
+    cfg = load_config(["tiny"], ["model.harmonizer.name=sum", "model.harmonizer.params.extra=1"])
+    assert OmegaConf.to_container(cfg.model.harmonizer) == {"name": "sum", "params": {"extra": 1}}
+
+
+def test_same_variant_merges_params():
+    cfg = load_config(["tiny"], ["model.id_vae.params.latent_dim=9"])
+    assert cfg.model.id_vae.params.latent_dim == 9
+    assert cfg.model.id_vae.params.hidden_dim == load_config(["tiny"]).model.id_vae.params.hidden_dim
+
+
+def test_missing_file_and_bad_yaml_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(["no/such/file.yaml"])
+    with pytest.raises(ConfigError, match="cannot read YAML"):
+        load_config([write(tmp_path, "broken.yaml", "data: [unclosed\n")])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config([], ["=3"])
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(["tiny"], ["run.seed=3"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config([str(path)])
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_split_args():
+    assert split_args(["tiny", "a.b=1", "x.yaml"]) == (["tiny", "x.yaml"], ["a.b=1"])
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "id2face.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_cli_config_prints_resolved_yaml():
+    out = run_cli("config", "tiny", "data.batch_size=2")
+    assert out.returncode == 0, out.stderr
+    assert OmegaConf.create(out.stdout).data.batch_size == 2
+
+
+def test_cli_config_error_is_one_line_without_traceback():
+    out = run_cli("config", "tiny", "model.harmonizr.name=x")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "model.harmonizr" in out.stderr
+
+
+def test_cli_help_is_fast_and_lists_every_command():
+    start = time.perf_counter()
+    out = run_cli("--help")
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0
+    for command in ("config", "synthfaces", "train", "eval", "anonymize", "prepare", "sweep", "table", "demo"):
+        assert command in out.stdout
+    assert elapsed < 2.0, f"id2face --help took {elapsed:.2f} s"
+
+
+def test_cli_help_does_not_import_heavy_libraries():
+    code = ("import sys; from id2face.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "heavy = [m for m in ('torch', 'lightning', 'diffusers', 'torchmetrics', 'timm') if m in sys.modules]\n"
+            "print('HEAVY:' + ','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY:", f"imported at --help: {out.stdout[-200:]}"
