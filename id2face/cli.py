@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "eval": (None, "evaluate a checkpoint and write metrics.json"),
     "anonymize": (None, "anonymize the faces in photos or folders"),
     "prepare": (None, "detect and align faces into a dataset folder with a manifest"),
-    "sweep": (None, "launch a grid of runs locally or on SLURM"),
+    "sweep": ("sweep", "launch a grid of runs locally or on SLURM"),
     "table": (None, "build paper-style tables from run folders"),
     "demo": (None, "train, anonymize and evaluate on SynthFaces end to end"),
 }

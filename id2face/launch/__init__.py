@@ -1,0 +1,1 @@
+"""Launching grids of runs: locally in sequence or as one SLURM array job through submitit."""

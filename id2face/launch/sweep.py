@@ -1,0 +1,131 @@
+"""Sweep files: a grid of base config x ablations x seeds, expanded into tasks.
+
+A sweep file (``experiments/*.sweep.yaml``)::
+
+    base: [tiny, experiments/synth_main.yaml]   # config files every task starts from
+    ablations:                                  # name -> files layered on top (`base: []` = none)
+      base: []
+      harmonizer_sum: [ablations/harmonizer_sum.yaml]
+    seeds: [0, 1, 2]
+    overrides: [trainer.max_steps=100]          # key=value for every task
+    resources: {gpus_per_node: 1, nodes: 1, timeout_min: 240, partition: null, account: null}
+
+``ablations`` may also be a plain list of files; each task's name is then the file's stem.
+Every task's config is resolved (and so validated) when the sweep is expanded, before anything
+is launched: a typo in one ablation stops the whole sweep at submission, not hours later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ..config import ConfigError, load_config, resolve_config_path
+from ..errors import UserError
+
+SWEEP_KEYS = {"base", "ablations", "seeds", "overrides", "resources"}
+RESOURCE_DEFAULTS = {
+    "partition": None,
+    "account": None,
+    "qos": None,
+    "nodes": 1,
+    "gpus_per_node": 1,
+    "cpus_per_task": 8,
+    "mem_gb": 64,
+    "timeout_min": 24 * 60,
+    "array_parallelism": 64,
+    "constraint": None,
+    "signal_delay_s": 90,
+}
+
+
+@dataclass
+class SweepTask:
+    """One run of the grid: files + overrides that resolve to its config, and where it lives."""
+
+    experiment: str
+    ablation: str
+    seed: int
+    files: list[str]
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def all_overrides(self) -> list[str]:
+        return [*self.overrides, f"run.ablation={self.ablation}", f"run.seed={self.seed}"]
+
+    def config(self) -> DictConfig:
+        return load_config(self.files, self.all_overrides)
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}/{self.ablation}/seed{self.seed}"
+
+
+@dataclass
+class Sweep:
+    path: Path
+    tasks: list[SweepTask]
+    resources: dict
+
+    @property
+    def experiment(self) -> str:
+        return self.tasks[0].experiment
+
+
+def _as_list(value, what: str, path: Path) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (ListConfig, list)):
+        return [str(v) if not isinstance(v, int) else v for v in value]
+    if isinstance(value, (str, int)):
+        return [value]
+    raise UserError(f"{path}: '{what}' must be a list")
+
+
+def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file {path} not found")
+    try:
+        spec = OmegaConf.load(path)
+    except Exception as err:
+        raise UserError(f"{path}: cannot read YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(spec, DictConfig):
+        raise UserError(f"{path}: a sweep file is a mapping with keys {sorted(SWEEP_KEYS)}")
+    unknown = set(spec.keys()) - SWEEP_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown sweep key(s) {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")
+
+    base = [str(f) for f in _as_list(spec.get("base"), "base", path)]
+    ablations_spec = spec.get("ablations") or {"base": []}
+    if isinstance(ablations_spec, (ListConfig, list)):
+        ablations = {Path(str(f)).stem: [str(f)] for f in ablations_spec}
+    else:
+        ablations = {str(k): [str(f) for f in _as_list(v, f"ablations.{k}", path)] for k, v in ablations_spec.items()}
+    seeds = [int(s) for s in _as_list(spec.get("seeds"), "seeds", path)] or [0]
+    overrides = [str(o) for o in _as_list(spec.get("overrides"), "overrides", path)] + list(extra_overrides)
+
+    resources = dict(RESOURCE_DEFAULTS)
+    given = OmegaConf.to_container(spec.get("resources") or OmegaConf.create({}))
+    bad = set(given) - set(RESOURCE_DEFAULTS)
+    if bad:
+        raise UserError(f"{path}: unknown resource(s) {sorted(bad)}; valid: {sorted(RESOURCE_DEFAULTS)}")
+    resources.update(given)
+
+    tasks = []
+    for ablation, files in ablations.items():
+        for seed in seeds:
+            task = SweepTask("", ablation, seed, [*base, *files], overrides)
+            try:
+                cfg = task.config()
+            except ConfigError as err:
+                raise UserError(f"{path}: ablation '{ablation}': {err}") from None
+            task.experiment = str(cfg.run.experiment)
+            tasks.append(task)
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: two tasks share a run folder: {sorted(n for n in names if names.count(n) > 1)}")
+    for f in base:
+        resolve_config_path(f)
+    return Sweep(path, tasks, resources)

@@ -1,0 +1,68 @@
+"""Sweep files expand into validated tasks; --dry-run prints the sbatch array script."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from id2face.errors import UserError
+from id2face.launch.sweep import load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="grid.sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_grid_is_ablations_times_seeds_with_run_names(tmp_path):
+    extra = write(tmp_path, "data:\n  batch_size: 2\n", "small.yaml")
+    sweep = load_sweep(write(tmp_path, f"base: [tiny]\nablations:\n  base: []\n  small: [{extra}]\nseeds: [0, 3]\n"
+                                       "overrides: [trainer.max_steps=7]\n"))
+    assert [t.name for t in sweep.tasks] == ["tiny/base/seed0", "tiny/base/seed3", "tiny/small/seed0", "tiny/small/seed3"]
+    cfg = sweep.tasks[3].config()
+    assert (cfg.run.ablation, cfg.run.seed, cfg.data.batch_size, cfg.trainer.max_steps) == ("small", 3, 2, 7)
+    assert sweep.tasks[0].config().data.batch_size == 8
+
+
+def test_ablation_list_names_tasks_by_file_stem(tmp_path):
+    extra = write(tmp_path, "data:\n  batch_size: 2\n", "halfbatch.yaml")
+    sweep = load_sweep(write(tmp_path, f"base: [tiny]\nablations: [{extra}]\n"))
+    assert [t.name for t in sweep.tasks] == ["tiny/halfbatch/seed0"]
+
+
+def test_a_typo_in_one_ablation_stops_the_sweep_before_launch(tmp_path):
+    bad = write(tmp_path, "model:\n  harmonizr: {}\n", "bad.yaml")
+    with pytest.raises(UserError, match=r"ablation 'bad'.*model.harmonizr"):
+        load_sweep(write(tmp_path, f"base: [tiny]\nablations:\n  bad: [{bad}]\n"))
+
+
+def test_unknown_sweep_and_resource_keys(tmp_path):
+    with pytest.raises(UserError, match="unknown sweep key"):
+        load_sweep(write(tmp_path, "base: [tiny]\nseed: [1]\n"))
+    with pytest.raises(UserError, match="unknown resource"):
+        load_sweep(write(tmp_path, "base: [tiny]\nresources: {gpu: 1}\n"))
+    with pytest.raises(UserError, match="not found"):
+        load_sweep(tmp_path / "missing.sweep.yaml")
+
+
+def test_dry_run_prints_array_script_with_requeue_signal(tmp_path):
+    path = write(tmp_path, "base: [tiny]\nseeds: [0, 1, 2]\nresources: {gpus_per_node: 4, nodes: 2, timeout_min: 60}\n")
+    out = subprocess.run([sys.executable, "-m", "id2face.cli", "sweep", str(path), "--dry-run",
+                          "--partition", "gpu", "--account", "lab", "--folder", str(tmp_path / "logs")],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    for line in ("#SBATCH --array=0-2%3", "#SBATCH --signal=USR1@90", "#SBATCH --requeue", "#SBATCH --nodes=2",
+                 "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=lab", "#SBATCH --time=60"):
+        assert line in script, line
+    assert not list((tmp_path / "logs").glob("*")), "a dry run must not create job files"
+
+
+def test_cli_rejects_missing_sweep_file_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "id2face.cli", "sweep", str(tmp_path / "nope.yaml"), "--dry-run"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "not found" in out.stderr
