@@ -18,6 +18,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(files, overrides)
     print(to_yaml(cfg), end="")
     if args.build:
+        from torch import nn
+
         from ..model import build_components, count_parameters
 
         components = build_components(cfg.model)
@@ -26,4 +28,7 @@ def run(args: argparse.Namespace) -> int:
             trainable, total = count_parameters(module)
             print(f"#   {role:18s} {getattr(module, 'registered_name', type(module).__name__):14s} "
                   f"{trainable:>13,d} / {total:>13,d}")
+        trainable, total = count_parameters(nn.ModuleList(components.values()))
+        print(f"#   {'total':18s} {'':14s} {trainable:>13,d} / {total:>13,d}")
     return 0
+

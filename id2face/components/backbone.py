@@ -1,0 +1,289 @@
+"""Diffusion backbone behind one small interface: first stage, denoiser UNet, schedulers.
+
+- first_stage (``FIRST_STAGES``): ``encode(images [-1, 1] (N,3,S,S)) -> latents (N,c,S/f,S/f)``,
+  ``decode(latents) -> images [-1, 1]``, ``.latent_channels`` (c), ``.downscale`` (f). Frozen.
+- backbone (``BACKBONES``): ``forward(sample (N,in,h,w), timesteps (N,), context (N,T,C),
+  cross_attention_kwargs) -> (N,out,h,w)``; ``.unet`` is a stock diffusers UNet2DConditionModel.
+- scheduler (``SCHEDULERS``): the training noise schedule (``add_noise``, ``target``, ``.config``).
+- sampler (``SAMPLERS``): an inference scheduler made with ``X.from_config(train_scheduler.config)``;
+  ``sample(denoise, noise, ...)`` runs the reverse process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import MissingWeightsError, UserError
+from ..registry import BACKBONES, FIRST_STAGES, SAMPLERS, SCHEDULERS
+
+# SD-1.5's `vae/config.json` (AutoencoderKL); `random_init` builds it without weights.
+SD_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+SD_WEIGHTS_SOURCE = (
+    "a Stable Diffusion 1.5 checkpoint in diffusers layout (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 "
+    "from the Hugging Face hub, downloaded beforehand); point the config at its `{}/` folder"
+)
+
+
+class FrozenModule(nn.Module):
+    """A module without trainable weights that stays in eval mode whatever its parent does."""
+
+    def __init__(self):  # explicit: the registry passes only the keyword arguments named here
+        super().__init__()
+
+    def freeze(self) -> "FrozenModule":
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenModule":
+        return super().train(False)
+
+
+# ------------------------------------------------------------------------------------ first stage
+@FIRST_STAGES.register("pixel")
+class PixelFirstStage(FrozenModule):
+    """Null first stage: diffusion runs on the pixels themselves (latents = images)."""
+
+    latent_channels = 3
+    downscale = 1
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+@FIRST_STAGES.register("sd_vae")
+class SDVAEFirstStage(FrozenModule):
+    """Frozen Stable Diffusion AutoencoderKL; latents are scaled by ``scaling_factor``.
+
+    ``path``: a local diffusers AutoencoderKL folder (SD's ``vae/``). ``random_init: true`` builds
+    the SD-1.5 architecture (``SD_VAE_CONFIG`` updated with ``config``) with random weights, for
+    tests and shape checks only.
+    """
+
+    def __init__(self, path: str | None = None, random_init: bool = False, config: dict | None = None):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        if random_init:
+            self.vae = AutoencoderKL(**{**SD_VAE_CONFIG, **(config or {})})
+        else:
+            if config:
+                raise UserError("first_stage sd_vae: `config` only applies with `random_init: true`")
+            if path is None or not (Path(path) / "config.json").is_file():
+                raise MissingWeightsError("SD VAE (AutoencoderKL)", path, SD_WEIGHTS_SOURCE.format("vae"))
+            self.vae = AutoencoderKL.from_pretrained(path)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.freeze()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        # The posterior mean: the masked-image condition must not be noisier than the image itself.
+        latents = self.vae.encode(images).latent_dist.mode()
+        return (latents - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample
+
+
+# ------------------------------------------------------------------------------------ backbone
+@BACKBONES.register("unet")
+class UNetBackbone(nn.Module):
+    """A stock diffusers ``UNet2DConditionModel``, built from these params or loaded from a local dir.
+
+    Runtime facts: ``in_channels`` (noisy latent + masked-image latent + mask), ``out_channels``,
+    ``cross_attention_dim`` (= model.context_dim). With ``pretrained`` the folder's config wins
+    over the architecture params; a checkpoint with fewer input channels (a text-to-image UNet,
+    4 channels) gets zero-initialised extra ``conv_in`` channels, so it starts as the original model.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        cross_attention_dim: int,
+        pretrained: str | None = None,
+        sample_size: int = 64,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block: int = 2,
+        attention_head_dim: int = 8,
+        norm_num_groups: int = 32,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        if pretrained is not None:
+            self.unet = _load_unet(pretrained, in_channels, out_channels, cross_attention_dim)
+        else:
+            self.unet = UNet2DConditionModel(
+                sample_size=sample_size,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                block_out_channels=tuple(block_out_channels),
+                down_block_types=tuple(down_block_types),
+                up_block_types=tuple(up_block_types),
+                layers_per_block=layers_per_block,
+                attention_head_dim=attention_head_dim,
+                norm_num_groups=norm_num_groups,
+                cross_attention_dim=cross_attention_dim,
+            )
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+        return self.unet(sample, timesteps, encoder_hidden_states=context,
+                         cross_attention_kwargs=cross_attention_kwargs or None, return_dict=False)[0]
+
+
+def _load_unet(path: str, in_channels: int, out_channels: int, cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    if not (Path(path) / "config.json").is_file():
+        raise MissingWeightsError("UNet (UNet2DConditionModel)", path, SD_WEIGHTS_SOURCE.format("unet"))
+    unet = UNet2DConditionModel.from_pretrained(path)
+    cfg = unet.config
+    if cfg.cross_attention_dim != cross_attention_dim:
+        raise UserError(f"pretrained UNet at {path} has cross_attention_dim {cfg.cross_attention_dim}; "
+                        f"set model.context_dim={cfg.cross_attention_dim}")
+    if cfg.out_channels != out_channels:
+        raise UserError(f"pretrained UNet at {path} predicts {cfg.out_channels} channels, the first stage "
+                        f"has {out_channels} latent channels")
+    if cfg.in_channels > in_channels:
+        raise UserError(f"pretrained UNet at {path} takes {cfg.in_channels} input channels, the model "
+                        f"gives {in_channels}")
+    if cfg.in_channels < in_channels:
+        old = unet.conv_in
+        new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:, : old.in_channels] = old.weight
+            new.bias.copy_(old.bias)
+        unet.conv_in = new
+        unet.register_to_config(in_channels=in_channels)
+    return unet
+
+
+# ------------------------------------------------------------------------------------ schedulers
+@SCHEDULERS.register("ddpm")
+class DDPMTrainScheduler(nn.Module):
+    """The training noise schedule (diffusers ``DDPMScheduler``) and the regression target.
+
+    ``prediction_type``: ``epsilon`` (target = noise) or ``v_prediction`` (target = velocity).
+    ``clip_sample`` travels to the samplers through the config: right for pixel space ([-1, 1]),
+    wrong for VAE latents.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
+                 beta_start: float = 0.00085, beta_end: float = 0.012, prediction_type: str = "epsilon",
+                 clip_sample: bool = False):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(f"scheduler prediction_type '{prediction_type}': valid: epsilon, v_prediction")
+        self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                                       beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
+                                       clip_sample=clip_sample)
+
+    @property
+    def config(self):
+        return self.scheduler.config
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator,
+                             device=generator.device if generator is not None else device).to(device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, timesteps)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(x0, noise, timesteps)
+
+
+# ------------------------------------------------------------------------------------ samplers
+class Sampler(nn.Module):
+    """Reverse process with a diffusers scheduler configured from the training scheduler.
+
+    ``denoise(x_t, t) -> model output`` in the training ``prediction_type``; ``t`` is a scalar
+    timestep tensor. Returns the final clean latents.
+    """
+
+    scheduler_class: str
+    scheduler_kwargs: dict = {}
+
+    def __init__(self, train_scheduler, num_inference_steps: int = 25):
+        super().__init__()
+        import diffusers
+
+        self.scheduler = getattr(diffusers, self.scheduler_class).from_config(
+            train_scheduler.config, **self.scheduler_kwargs)
+        self.num_inference_steps = num_inference_steps
+
+    def step_kwargs(self, generator: torch.Generator | None) -> dict:
+        return {"generator": generator}
+
+    @torch.no_grad()
+    def sample(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+               generator: torch.Generator | None = None, num_inference_steps: int | None = None) -> torch.Tensor:
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps or self.num_inference_steps, device=noise.device)
+        x = noise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            output = denoise(scheduler.scale_model_input(x, t), t)
+            x = scheduler.step(output, t, x, return_dict=False, **self.step_kwargs(generator))[0]
+        return x
+
+
+@SAMPLERS.register("ddim")
+class DDIMSampler(Sampler):
+    """DDIM (``eta`` = 0: deterministic given the initial noise)."""
+
+    scheduler_class = "DDIMScheduler"
+
+    def __init__(self, train_scheduler, num_inference_steps: int = 25, eta: float = 0.0):
+        super().__init__(train_scheduler, num_inference_steps)
+        self.eta = eta
+
+    def step_kwargs(self, generator):
+        return {"generator": generator, "eta": self.eta}
+
+
+@SAMPLERS.register("dpm_solver")
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++ multistep (second order): good samples in 10-25 steps."""
+
+    scheduler_class = "DPMSolverMultistepScheduler"
+    scheduler_kwargs = {"algorithm_type": "dpmsolver++", "solver_order": 2}

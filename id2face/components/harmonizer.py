@@ -1,0 +1,216 @@
+"""Identity-Guided Latent Harmonizer: how each UNet cross-attention layer mixes identity and
+attribute tokens, as diffusers attention processors (the UNet stays a stock UNet2DConditionModel).
+
+Contract: ``install(unet, num_id_tokens)`` sets a processor on every attention layer; the context
+the UNet gets is ``cat([id_tokens (N,K,C), attr_tokens (N,T,C)], 1)`` and cross-attention layers
+split it at ``K``. ``attention_kwargs(timesteps (N,)) -> dict`` is what the caller passes to the
+UNet as ``cross_attention_kwargs`` (the timestep embedding for the gates). Trainable parts (gate
+MLPs) are submodules of the harmonizer, not of the UNet: processors only hold references.
+
+- ``concat`` (null): one stock cross-attention over all K + T tokens.
+- ``sum``: separate attention to identity and attribute tokens, ``0.5 * (attn_id + attn_attr)``.
+- ``gated``: ``g * attn_id + (1 - g) * attn_attr``, ``g = sigmoid(MLP(h + W t_emb))`` per query
+  position, from the layer's hidden state ``h`` and the timestep.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import HARMONIZERS
+
+TIMESTEP_KWARG = "harmonizer_temb"
+
+
+def _attention_module(unet: nn.Module, processor_name: str) -> nn.Module:
+    return unet.get_submodule(processor_name.removesuffix(".processor"))
+
+
+def _is_cross_attention(processor_name: str, attn: nn.Module) -> bool:
+    return bool(getattr(attn, "is_cross_attention", False)) or processor_name.endswith("attn2.processor")
+
+
+class SelfAttnProcessor:
+    """Stock scaled-dot-product attention that accepts (and ignores) the harmonizer's timestep.
+
+    diffusers hands every ``cross_attention_kwargs`` entry to self-attention too and warns about
+    each one its processor does not name; this one names it.
+    """
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self._stock = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 harmonizer_temb=None):
+        return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class DecoupledCrossAttnProcessor:
+    """Cross-attention to identity tokens (first ``num_id_tokens``) and attribute tokens separately,
+    mixed per query position by a gate (``None``: fixed 0.5). Follows diffusers' AttnProcessor2_0;
+    the two branches share the layer's key/value projections.
+    """
+
+    def __init__(self, num_id_tokens: int, gate: nn.Module | None = None):
+        self.num_id_tokens = num_id_tokens
+        self.gate = gate  # owned (and registered) by the harmonizer, referenced here
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 harmonizer_temb=None):
+        if encoder_hidden_states is None:
+            raise ValueError("the harmonizer's processor is for cross-attention layers only")
+        k_id = self.num_id_tokens
+        if not 0 < k_id < encoder_hidden_states.shape[1]:
+            raise ValueError(f"context of {encoder_hidden_states.shape[1]} tokens cannot hold "
+                             f"{k_id} identity tokens and at least one attribute token")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, context_length, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x):
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        def attend(sl: slice):
+            mask = attention_mask[..., sl] if attention_mask is not None else None
+            out = F.scaled_dot_product_attention(query, key[:, :, sl], value[:, :, sl], attn_mask=mask,
+                                                 dropout_p=0.0, is_causal=False)
+            return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+        attn_id, attn_attr = attend(slice(0, k_id)), attend(slice(k_id, None))
+        if self.gate is None:
+            mixed = 0.5 * (attn_id + attn_attr)
+        else:
+            if harmonizer_temb is None:
+                raise ValueError(f"the gated harmonizer needs cross_attention_kwargs['{TIMESTEP_KWARG}']")
+            g = self.gate(hidden_states, harmonizer_temb)
+            mixed = g * attn_id + (1 - g) * attn_attr
+        # to_out is affine, so mixing before it equals mixing the two attention outputs.
+        hidden_states = attn.to_out[1](attn.to_out[0](mixed))
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class TimestepGate(nn.Module):
+    """``g = sigmoid(MLP(h + W t_emb))``: (N,Q,width) hidden + (N,E) timestep embedding -> (N,Q,1).
+
+    The last layer starts at zero (g = 0.5 everywhere: training starts from ``sum``).
+    """
+
+    def __init__(self, width: int, time_embed_dim: int, hidden: int):
+        super().__init__()
+        self.time_proj = nn.Linear(time_embed_dim, width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        x = hidden + self.time_proj(temb.to(hidden.dtype))[:, None, :]
+        return torch.sigmoid(self.mlp(x))
+
+
+class Harmonizer(nn.Module):
+    """Base: installs one processor per attention layer of a diffusers UNet."""
+
+    num_id_tokens: int | None = None
+
+    def __init__(self):  # explicit: the registry passes only the keyword arguments named here
+        super().__init__()
+
+    def install(self, unet: nn.Module, num_id_tokens: int) -> None:
+        self.num_id_tokens = num_id_tokens
+        processors = {}
+        for name in unet.attn_processors:
+            attn = _attention_module(unet, name)
+            processors[name] = (self.cross_attention_processor(name, attn, num_id_tokens)
+                                if _is_cross_attention(name, attn) else self.self_attention_processor())
+        unet.set_attn_processor(processors)
+
+    def self_attention_processor(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0()
+
+    def cross_attention_processor(self, name: str, attn: nn.Module, num_id_tokens: int):
+        raise NotImplementedError
+
+    def attention_kwargs(self, timesteps: torch.Tensor) -> dict:
+        """The UNet's ``cross_attention_kwargs`` for a forward pass at ``timesteps`` (N,)."""
+        return {}
+
+
+@HARMONIZERS.register("concat")
+class ConcatHarmonizer(Harmonizer):
+    """Null: plain cross-attention over the concatenated identity and attribute tokens."""
+
+    def cross_attention_processor(self, name, attn, num_id_tokens):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0()
+
+
+@HARMONIZERS.register("sum")
+class SumHarmonizer(Harmonizer):
+    """Decoupled attention with a fixed gate: ``0.5 * (attn_id + attn_attr)``."""
+
+    def cross_attention_processor(self, name, attn, num_id_tokens):
+        return DecoupledCrossAttnProcessor(num_id_tokens, gate=None)
+
+
+@HARMONIZERS.register("gated")
+class GatedHarmonizer(Harmonizer):
+    """Decoupled attention with a learned spatial, timestep-aware gate per cross-attention layer."""
+
+    def __init__(self, gate_hidden: int = 64, time_embed_dim: int = 64):
+        super().__init__()
+        self.gate_hidden = gate_hidden
+        self.time_embed_dim = time_embed_dim
+        self.gates = nn.ModuleDict()
+
+    def install(self, unet: nn.Module, num_id_tokens: int) -> None:
+        self.gates = nn.ModuleDict()
+        super().install(unet, num_id_tokens)
+
+    def self_attention_processor(self):
+        return SelfAttnProcessor()
+
+    def cross_attention_processor(self, name, attn, num_id_tokens):
+        key = name.removesuffix(".processor").replace(".", "_")
+        self.gates[key] = TimestepGate(attn.to_q.in_features, self.time_embed_dim, self.gate_hidden)
+        return DecoupledCrossAttnProcessor(num_id_tokens, gate=self.gates[key])
+
+    def attention_kwargs(self, timesteps: torch.Tensor) -> dict:
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        temb = get_timestep_embedding(timesteps.reshape(-1), self.time_embed_dim, flip_sin_to_cos=True,
+                                      downscale_freq_shift=0)
+        return {TIMESTEP_KWARG: temb}

@@ -1,0 +1,146 @@
+"""ID2FaceModule: trains the ID2Face model with Lightning (losses, AdamW + warmup, EMA, image logs).
+
+Precision (``trainer.precision: bf16-mixed``) and devices come from the Trainer; gradient
+checkpointing is a backbone param. The frozen identity encoder and first stage have
+``requires_grad=False``: they are left out of the optimiser, and DDP registers gradient hooks
+(and all-reduces buckets) only for parameters that require grad, so they cost no gradient sync
+(tests/test_lit_module.py checks DDP's reducer size). Every trainable parameter gets a gradient
+each step (the null identity tokens through ``torch.where``, or frozen when ``id_dropout`` is 0),
+so DDP runs without ``find_unused_parameters``.
+(DDP still broadcasts *buffers* from rank 0 each forward; the frozen modules' buffers are
+constants, so that only costs bandwidth.) The EMA copy is a submodule (saved in checkpoints,
+moved with the module) with ``requires_grad=False`` too.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .model import ID2Face
+
+
+class ID2FaceModule(L.LightningModule):
+    """Built from the full resolved config (``model.optim`` holds lr, weight_decay, betas, fused,
+    ema_decay, warmup_steps). Logs ``train/loss``, ``train/diffusion``, ... per step and
+    ``val/loss``, ``val/diffusion`` per validation epoch (validation runs on the EMA weights, which
+    are also the weights ``log_images`` and ``anonymize`` sample with).
+    """
+
+    def __init__(self, config: Mapping[str, Any] | DictConfig):
+        super().__init__()
+        cfg = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+        # Saved in checkpoints, so `load_from_checkpoint(path)` rebuilds the same model.
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.config = cfg
+        self.optim_cfg = cfg.model.optim
+        self.model = ID2Face.from_config(cfg.model)
+        # EMA of everything that trains (UNet, harmonizer, token MLP, attribute encoder, id_vae).
+        # Not Lightning's EMAWeightAveraging callback: it copies the whole LightningModule (frozen
+        # encoder and VAE included) and swaps weights only around validation, while sampling
+        # (log_images, anonymize, eval) needs the EMA on demand. Buffers are copied, not
+        # averaged: they are running statistics or counters already.
+        self.ema = AveragedModel(self.model.trainable_modules(),
+                                 multi_avg_fn=get_ema_multi_avg_fn(float(self.optim_cfg.ema_decay)),
+                                 use_buffers=False)
+        self.ema.requires_grad_(False)
+        self._ema_step = 0
+        self._ema_swapped = False
+
+    def train(self, mode: bool = True) -> "ID2FaceModule":
+        super().train(mode)
+        self.ema.train(False)  # a weight store: never run in training mode
+        return self
+
+    # ------------------------------------------------------------------ EMA
+    @torch.no_grad()
+    def _swap_ema(self) -> None:
+        for live, average in zip(self.model.trainable_modules().parameters(), self.ema.module.parameters(),
+                                 strict=True):
+            held = live.detach().clone()
+            live.detach().copy_(average)
+            average.detach().copy_(held)
+        self._ema_swapped = not self._ema_swapped
+
+    @contextmanager
+    def ema_weights(self):
+        """Run the body with the EMA weights in the model (restored afterwards)."""
+        if self._ema_swapped:  # already in (validation)
+            yield
+            return
+        self._swap_ema()
+        try:
+            yield
+        finally:
+            self._swap_ema()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Once per optimiser step (global_step counts them), not per accumulated micro-batch.
+        if self.trainer.global_step > self._ema_step:
+            self.ema.update_parameters(self.model.trainable_modules())
+            self._ema_step = self.trainer.global_step
+
+    def on_validation_epoch_start(self) -> None:
+        if not self._ema_swapped:
+            self._swap_ema()
+
+    def on_validation_epoch_end(self) -> None:
+        if self._ema_swapped:
+            self._swap_ema()
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _batch_size(batch) -> int:
+        return int(batch["a"]["image"].shape[0])
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        losses = self.model.training_losses(batch)
+        # Per-step values of this rank: no cross-process sync (it would stall every step).
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=False,
+                      batch_size=self._batch_size(batch))
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        # Seeded noise and timesteps: validation losses are comparable across evaluations.
+        generator = torch.Generator(device=self.device).manual_seed(int(batch_idx))
+        losses = self.model.training_losses(batch, generator=generator)
+        keys = ("loss", "diffusion", "id_vae", "alignment")
+        self.log_dict({f"val/{k}": losses[k] for k in keys}, on_step=False, on_epoch=True, sync_dist=True,
+                      batch_size=self._batch_size(batch))
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        optim = self.optim_cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = bool(optim.get("fused", False)) and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=float(optim.lr), betas=tuple(float(b) for b in optim.betas),
+                                      weight_decay=float(optim.weight_decay), fused=fused)
+        warmup = max(int(optim.warmup_steps), 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+    @contextmanager
+    def _sampling(self):
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_weights():
+                yield
+        finally:
+            self.train(was_training)
+
+    def log_images(self, batch, **kwargs) -> dict[str, torch.Tensor]:
+        """``ID2Face.log_images`` with the EMA weights in eval mode (a callback decides when)."""
+        with self._sampling():
+            return self.model.log_images(batch, **kwargs)
+
+    def anonymize(self, images: torch.Tensor, masks: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``ID2Face.anonymize`` with the EMA weights in eval mode."""
+        with self._sampling():
+            return self.model.anonymize(images, masks, **kwargs)

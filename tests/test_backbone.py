@@ -1,0 +1,246 @@
+"""First stages, UNet backbone, training scheduler and samplers (diffusers parts behind id2face names)."""
+import pytest
+import torch
+
+from id2face.components.backbone import SD_VAE_CONFIG
+from id2face.errors import MissingWeightsError, UserError
+from id2face.registry import BACKBONES, FIRST_STAGES, SAMPLERS, SCHEDULERS
+
+# The SD-1.5 VAE's structure at toy width: same code path, CPU-cheap.
+TINY_VAE = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4)
+FIRST_STAGE_PARAMS = {"pixel": {}, "sd_vae": {"random_init": True, "config": TINY_VAE}}
+TINY_UNET = dict(sample_size=16, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=1, attention_head_dim=8)
+
+
+
+def images(n=2, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_first_stage_params_cover_the_registry():
+    assert sorted(FIRST_STAGE_PARAMS) == FIRST_STAGES.names()
+
+
+@pytest.mark.parametrize("name", FIRST_STAGES.names())
+def test_first_stage_contract(name):
+    stage = FIRST_STAGES.build({"name": name, "params": FIRST_STAGE_PARAMS[name]})
+    x = images()
+    with torch.no_grad():
+        latents = stage.encode(x)
+        decoded = stage.decode(latents)
+    f = stage.downscale
+    assert latents.shape == (2, stage.latent_channels, 32 // f, 32 // f)
+    assert decoded.shape == x.shape
+    # Frozen: no trainable weights, and a parent's .train() does not switch it to training mode.
+    assert not any(p.requires_grad for p in stage.parameters())
+    stage.train()
+    assert not stage.training and not any(m.training for m in stage.modules())
+
+
+def test_pixel_first_stage_is_the_identity():
+    stage = FIRST_STAGES.build("pixel")
+    x = images()
+    assert torch.equal(stage.decode(stage.encode(x)), x)
+    assert (stage.latent_channels, stage.downscale) == (3, 1)
+
+
+def test_sd_vae_scales_latents_and_round_trips_through_a_local_dir(tmp_path):
+    stage = FIRST_STAGES.build({"name": "sd_vae", "params": FIRST_STAGE_PARAMS["sd_vae"]})
+    assert stage.scaling_factor == SD_VAE_CONFIG["scaling_factor"] and stage.downscale == 2
+    x = images()
+    with torch.no_grad():
+        raw = stage.vae.encode(x).latent_dist.mode()
+        torch.testing.assert_close(stage.encode(x), raw * stage.scaling_factor)
+    stage.vae.save_pretrained(tmp_path / "vae")
+    loaded = FIRST_STAGES.build({"name": "sd_vae", "params": {"path": str(tmp_path / "vae")}})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), stage.encode(x))
+        torch.testing.assert_close(loaded.decode(stage.encode(x)), stage.decode(stage.encode(x)))
+
+
+def test_sd_vae_without_weights_names_the_path_and_the_source(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(MissingWeightsError, match="nowhere") as err:
+        FIRST_STAGES.build({"name": "sd_vae", "params": {"path": str(missing)}})
+    assert "Stable Diffusion" in str(err.value) and "vae/" in str(err.value)
+    with pytest.raises(MissingWeightsError):
+        FIRST_STAGES.build({"name": "sd_vae", "params": {}})
+
+
+def unet(params=None, in_channels=7, seed=0):
+    torch.manual_seed(seed)
+    return BACKBONES.build({"name": "unet", "params": {**TINY_UNET, **(params or {})}},
+                           in_channels=in_channels, out_channels=3, cross_attention_dim=32)
+
+
+def unet_inputs(in_channels=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, in_channels, 16, 16, generator=g), torch.tensor([3, 800]),
+            torch.randn(2, 6, 32, generator=g))
+
+
+BACKBONE_PARAMS = {"unet": TINY_UNET}
+
+
+def test_backbone_params_cover_the_registry():
+    assert sorted(BACKBONE_PARAMS) == BACKBONES.names()
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_backbone_contract_is_a_stock_unet_with_runtime_channels(name):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    backbone = BACKBONES.build({"name": name, "params": BACKBONE_PARAMS[name]}, in_channels=7, out_channels=3,
+                               cross_attention_dim=32)
+    assert type(backbone.unet) is UNet2DConditionModel  # what the harmonizer installs into
+    assert (backbone.unet.config.in_channels, backbone.unet.config.out_channels,
+            backbone.unet.config.cross_attention_dim) == (7, 3, 32)
+    x, t, context = unet_inputs()
+    out = backbone(x, t, context)
+    assert out.shape == (2, 3, 16, 16)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
+
+
+def test_unet_pretrained_dir_round_trips(tmp_path):
+    source = unet(seed=5)
+    source.unet.save_pretrained(tmp_path / "unet")
+    loaded = BACKBONES.build({"name": "unet", "params": {"pretrained": str(tmp_path / "unet")}},
+                             in_channels=7, out_channels=3, cross_attention_dim=32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*unet_inputs()), source(*unet_inputs()))
+
+
+def test_text_to_image_unet_gets_zero_initialised_inpainting_channels(tmp_path):
+    source = unet(in_channels=3, seed=5)  # a 3-channel "text-to-image" UNet
+    source.unet.save_pretrained(tmp_path / "t2i")
+    inpainting = BACKBONES.build({"name": "unet", "params": {"pretrained": str(tmp_path / "t2i")}},
+                                 in_channels=7, out_channels=3, cross_attention_dim=32)
+    assert inpainting.unet.config.in_channels == 7 and inpainting.unet.conv_in.in_channels == 7
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        # The extra (masked-image, mask) channels start with zero weight: the original model's output.
+        torch.testing.assert_close(inpainting(x, t, context), source(x[:, :3], t, context))
+
+
+def test_pretrained_unet_errors(tmp_path):
+    with pytest.raises(MissingWeightsError, match="unet/"):
+        BACKBONES.build({"name": "unet", "params": {"pretrained": str(tmp_path / "none")}},
+                        in_channels=7, out_channels=3, cross_attention_dim=32)
+    unet().unet.save_pretrained(tmp_path / "u")
+    with pytest.raises(UserError, match="context_dim=32"):
+        BACKBONES.build({"name": "unet", "params": {"pretrained": str(tmp_path / "u")}},
+                        in_channels=7, out_channels=3, cross_attention_dim=64)
+
+
+def test_gradient_checkpointing_switch_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        backbone = unet({"gradient_checkpointing": checkpointing}, seed=2).train()
+        assert backbone.unet.is_gradient_checkpointing == checkpointing
+        backbone(*unet_inputs()).square().mean().backward()
+        grads.append(backbone.unet.conv_in.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ------------------------------------------------------------------ schedulers
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", SCHEDULERS.names())
+def test_training_scheduler_noise_and_target(name, prediction_type):
+    sched = SCHEDULERS.build({"name": name, "params": {"prediction_type": prediction_type}})
+    assert sched.prediction_type == prediction_type and sched.config.prediction_type == prediction_type
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 400, 999])
+    alpha_bar = sched.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(sched.add_noise(x0, noise, t), alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
+    expected = noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    torch.testing.assert_close(sched.target(x0, noise, t), expected)
+    steps = sched.sample_timesteps(1000, generator=torch.Generator().manual_seed(0))
+    assert steps.min() >= 0 and steps.max() < 1000 and steps.unique().numel() > 500
+
+
+def test_ddpm_rejects_unknown_prediction_type():
+    with pytest.raises(UserError, match="epsilon, v_prediction"):
+        SCHEDULERS.build({"name": "ddpm", "params": {"prediction_type": "sample"}})
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_samplers_swap_in_via_from_config(name):
+    train = SCHEDULERS.build({"name": "ddpm", "params": {"prediction_type": "v_prediction", "beta_schedule": "linear",
+                                                         "beta_start": 0.0002, "beta_end": 0.03,
+                                                         "num_train_timesteps": 500}})
+    sampler = SAMPLERS.build({"name": name, "params": {"num_inference_steps": 7}}, train_scheduler=train)
+    cfg = sampler.scheduler.config
+    assert (cfg.prediction_type, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end) == ("v_prediction", 500, 0.0002, 0.03)
+    torch.testing.assert_close(sampler.scheduler.alphas_cumprod, train.scheduler.alphas_cumprod)
+    if name == "dpm_solver":
+        assert cfg.algorithm_type == "dpmsolver++"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_sampler_with_an_oracle_denoiser_recovers_the_clean_sample(name, prediction_type):
+    """A denoiser that knows x0 predicts the exact epsilon / v: every sampler must land on x0."""
+    train = SCHEDULERS.build({"name": "ddpm", "params": {"prediction_type": prediction_type}})
+    sampler = SAMPLERS.build({"name": name, "params": {"num_inference_steps": 10}}, train_scheduler=train)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, generator=g).clamp(-2, 2)
+    alphas = train.scheduler.alphas_cumprod.double()
+    calls = []
+
+    def oracle(x, t):
+        calls.append(int(t))
+        a = alphas[int(t)]
+        eps = (x.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()
+        out = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0.double()
+        return out.float()
+
+    out = sampler.sample(oracle, torch.randn(2, 4, 8, 8, generator=g))
+    assert len(calls) == 10 and calls == sorted(calls, reverse=True)
+    torch.testing.assert_close(out, x0, atol=2e-3, rtol=0)
+    assert len(calls) == 10
+    sampler.sample(oracle, torch.randn(2, 4, 8, 8, generator=g), num_inference_steps=4)
+    assert len(calls) == 14
+
+
+# ------------------------------------------------------------------ SD-1.5-shaped path
+@pytest.mark.slow
+def test_sd15_shaped_unet_and_vae_build_and_round_trip_through_local_dirs(tmp_path):
+    """The paper-scale config (random init): an 860M-parameter inpainting UNet (9 input channels,
+    cross-attention 768) and the SD AutoencoderKL; save_pretrained -> the config's `pretrained` /
+    `path` params load them back with equal outputs."""
+    from id2face.config import load_config
+
+    cfg = load_config([], ["model.first_stage.params.random_init=true"]).model
+    vae = FIRST_STAGES.build(cfg.first_stage)
+    assert (vae.latent_channels, vae.downscale) == (4, 8)
+    assert 83e6 < sum(p.numel() for p in vae.parameters()) < 84e6  # SD's vae: 83.65M
+    runtime = dict(in_channels=2 * vae.latent_channels + 1, out_channels=vae.latent_channels,
+                   cross_attention_dim=cfg.context_dim)
+    torch.manual_seed(0)
+    backbone = BACKBONES.build(cfg.backbone, **runtime)
+    config = backbone.unet.config
+    assert (config.in_channels, config.out_channels, config.cross_attention_dim) == (9, 4, 768)
+    assert 859e6 < sum(p.numel() for p in backbone.parameters()) < 860e6  # SD-1.5 UNet: 859.5M
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    sample, context = torch.randn(1, 9, 8, 8, generator=g), torch.randn(1, 20, 768, generator=g)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        expected_latents, expected_eps = vae.encode(image), backbone(sample, t, context)
+    backbone.unet.save_pretrained(tmp_path / "unet")
+    vae.vae.save_pretrained(tmp_path / "vae")
+    del backbone, vae
+
+    cfg = load_config([], [f"model.first_stage.params.path={tmp_path / 'vae'}",
+                           f"model.backbone.params.pretrained={tmp_path / 'unet'}"]).model
+    loaded_vae = FIRST_STAGES.build(cfg.first_stage)
+    loaded = BACKBONES.build(cfg.backbone, **runtime)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_vae.encode(image), expected_latents)
+        torch.testing.assert_close(loaded(sample, t, context), expected_eps)
