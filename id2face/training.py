@@ -1,0 +1,202 @@
+"""Training runs: one fixed folder per (experiment, ablation, seed), resumable after preemption.
+
+``runs/<experiment>/<ablation>/seed<k>/`` holds ``config.yaml`` (the resolved config),
+``split.json`` (the identity-disjoint split), ``checkpoints/last.ckpt`` (+ periodic ones), ``tb/`` (TensorBoard: losses and the image grids
+of ``log_images()``) and ``train_state.json``. Starting a run whose folder has a checkpoint
+resumes it: a requeued SLURM task or a rerun of the same command continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from .config import save_config
+from .errors import UserError
+
+
+class Preempted(UserError):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerun to resume."""
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(str(cfg.run.root)) / str(cfg.run.experiment) / str(cfg.run.ablation) / f"seed{int(cfg.run.seed)}"
+
+
+def resume_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint of a run: ``last.ckpt`` or a SLURM requeue (``hpc_ckpt_*.ckpt``)."""
+    candidates = [folder / "checkpoints" / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+class LogImages(Callback):
+    """Writes ``pl_module.log_images(batch)`` grids ([0, 1], CHW) to TensorBoard every ``every_n_steps``."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = int(every_n_steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        for name, grid in pl_module.log_images(batch).items():
+            experiment.add_image(f"images/{name}", grid.float().cpu(), step)  # grids are in [0, 1]
+
+
+def optimizer_fingerprint(optimizer_state: dict) -> float:
+    """A number that changes with any optimizer moment or step count (to check a resume restored them)."""
+    total = 0.0
+    for state in optimizer_state.get("state", {}).values():
+        for value in state.values():
+            if hasattr(value, "double"):
+                total += float(value.double().abs().sum())
+    return total
+
+
+class RunState(Callback):
+    """Keeps ``train_state.json`` current (status, step, where it resumed from), for monitoring a
+    sweep and for checking that a resumed run restored its step and optimizer state."""
+
+    def __init__(self, path: Path, resumed_from: Path | None):
+        self.path = Path(path)
+        self.state: dict[str, Any] = {"status": "starting", "resumed_from": str(resumed_from) if resumed_from else None}
+
+    def write(self, trainer, **update: Any) -> None:
+        self.state.update(update, global_step=int(trainer.global_step))
+        if trainer.is_global_zero:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state, indent=2))
+            os.replace(tmp, self.path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        optimizers = trainer.optimizers
+        fingerprint = optimizer_fingerprint(optimizers[0].state_dict()) if optimizers else None
+        self.write(trainer, status="running", start_step=int(trainer.global_step),
+                   start_optimizer_fingerprint=fingerprint)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self.write(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write(trainer, status="finished", epoch=int(trainer.current_epoch))
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.write(trainer, status=f"failed: {type(exception).__name__}")
+
+
+class CheckpointOnSignal(Callback):
+    """On SIGTERM or SIGUSR1, save ``last.ckpt`` at the current step and stop, mid-epoch.
+
+    Lightning notes SIGTERM (``trainer.received_sigterm``) but, in one process, stops only at the
+    end of the epoch; under SLURM its own USR1 handler saves and requeues. This callback covers
+    the rest, so a killed local run loses at most one step. Under SLURM auto-requeue, USR1 stays
+    Lightning's.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.signal_received: int | None = None
+        self.saved = False
+        self._previous_usr1: Any = None
+
+    def _on_usr1(self, signum, frame) -> None:
+        self.signal_received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not ("SLURM_JOB_ID" in os.environ and _slurm_auto_requeue(trainer)):
+            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.signal_received is None and getattr(trainer, "received_sigterm", False):
+            self.signal_received = signal.SIGTERM
+        if self.signal_received is not None and not self.saved:
+            trainer.save_checkpoint(self.path)
+            self.saved = True
+            trainer.should_stop = True
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # Lightning raises SIGTERMException where it notices the signal (e.g. in validation).
+        if isinstance(exception, SIGTERMException) and not self.saved:
+            self.signal_received = self.signal_received or signal.SIGTERM
+            trainer.save_checkpoint(self.path)
+            self.saved = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+
+
+def _slurm_auto_requeue(trainer) -> bool:
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    env = trainer._accelerator_connector.cluster_environment
+    return isinstance(env, SLURMEnvironment) and env.auto_requeue
+
+
+def build_trainer(cfg: DictConfig, folder: Path, callbacks: list[Callback] = (), **overrides: Any) -> L.Trainer:
+    """``lightning.Trainer(**cfg.trainer)`` writing into the run folder; ``overrides`` win."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.setdefault("default_root_dir", str(folder))
+    fast = bool(kwargs.get("fast_dev_run"))
+    if not fast:
+        kwargs.setdefault("logger", TensorBoardLogger(save_dir=str(folder), name="tb", version=""))
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), *callbacks]
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def fit(cfg: DictConfig, resume: bool = True, **trainer_overrides: Any) -> Path:
+    """Train the run described by ``cfg`` in its run folder; returns the folder.
+
+    Raises ``Preempted`` if a signal stopped it (the checkpoint is saved; rerun to resume).
+    """
+    from .data.datamodule import FacePairDataModule, PairEpochCallback
+    from .lit_module import ID2FaceModule
+
+    folder = run_dir(cfg)
+    save_config(cfg, folder / "config.yaml")
+    L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
+    checkpoint_dir = folder / "checkpoints"
+    ckpt = resume_checkpoint(folder) if resume else None
+    on_signal = CheckpointOnSignal(checkpoint_dir / "last.ckpt")
+    run_state = RunState(folder / "train_state.json", ckpt)
+    callbacks: list[Callback] = [on_signal, run_state, PairEpochCallback(),
+                                 LogImages(int(cfg.run.log_images_every_n_steps))]
+    if not cfg.trainer.get("fast_dev_run"):
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_top_k=-1,
+                                         every_n_train_steps=int(cfg.run.checkpoint_every_n_steps)))
+    trainer = build_trainer(cfg, folder, callbacks, **trainer_overrides)
+    if ckpt is not None and trainer.is_global_zero:
+        print(f"resuming {folder} from {ckpt.name}", flush=True)
+    module = ID2FaceModule(cfg)
+    # The split is saved in the run folder so evaluation (and a resumed run) use the same identities.
+    datamodule = FacePairDataModule(cfg.data, split_file=folder / "split.json")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    except SIGTERMException:  # a SystemExit with code 0: it must not pass for a finished run
+        pass
+    if on_signal.signal_received is not None:
+        run_state.write(trainer, status=f"preempted: {signal.Signals(on_signal.signal_received).name}")
+        raise Preempted(f"stopped by signal {signal.Signals(on_signal.signal_received).name} at step {trainer.global_step}; "
+                        f"checkpoint saved to {on_signal.path}; rerun the same command to resume")
+    return folder
+
+
+def final_checkpoint(folder: Path) -> Path:
+    path = folder / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise UserError(f"no checkpoint in {folder}/checkpoints (did training run?)")
+    return path

@@ -1,0 +1,87 @@
+"""Run folders, resume, and preemption: a killed run continues from its checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from id2face.config import load_config
+from id2face.training import fit, optimizer_fingerprint, resume_checkpoint, run_dir
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["data.batch_size=2", "data.dataset.params.num_identities=40", "data.dataset.params.samples_per_identity=4",
+        "trainer.val_check_interval=1000", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1"]
+
+
+def state(folder: Path) -> dict:
+    return json.loads((folder / "train_state.json").read_text())
+
+
+def checkpoint_step_and_fingerprint(path: Path) -> tuple[int, float]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["global_step"], optimizer_fingerprint(ckpt["optimizer_states"][0])
+
+
+def test_run_folder_layout_and_resume(tmp_path):
+    cfg = load_config(["tiny"], [f"run.root={tmp_path}", "trainer.max_steps=4", "run.log_images_every_n_steps=2",
+                                 "run.checkpoint_every_n_steps=2", *FAST])
+    folder = fit(cfg)
+    assert folder == run_dir(cfg) == tmp_path / "tiny" / "base" / "seed0"
+    assert OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")) == OmegaConf.to_container(cfg)
+    assert (folder / "split.json").is_file()
+    assert {p.name for p in (folder / "checkpoints").glob("*.ckpt")} >= {"last.ckpt", "epoch=0-step=2.ckpt"}
+    assert state(folder)["status"] == "finished" and state(folder)["global_step"] == 4
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tb"), size_guidance={"images": 0}).Reload()
+    assert {"images/source", "images/anonymized"} <= set(events.Tags()["images"])
+    assert "train/loss" in events.Tags()["scalars"]
+
+    # the same command again with more steps resumes: same step, same optimizer moments
+    step, fingerprint = checkpoint_step_and_fingerprint(resume_checkpoint(folder))
+    fit(load_config([str(folder / "config.yaml")], ["trainer.max_steps=6"]))
+    resumed = state(folder)
+    assert resumed["start_step"] == step == 4 and resumed["global_step"] == 6
+    assert resumed["start_optimizer_fingerprint"] == pytest.approx(fingerprint, rel=1e-9) and fingerprint > 0
+    assert resumed["resumed_from"].endswith("last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_killed_run_resumes_mid_epoch_with_same_step_and_optimizer(tmp_path, signum):
+    args = ["train", "tiny", f"run.root={tmp_path}", "trainer.max_steps=400", "run.checkpoint_every_n_steps=1000", *FAST]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "id2face.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    folder = tmp_path / "tiny" / "base" / "seed0"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (folder / "train_state.json").is_file() and state(folder).get("global_step", 0) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-2000:]
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out[-2000:]
+    assert "rerun the same command to resume" in out
+
+    step, fingerprint = checkpoint_step_and_fingerprint(folder / "checkpoints" / "last.ckpt")
+    batches_per_epoch = 32 // 2  # 80% of 40 identities x 4 images, batch 2 -> 64; any step < that is mid-epoch
+    assert 3 <= step < batches_per_epoch * 4
+    assert state(folder)["status"].startswith("preempted")
+
+    restart = subprocess.run([sys.executable, "-m", "id2face.cli", "train", "tiny", f"run.root={tmp_path}",
+                              f"trainer.max_steps={step + 2}", "run.checkpoint_every_n_steps=1000", *FAST],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr[-2000:]
+    resumed = state(folder)
+    assert resumed["start_step"] == step
+    assert resumed["start_optimizer_fingerprint"] == pytest.approx(fingerprint, rel=1e-9)
+    assert resumed["global_step"] == step + 2 and resumed["status"] == "finished"
