@@ -9,14 +9,14 @@ import sys
 COMMANDS: dict[str, tuple[str | None, str]] = {
     "config": ("config", "print the resolved config of FILE... key=value; --build instantiates it"),
     "synthfaces": ("synthfaces", "render a SynthFaces grid (rows = identities, columns = samples)"),
-    "train": (None, "train a model from a config"),
-    "train-encoder": (None, "train the tiny identity encoder on identity labels"),
-    "train-oracle": (None, "train the SynthFaces oracle (identity classifier + factor regressors)"),
-    "eval": (None, "evaluate a checkpoint and write metrics.json"),
-    "anonymize": (None, "anonymize the faces in photos or folders"),
-    "prepare": (None, "detect and align faces into a dataset folder with a manifest"),
+    "train": ("train", "train a model from a config"),
+    "train-encoder": ("train_encoder", "train the tiny identity encoder on identity labels"),
+    "train-oracle": ("train_oracle", "train the SynthFaces oracle (identity classifier + factor regressors)"),
+    "eval": ("eval", "evaluate a checkpoint and write metrics.json"),
+    "anonymize": ("anonymize", "anonymize the faces in photos or folders"),
+    "prepare": ("prepare", "detect and align faces into a dataset folder with a manifest"),
     "sweep": ("sweep", "launch a grid of runs locally or on SLURM"),
-    "table": (None, "build paper-style tables from run folders"),
+    "table": ("table", "build paper-style tables from run folders"),
     "demo": (None, "train, anonymize and evaluate on SynthFaces end to end"),
 }
 

@@ -1,0 +1,234 @@
+"""`id2face eval --checkpoint CKPT [CONFIG...] [key=value...] [--run-dir DIR] [--limit N]`.
+
+Anonymizes the test split of the configured data (identity-disjoint from training) and writes
+``metrics.json`` (``id2face.metrics.table`` format) and ``eval_config.yaml`` into the run folder
+(default: the folder above the checkpoint's ``checkpoints/``, else the checkpoint's folder).
+
+Config: the checkpoint's saved config <- CONFIG files <- key=value (``eval.*`` chooses the
+recognizers, FID weights, FAR, K for diversity; ``model.sampler.params.num_inference_steps`` the
+sampling steps). Per recognizer: retrieval top-1/top-5, verification rate at ``eval.far``, diversity
+over ``eval.diversity_k`` anonymizations. FID: Inception from ``eval.fid.weights``; without it the
+SynthFaces oracle's features when the oracle is a recognizer, else not computed. Attributes: the
+oracle's factor regressors against the source's true factors on SynthFaces, else MTCNN landmarks
+(pose, expression) of original vs anonymized. PSNR/SSIM of the own-identity reconstruction.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs="*", metavar="FILE|key=value",
+                        help="config files then key=value overrides, layered on the checkpoint's config")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="Lightning checkpoint of id2face train")
+    parser.add_argument("--run-dir", metavar="DIR", help="where metrics.json goes (default: the checkpoint's run folder)")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N test faces only (smoke runs)")
+    parser.add_argument("--no-reconstruction", action="store_true", help="skip the PSNR/SSIM reconstruction pass")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def default_run_dir(checkpoint: Path) -> Path:
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def _checkpoint_config(checkpoint: Path, files, overrides):
+    import tempfile
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from ..config import load_config
+    from ..errors import UserError
+
+    if not checkpoint.is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    try:  # a Lightning checkpoint of the user's own training run (trusted: full unpickling)
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        saved = payload["hyper_parameters"]["config"]
+        state = payload["state_dict"]
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{checkpoint} is not an id2face training checkpoint (no {err} in it)") from None
+    except Exception as err:
+        raise UserError(f"{checkpoint} cannot be read as a checkpoint: {str(err).splitlines()[0] if str(err) else err}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        saved_path = Path(tmp) / "checkpoint_config.yaml"
+        saved_path.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+        return load_config([str(saved_path), *files], overrides), state
+
+
+def _recognizer_key(node, taken: set) -> str:
+    name = node if isinstance(node, str) else str(node["name"])
+    if name == "encoder" and not isinstance(node, str):
+        inner = (node.get("params") or {}).get("encoder")
+        name = inner if isinstance(inner, str) else (inner or {}).get("name", name)
+    key, i = name, 2
+    while key in taken:
+        key, i = f"{name}-{i}", i + 1
+    taken.add(key)
+    return key
+
+
+def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True, device: str = "cpu",
+             progress: bool = True) -> tuple[dict, dict]:
+    """Run every metric of ``cfg.eval`` on the test split; returns (metrics, meta) for save_metrics."""
+    import torch
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    from ..data.datamodule import FacePairDataModule
+    from ..errors import UserError
+    from ..metrics import (AttributePreservation, IdentityDiversity, IdentityRetrieval, LandmarkAttributeEstimator,
+                           VerificationRate, build_fid)
+    from ..metrics.oracle import OracleAttributeEstimator, OracleFeatures
+    from ..metrics.recognizers import OracleRecognizer, build_recognizer
+
+    eval_cfg = cfg.eval
+    datamodule = FacePairDataModule(cfg.data)
+    datamodule.setup("test")
+    dataset = datamodule.test_dataset
+    if limit is not None:
+        dataset = Subset(dataset, range(min(int(limit), len(dataset))))
+    if len(dataset) < 2:
+        raise UserError(f"the test split has {len(dataset)} face(s); evaluation needs at least 2")
+    loader = DataLoader(dataset, batch_size=int(eval_cfg.batch_size), shuffle=False,
+                        num_workers=int(cfg.data.get("num_workers", 0)))
+
+    taken: set = set()
+    nodes = OmegaConf.to_container(eval_cfg.recognizers, resolve=True)
+    recognizers = {_recognizer_key(node, taken): build_recognizer(node, data=cfg.data).to(device) for node in nodes}
+    if not recognizers:
+        raise UserError("eval.recognizers is empty: name at least one (dlib, oracle, encoder)")
+    k = max(int(eval_cfg.diversity_k), 1)
+    far = float(eval_cfg.far)
+    retrieval = {n: IdentityRetrieval(metric=r.metric).to(device) for n, r in recognizers.items()}
+    verification = {n: VerificationRate(far=far, metric=r.metric).to(device) for n, r in recognizers.items()}
+    diversity = {n: IdentityDiversity(metric=r.metric).to(device) for n, r in recognizers.items()} if k > 1 else {}
+
+    oracle = next((r.net for r in recognizers.values() if isinstance(r, OracleRecognizer)), None)
+    weights = eval_cfg.fid.get("weights")
+    if weights:
+        fid = build_fid(weights=weights).to(device)
+    elif oracle is not None:
+        fid = build_fid(feature_extractor=OracleFeatures(oracle)).to(device)
+        fid.convention = f"FID on SynthFaces-oracle features ({OracleFeatures.num_features}-d), real vs anonymized"
+    else:
+        fid = None
+    if oracle is not None:
+        estimator = OracleAttributeEstimator(oracle)
+        attribute_note = ("SynthFaces oracle regressors on the anonymized face vs the source's true factors "
+                          "(pose in degrees; expression in normalised factor units)")
+        from ..data.synthfaces import IDENTITY_FACTORS
+
+        id_change = AttributePreservation(IDENTITY_FACTORS, groups={"all": IDENTITY_FACTORS}).to(device)
+    else:
+        estimator = LandmarkAttributeEstimator()
+        attribute_note = "MTCNN 5-point geometric pose (degrees) and expression ratios, original vs anonymized"
+        id_change = None
+    attributes = AttributePreservation(estimator.attribute_names, groups=estimator.groups,
+                                       periodic=estimator.periodic).to(device)
+    if reconstruction:
+        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+        psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)
+        ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
+
+    module = module.to(device).eval()
+    seed = int(cfg.run.seed)
+    detected: dict[str, list] = {}
+    with torch.no_grad(), module.ema_weights():
+        for index, batch in enumerate(tqdm(loader, desc="id2face eval", unit="batch", disable=not progress,
+                                           file=sys.stderr)):
+            images = batch["image"].to(device)
+            masks = batch["mask"].to(device).to(images.dtype)
+            identities = batch["identity"].to(device)
+            samples = [module.model.anonymize(images, masks, generator=torch.Generator(device).manual_seed(
+                seed * 1_000_003 + index * 101 + j)) for j in range(k)]
+            anonymized = samples[0]
+            for name, recognizer in recognizers.items():
+                original_emb, anonymized_emb = recognizer(images), recognizer(anonymized)
+                if hasattr(recognizer, "last_detected"):  # dlib: did its detector find the anonymized face?
+                    detected.setdefault(name, []).append(recognizer.last_detected.float())
+                retrieval[name].update(original_emb, anonymized_emb, identities)
+                verification[name].update(original_emb, anonymized_emb, identities)
+                if name in diversity:
+                    diversity[name].update(torch.stack([anonymized_emb] + [recognizer(s) for s in samples[1:]], 1))
+            if fid is not None:
+                fid.update(images, real=True)
+                fid.update(anonymized, real=False)
+            if oracle is not None and "attr_factors" in batch:
+                attributes.update(estimator.from_factors(batch["attr_factors"].to(device)), estimator(anonymized))
+                id_change.update(batch["id_factors"].to(device), oracle.predict_factors(anonymized)[0])
+            else:
+                attributes.update(estimator(images), estimator(anonymized))
+            if reconstruction:
+                rebuilt = module.model.reconstruct(images, masks, generator=torch.Generator(device).manual_seed(
+                    seed * 1_000_003 + index * 101 + 97))
+                psnr.update(rebuilt, images)
+                ssim.update(rebuilt, images)
+
+    metrics: dict[str, float] = {}
+    for name in recognizers:
+        r = retrieval[name].compute()
+        metrics[f"{name}/top1"], metrics[f"{name}/top5"] = r["top1"].item(), r["top5"].item()
+        try:
+            v = verification[name].compute()
+            metrics.update({f"{name}/vr": v["rate"].item(), f"{name}/vr_threshold": v["threshold"].item(),
+                            f"{name}/far": v["far"].item(), f"{name}/tar": v["tar"].item()})
+        except UserError as err:  # unlabelled test set: no calibration possible
+            print(f"id2face eval: {name}: verification rate skipped: {err}", file=sys.stderr)
+        if name in diversity:
+            metrics[f"{name}/diversity"] = diversity[name].compute().item()
+        if name in detected:
+            metrics[f"{name}/detected"] = torch.cat(detected[name]).mean().item()
+    if fid is not None:
+        metrics["fid"] = fid.compute().item()
+    a = attributes.compute()
+    metrics.update({"pose": a["pose"].item(), "expression": a["expression"].item(),
+                    "attributes_valid": a["valid"].item()})
+    metrics.update({f"pose/{n}": a[n].item() for n in estimator.groups["pose"]})
+    if id_change is not None:
+        metrics["id_factor_change"] = id_change.compute()["all"].item()
+    if reconstruction:
+        metrics["psnr"], metrics["ssim"] = psnr.compute().item(), ssim.compute().item()
+    meta = {
+        "num_faces": len(dataset), "diversity_k": k, "far": far, "seed": seed,
+        "recognizers": {name: r.description for name, r in recognizers.items()},
+        "fid": fid.convention if fid is not None else "FID not computed (set eval.fid.weights to the Inception file)",
+        "attributes": attribute_note,
+        "reconstruction": "PSNR/SSIM of the own-identity reconstruction vs the source (whole image, data range 2)"
+                          if reconstruction else None,
+        "sampler_steps": OmegaConf.select(cfg, "model.sampler.params.num_inference_steps"),
+    }
+    return metrics, meta
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import save_config, split_args
+    from ..lit_module import ID2FaceModule
+    from ..metrics.table import save_metrics
+
+    checkpoint = Path(args.checkpoint)
+    files, overrides = split_args(args.args)
+    cfg, state = _checkpoint_config(checkpoint, files, overrides)
+    module = ID2FaceModule(cfg)
+    module.load_state_dict(state)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    metrics, meta = evaluate(module, cfg, limit=args.limit, reconstruction=not args.no_reconstruction,
+                             device=device)
+    meta["checkpoint"] = str(checkpoint)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
+    save_config(cfg, run_dir / "eval_config.yaml")
+    if not (run_dir / "config.yaml").exists():  # names the run's row in `id2face table`
+        save_config(cfg, run_dir / "config.yaml")
+    path = save_metrics(run_dir, metrics, meta)
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    print(f"id2face eval: wrote {path}", file=sys.stderr)
+    return 0
