@@ -72,7 +72,7 @@ def test_train_encoder_generalises_to_heldout_identities_and_reloads(tmp_path, c
     assert top1 > 6 * chance and top1 > before + 0.1, out
 
     # the file loads through the registry, as a config names it, and reproduces the figure
-    cfg = load_config(TRAIN_ARGS, [f"model.identity_encoder.params.weights={weights}"])
+    cfg = load_config(TRAIN_ARGS[:1], [*TRAIN_ARGS[1:], f"model.identity_encoder.params.weights={weights}"])
     encoder = IDENTITY_ENCODERS.build(cfg.model.identity_encoder)
     saved = torch.load(weights, weights_only=True)
     assert all(torch.equal(v, saved["state_dict"][k]) for k, v in encoder.state_dict().items())

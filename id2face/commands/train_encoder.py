@@ -5,7 +5,8 @@ Identities are split as the datamodule splits them (``data.split_seed``, ``data.
 ``data.split_file``): the training split trains (a cosine-margin softmax over its identities); the
 val + test identities, never seen in training, measure retrieval top-1 (one gallery image per
 identity, the others as queries) before and after training.
-The written file is what ``model.identity_encoder.params.weights`` expects.
+Training starts from the encoder's ``weights`` when the config names some (fine-tuning). The written
+file is what ``model.identity_encoder.params.weights`` expects.
 """
 from __future__ import annotations
 
@@ -67,13 +68,19 @@ def heldout_items(labels, split):
     return np.concatenate([heldout[labels[heldout] == i][:HELDOUT_MAX_IMAGES_PER_IDENTITY] for i in identities])
 
 
+def _stack_images(items):
+    import torch
+
+    return torch.stack([item["image"] for item in items])
+
+
 def load_images(dataset, indices, num_workers: int = 0, batch_size: int = 256):
     """``dataset[i]["image"]`` for ``i`` in ``indices``, stacked: (n, 3, S, S) in [-1, 1]."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
     loader = DataLoader(Subset(dataset, list(map(int, indices))), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=lambda items: torch.stack([item["image"] for item in items]))
+                        collate_fn=_stack_images)
     return torch.cat(list(loader))
 
 
@@ -93,17 +100,15 @@ def retrieval_top1(embeddings, labels) -> tuple[float, int]:
     import torch
 
     labels = torch.as_tensor(labels)
-    identities, first = [], []
+    first: dict[int, int] = {}
     for index, label in enumerate(labels.tolist()):
-        if label not in identities:
-            identities.append(label)
-            first.append(index)
+        first.setdefault(label, index)
     is_gallery = torch.zeros(len(labels), dtype=torch.bool)
-    is_gallery[first] = True
+    is_gallery[list(first.values())] = True
     gallery, queries = embeddings[is_gallery], embeddings[~is_gallery]
     nearest = (queries @ gallery.T).argmax(dim=1)
     top1 = (labels[is_gallery][nearest] == labels[~is_gallery]).float().mean().item()
-    return top1, len(identities)
+    return top1, len(first)
 
 
 def train(encoder, train_batches, num_classes: int, steps: int, lr: float, margin: float, scale: float,
@@ -153,19 +158,28 @@ def _batches_from_memory(images, labels, batch_size: int, seed: int):
         yield batch, labels[index]
 
 
+class _FlipCollate:
+    """Batch of (images with random horizontal flips, class indices); picklable for worker processes."""
+
+    def __init__(self, class_of: dict[int, int]):
+        self.class_of = class_of
+
+    def __call__(self, items):
+        import torch
+
+        images = _stack_images(items)
+        flip = torch.rand(len(items)) < 0.5
+        images[flip] = images[flip].flip(-1)
+        return images, torch.tensor([self.class_of[int(item["identity"])] for item in items])
+
+
 def _batches_from_loader(dataset, indices, class_of, batch_size: int, num_workers: int, seed: int):
     """Endless shuffled batches streamed from the dataset (when it does not fit in memory)."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    def collate(items):
-        images = torch.stack([item["image"] for item in items])
-        flip = torch.rand(len(items)) < 0.5
-        images[flip] = images[flip].flip(-1)
-        return images, torch.tensor([class_of[int(item["identity"])] for item in items])
-
     loader = DataLoader(Subset(dataset, list(map(int, indices))), batch_size=batch_size, shuffle=True,
-                        drop_last=True, num_workers=num_workers, collate_fn=collate,
+                        drop_last=True, num_workers=num_workers, collate_fn=_FlipCollate(class_of),
                         generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
     while True:
         yield from loader
@@ -219,9 +233,8 @@ def run(args: argparse.Namespace) -> int:
     heldout_ids = np.unique(labels[heldout_index])
     size, workers = int(cfg.data.image_size), int(cfg.data.num_workers)
     say(f"train-encoder: {node.name} ({sum(p.numel() for p in encoder.parameters()):,d} parameters) on "
-          f"{cfg.data.dataset.name}: {len(train_ids)} training identities ({len(train_index)} images), "
-          f"{len(heldout_ids)} held-out identities ({len(heldout_index)} images), "
-          f"{size} px, device {device}")
+        f"{cfg.data.dataset.name}: {len(train_ids)} training identities ({len(train_index)} images), "
+        f"{len(heldout_ids)} held-out identities ({len(heldout_index)} images), {size} px, device {device}")
 
     heldout_images = load_images(dataset, heldout_index, workers)
     heldout_labels = torch.as_tensor(labels[heldout_index])
@@ -239,12 +252,13 @@ def run(args: argparse.Namespace) -> int:
     train(encoder, batches, len(train_ids), args.steps, args.lr, args.margin, args.scale, device, log=say)
 
     top1, identities = retrieval_top1(embed_all(encoder, heldout_images, device), heldout_labels)
-    params = {k: v for k, v in (OmegaConf.to_container(node.params) or {}).items() if k != "weights"}
+    params = OmegaConf.to_container(node.params) if node.get("params") else {}
+    params = {k: v for k, v in params.items() if k != "weights"}
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
                 "encoder": {"name": str(node.name), "params": params},
                 "heldout_top1": top1, "steps": args.steps}, output)
     say(f"held-out identity retrieval top-1: {top1:.3f} ({identities} identities not seen in training, "
-          f"chance {1 / identities:.3f})")
+        f"chance {1 / identities:.3f})")
     say(f"wrote {output}; use it with model.identity_encoder.params.weights={output}")
     return 0
