@@ -21,7 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/id2face demo
 
+# The SLURM sweep test needs a cluster: bring up a one-node one here (skips with a reason if it cannot).
 test: $(STAMP)
+	-@scripts/slurm_local.sh start
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "prepare": ("prepare", "detect and align faces into a dataset folder with a manifest"),
     "sweep": ("sweep", "launch a grid of runs locally or on SLURM"),
     "table": ("table", "build paper-style tables from run folders"),
-    "demo": (None, "train, anonymize and evaluate on SynthFaces end to end"),
+    "demo": ("demo", "train, anonymize and evaluate on SynthFaces end to end"),
 }
 
 
@@ -39,7 +39,14 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow options (`train-encoder tiny -o w.pt data.batch_size=4`)
+    target = next((name for name in ("args", "overrides") if isinstance(getattr(args, name, None), list)), None)
+    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+    if unknown or (extra and target is None):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        getattr(args, target).extend(extra)
     if args.command is None:
         parser.print_help()
         return 2

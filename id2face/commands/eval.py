@@ -72,8 +72,12 @@ def _recognizer_key(node, taken: set) -> str:
 
 
 def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True, device: str = "cpu",
-             progress: bool = True) -> tuple[dict, dict]:
-    """Run every metric of ``cfg.eval`` on the test split; returns (metrics, meta) for save_metrics."""
+             progress: bool = True, generate: str = "anonymize", split_file: Path | None = None) -> tuple[dict, dict]:
+    """Run every metric of ``cfg.eval`` on the test split; returns (metrics, meta) for save_metrics.
+
+    ``generate``: ``anonymize`` (the method) or ``reconstruct`` (own identity: the baseline that
+    shows what the metrics read when no identity is removed). ``split_file``: the run's split.
+    """
     import torch
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader, Subset
@@ -87,7 +91,7 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
     from ..metrics.recognizers import OracleRecognizer, build_recognizer
 
     eval_cfg = cfg.eval
-    datamodule = FacePairDataModule(cfg.data)
+    datamodule = FacePairDataModule(cfg.data, split_file=split_file if split_file and Path(split_file).is_file() else None)
     datamodule.setup("test")
     dataset = datamodule.test_dataset
     if limit is not None:
@@ -145,7 +149,7 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
             images = batch["image"].to(device)
             masks = batch["mask"].to(device).to(images.dtype)
             identities = batch["identity"].to(device)
-            samples = [module.model.anonymize(images, masks, generator=torch.Generator(device).manual_seed(
+            samples = [getattr(module.model, generate)(images, masks, generator=torch.Generator(device).manual_seed(
                 seed * 1_000_003 + index * 101 + j)) for j in range(k)]
             anonymized = samples[0]
             for name, recognizer in recognizers.items():
@@ -195,7 +199,7 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
     if reconstruction:
         metrics["psnr"], metrics["ssim"] = psnr.compute().item(), ssim.compute().item()
     meta = {
-        "num_faces": len(dataset), "diversity_k": k, "far": far, "seed": seed,
+        "num_faces": len(dataset), "diversity_k": k, "far": far, "seed": seed, "generate": generate,
         "recognizers": {name: r.description for name, r in recognizers.items()},
         "fid": fid.convention if fid is not None else "FID not computed (set eval.fid.weights to the Inception file)",
         "attributes": attribute_note,
@@ -219,10 +223,10 @@ def run(args: argparse.Namespace) -> int:
     module = ID2FaceModule(cfg)
     module.load_state_dict(state)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    metrics, meta = evaluate(module, cfg, limit=args.limit, reconstruction=not args.no_reconstruction,
-                             device=device)
-    meta["checkpoint"] = str(checkpoint)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
+    metrics, meta = evaluate(module, cfg, limit=args.limit, reconstruction=not args.no_reconstruction,
+                             device=device, split_file=default_run_dir(checkpoint) / "split.json")
+    meta["checkpoint"] = str(checkpoint)
     save_config(cfg, run_dir / "eval_config.yaml")
     if not (run_dir / "config.yaml").exists():  # names the run's row in `id2face table`
         save_config(cfg, run_dir / "config.yaml")

@@ -29,7 +29,7 @@ def launch_local(sweep: Sweep) -> list[dict]:
 def _slurm_executor(sweep: Sweep, folder: Path, resources: dict):
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=str(folder / "%A_%a"), python=sys.executable)
+    executor = submitit.SlurmExecutor(folder=str(folder / "%j"), python=sys.executable)
     gpus = int(resources["gpus_per_node"] or 0)
     delay = int(resources["signal_delay_s"])
     params = dict(

@@ -1,0 +1,27 @@
+"""What one sweep task does: train in its run folder (resuming), then evaluate into metrics.json."""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+
+def train_and_evaluate(cfg: DictConfig) -> dict:
+    from ..commands.eval import evaluate
+    from ..lit_module import ID2FaceModule
+    from ..metrics.table import save_metrics
+    from ..training import final_checkpoint, fit
+
+    folder = fit(cfg)
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+            or torch.distributed.get_rank() == 0:
+        checkpoint = torch.load(final_checkpoint(folder), map_location="cpu", weights_only=False)
+        module = ID2FaceModule(cfg)
+        module.load_state_dict(checkpoint["state_dict"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        limit = cfg.eval.get("limit")
+        metrics, meta = evaluate(module, cfg, limit=int(limit) if limit else None, device=device, progress=False,
+                                 split_file=folder / "split.json")
+        meta["checkpoint"] = str(final_checkpoint(folder))
+        save_metrics(folder, metrics, meta)
+        return metrics
+    return {}
