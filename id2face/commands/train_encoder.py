@@ -44,7 +44,6 @@ class CosineMarginClassifier:
         self.scale, self.margin = scale, margin
 
     def logits(self, embeddings, labels):
-        import torch
         import torch.nn.functional as F
 
         cosine = F.normalize(embeddings, dim=-1) @ F.normalize(self.weight, dim=-1).T

@@ -9,8 +9,7 @@ from torch import nn
 
 from ...errors import UserError
 from ...registry import IDENTITY_ENCODERS
-from .base import IdentityEncoder, load_state_dict_file
-from .facenet import load_matching_state_dict, require_weights
+from .base import IdentityEncoder, load_matching_state_dict, load_state_dict_file, require_weights
 
 ARCFACE_SOURCE = (
     "the insightface arcface_torch model zoo (a `backbone.pth` per model, e.g. ms1mv3_arcface_r50_fp16, "

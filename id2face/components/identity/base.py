@@ -64,3 +64,45 @@ def load_state_dict_file(path: str | Path | None, what: str, source: str) -> dic
     if not isinstance(state, dict):
         raise UserError(f"{what} weights at {path} are not a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_matching_state_dict(module: nn.Module, state: dict, what: str, path, hint: str = "") -> None:
+    """``module.load_state_dict(state, strict=True)``, but a file of another architecture raises a
+    one-line UserError that counts the missing / unexpected / mis-shaped keys and shows a few."""
+    own = module.state_dict()
+    state = dict(state)
+    for key, value in own.items():
+        # Files written before BatchNorm had this buffer (or stripped of it) are still complete.
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {_shape(state[k])} vs {_shape(own[k])}"
+        for k in own
+        if k in state and _shape(state[k]) != _shape(own[k])
+    ]
+    problems = [
+        f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches, file vs model", mismatched))
+        if keys
+    ]
+    if problems:
+        raise UserError(f"{what} weights at {path} do not fit the model: {'; '.join(problems)}{hint}")
+    module.load_state_dict(state, strict=True)
+
+
+def _shape(value) -> tuple | str:
+    return tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+
+
+def require_weights(weights, allow_random_init: bool, what: str, source: str) -> None:
+    """A recognizer without its trained weights embeds noise; training on it would silently learn
+    nothing about identity, so ``weights: null`` needs an explicit ``allow_random_init: true``."""
+    if weights is None and not allow_random_init:
+        error = MissingWeightsError(what, "null", source)
+        error.args = (f"{error} (allow_random_init: true builds it untrained, for tests and benchmarks only)",)
+        raise error
+    if weights is not None and not Path(weights).is_file():
+        raise MissingWeightsError(what, weights, source)

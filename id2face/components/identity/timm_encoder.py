@@ -9,8 +9,7 @@ from torch import nn
 
 from ...errors import MissingWeightsError, UserError
 from ...registry import IDENTITY_ENCODERS
-from .base import IdentityEncoder, load_state_dict_file
-from .facenet import load_matching_state_dict
+from .base import IdentityEncoder, load_matching_state_dict, load_state_dict_file
 
 TIMM_SOURCE = (
     "a timm model's state_dict: torch.save(model.state_dict(), path), or the model.safetensors / "

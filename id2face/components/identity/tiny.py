@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from ...registry import IDENTITY_ENCODERS
-from .base import IdentityEncoder, load_state_dict_file
-from .facenet import load_matching_state_dict
+from .base import IdentityEncoder, load_matching_state_dict, load_state_dict_file
 
 TINY_SOURCE = "`id2face train-encoder CONFIG -o FILE.pt` (trains it on the configured dataset's identities)"
 # Seed of the untrained initialisation: every process builds the same untrained encoder.
