@@ -35,28 +35,18 @@ def default_run_dir(checkpoint: Path) -> Path:
 
 
 def _checkpoint_config(checkpoint: Path, files, overrides):
+    """The checkpoint's own config (what its weights are) <- CONFIG files <- key=value."""
     import tempfile
 
-    import torch
-    from omegaconf import OmegaConf
+    from ..anonymize import read_checkpoint_config
+    from ..config import load_config, save_config
 
-    from ..config import load_config
-    from ..errors import UserError
-
-    if not checkpoint.is_file():
-        raise UserError(f"checkpoint {checkpoint} does not exist")
-    try:  # a Lightning checkpoint of the user's own training run (trusted: full unpickling)
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        saved = payload["hyper_parameters"]["config"]
-        state = payload["state_dict"]
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{checkpoint} is not an id2face training checkpoint (no {err} in it)") from None
-    except Exception as err:
-        raise UserError(f"{checkpoint} cannot be read as a checkpoint: {str(err).splitlines()[0] if str(err) else err}") from None
+    cfg, state, _ = read_checkpoint_config(checkpoint)
+    if not files and not overrides:
+        return cfg, state
     with tempfile.TemporaryDirectory() as tmp:
-        saved_path = Path(tmp) / "checkpoint_config.yaml"
-        saved_path.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-        return load_config([str(saved_path), *files], overrides), state
+        saved = save_config(cfg, Path(tmp) / "checkpoint_config.yaml")
+        return load_config([str(saved), *files], overrides), state
 
 
 def _recognizer_key(node, taken: set) -> str:

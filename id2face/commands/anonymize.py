@@ -1,0 +1,157 @@
+"""`id2face anonymize --checkpoint CKPT -i INPUT... -o OUTPUT [--key KEY] [--steps N] ...`
+
+Every face of every photo (files, or folders searched recursively; the output mirrors each
+folder's tree) is detected (MTCNN), aligned, anonymized in batches across photos, and pasted back;
+everything outside the faces is unchanged. Per photo a JSON sidecar (``<output name>.json``: faces
+with box, score, status, residual identity similarity), and ``anonymize_summary.json`` for the run.
+A rerun skips finished photos. See ``id2face/anonymize.py`` for the pipeline and its guarantees.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """exit status: 0 every photo written, every face anonymized; 1 some photos not written
+(unreadable, detection or write error: listed in the summary); 2 bad arguments; 3 every photo
+written, but some faces were covered (fail-closed) instead of anonymized."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="checkpoint of `id2face train` (its config defines the model)")
+    parser.add_argument("-i", "--input", required=True, nargs="+", metavar="INPUT",
+                        help="photos or folders (searched recursively)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                        help="output folder (not inside an input); a folder input's tree is mirrored into it")
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--key", help="secret key: the same person gets the same substitute identity in every photo "
+                                   "(visible in the process list: prefer --key-file)")
+    key.add_argument("--key-file", metavar="FILE",
+                     help="read the secret key from FILE (surrounding whitespace ignored)")
+    parser.add_argument("--steps", type=int, metavar="N", help="sampler steps (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="faces per model call (default 8)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
+    parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
+    parser.add_argument("--min-face-size", type=int, default=20,
+                        help="smallest face MTCNN looks for, px (default 20)")
+    parser.add_argument("--detect-max-side", type=int, default=2048,
+                        help="photos larger than this are downscaled for detection only (default 2048)")
+    parser.add_argument("--cover", choices=("fill", "blur"), default="fill",
+                        help="how a face that cannot be anonymized is covered (default fill)")
+    parser.add_argument("--audit-recognizer", default="auto", metavar="NAME",
+                        help="residual-identity judge: dlib, oracle, encoder, none, a {name, params} node, or auto "
+                             "(the first of the config's eval.recognizers that loads; default)")
+    parser.add_argument("--cover-if-recognized", action="store_true",
+                        help="also cover faces the audit recognizer still matches to the source")
+    parser.add_argument("--cluster-by", default="encoder", metavar="NAME",
+                        help="embedding that groups faces into persons with --key: encoder (the model's, default), "
+                             "dlib, oracle")
+    parser.add_argument("--cluster-threshold", type=float,
+                        help="same person at cosine >= this (encoder; default 0.5) or the recognizer's own threshold")
+    parser.add_argument("--face-scale", type=float,
+                        help="align to the ArcFace template x this instead of the training data's template")
+    parser.add_argument("--format", choices=("keep", "png"), default="keep", dest="output_format",
+                        help="keep each photo's format (JPEG re-encoded at quality 95) or write lossless PNG")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _parse_node(text: str):
+    if text.lstrip().startswith("{"):
+        from omegaconf import OmegaConf
+
+        from ..errors import UserError
+
+        try:
+            return OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"cannot parse recognizer node {text!r}: {' '.join(str(err).split())[:200]}") from None
+    return text
+
+
+def _read_key(args):
+    from pathlib import Path
+
+    from ..errors import UserError
+
+    if args.key_file is None:
+        return args.key
+    try:
+        key = Path(args.key_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read --key-file {args.key_file}: {getattr(err, 'strerror', None) or err}") from None
+    if not key:
+        raise UserError(f"--key-file {args.key_file} is empty")
+    return key
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..anonymize import (AnonymizeSettings, Anonymizer, anonymize_files, build_audit_recognizer, check_paths,
+                             exit_code, load_model, plan_jobs, training_template)
+    from ..data.prepare import FaceDetector
+    from ..errors import UserError
+
+    settings = AnonymizeSettings(key=_read_key(args), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                 min_score=args.min_score, cover=args.cover, cluster_threshold=args.cluster_threshold,
+                                 cover_if_recognized=args.cover_if_recognized, face_scale=args.face_scale)
+    settings.check()
+    if args.min_face_size < 4 or args.detect_max_side < 32:
+        raise UserError("--min-face-size must be >= 4 and --detect-max-side >= 32")
+    roots, target = check_paths(args.input, args.output)
+    plan_jobs(roots, target, args.output_format)  # refuse bad inputs before loading anything heavy
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+
+    model, cfg, info = load_model(args.checkpoint, device)
+    size = int(cfg.data.image_size)
+    template, info["template"] = training_template(cfg, size, settings.face_scale)
+
+    audit_arg = _parse_node(args.audit_recognizer)
+    audit, audit_note = None, None
+    if audit_arg == "auto":
+        from omegaconf import OmegaConf
+
+        for node in OmegaConf.to_container(cfg.eval.get("recognizers") or [], resolve=True):
+            try:
+                audit = build_audit_recognizer(node, cfg)
+                break
+            except UserError as err:  # a judge that is not installed or trained here: try the next
+                name = node if isinstance(node, str) else node.get("name")
+                audit_note = f"audit recognizer {name} unavailable: {err}"
+        if audit is None:
+            print(f"id2face anonymize: no audit ({audit_note or 'eval.recognizers is empty'}); "
+                  "choose one with --audit-recognizer", file=sys.stderr)
+    else:
+        audit = build_audit_recognizer(audit_arg, cfg)
+    if audit is not None:
+        audit = audit.to(device)
+    cluster_arg = _parse_node(args.cluster_by)
+    cluster_by = None if cluster_arg == "encoder" else build_audit_recognizer(cluster_arg, cfg)
+    if cluster_by is not None:
+        cluster_by = cluster_by.to(device)
+
+    detector = FaceDetector(min_face_size=args.min_face_size, max_side=args.detect_max_side, device=device)
+    anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, cluster_by=cluster_by,
+                            device=device)
+    summary = anonymize_files(args.input, args.output, anonymizer, info=info, output_format=args.output_format,
+                              progress=not args.quiet)
+    images, faces = summary["images"], summary["faces"]
+    worst = summary["worst_residual"]
+    verdict = ""
+    if worst:
+        judged = {True: ", the same person", False: ", another person"}.get(worst["residual_same_person"], "")
+        verdict = (f"; closest to its source: {worst['image']} face {worst['face']} (distance "
+                   f"{worst['residual_distance']:.3f}, cosine {worst['residual_similarity']:.3f}{judged})")
+    print(f"id2face anonymize: {images['written']} photo(s) written ({images['skipped']} by an earlier run), "
+          f"{images['failed']} failed; {faces['anonymized']} face(s) anonymized, {faces['covered']} covered"
+          f"{verdict}; {summary['faces_per_second']:.2f} faces/s", file=sys.stderr)
+    return exit_code(summary)
