@@ -1078,26 +1078,10 @@ def _append(path: Path, text: str) -> None:
         handle.write(text)
 
 
-class _NullBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n):
-        pass
-
-    def set_postfix_str(self, *args, **kwargs):
-        pass
-
-
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NullBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="anonymize", unit="img", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    return tqdm(total=total, desc="anonymize", unit="img", dynamic_ncols=True, mininterval=0.5, disable=not enabled, file=sys.stderr)
 
 
 def build_audit_recognizer(node, cfg, model=None):

@@ -80,7 +80,7 @@ class Registry:
                 f"valid: {', '.join(sorted(accepted - set(runtime))) or '(none)'}"
             )
         extra = {k: v for k, v in runtime.items() if accepted is None or k in accepted}
-        return cls(**_plain(params), **extra)
+        return cls(**to_plain(params), **extra)
 
     def __repr__(self) -> str:
         return f"Registry({self.role!r}, {self.names()})"
@@ -95,14 +95,14 @@ def _accepted_kwargs(cls) -> set[str] | None:
     return {n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_POSITIONAL}
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     """OmegaConf containers -> plain Python, so components never see DictConfig/ListConfig."""
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(value):
         return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     return value
 
 

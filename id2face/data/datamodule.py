@@ -18,19 +18,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
-from ..registry import DATASETS
+from ..registry import DATASETS, to_plain
 from .pairs import LabelledSubset, PairDataset, Split, load_or_create_split
-
-
-def _as_dict(cfg: Mapping[str, Any]) -> dict:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
 
 
 class FacePairDataModule(L.LightningDataModule):
@@ -44,7 +33,7 @@ class FacePairDataModule(L.LightningDataModule):
     def __init__(self, data_cfg: Mapping[str, Any], split_file: str | Path | None = None,
                  pair_seed: int | None = None):
         super().__init__()
-        cfg = _as_dict(data_cfg)
+        cfg = dict(to_plain(data_cfg))
         missing = [k for k in ("dataset", "image_size", "batch_size") if k not in cfg]
         if missing:
             raise UserError(f"data config lacks {', '.join(missing)}")

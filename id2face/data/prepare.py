@@ -428,26 +428,10 @@ def _count_other_files(root: Path, images: int) -> int:
     return max(0, total - images)
 
 
-class _NullBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n):
-        pass
-
-    def set_postfix_str(self, *args, **kwargs):
-        pass
-
-
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NullBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="prepare", unit="img", dynamic_ncols=True, mininterval=0.5)
+    return tqdm(total=total, desc="prepare", unit="img", dynamic_ncols=True, mininterval=0.5, disable=not enabled)
 
 
 __all__ = ["FaceDetector", "PrepareSettings", "PrepareSummary", "prepare", "process_file", "check_folders",

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MissingWeightsError, UserError
+from ..registry import to_plain
 
 ORACLE_FORMAT = 1
 ORACLE_SOURCE = "`id2face train-oracle CONFIG...` with the evaluation config (cached by config hash)"
@@ -70,16 +71,7 @@ class OracleConfig:
 
 
 def _plain(node) -> dict:
-    if node is None:
-        return {}
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(node):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(node)
+    return dict(to_plain(node)) if node is not None else {}
 
 
 def oracle_config(data: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> OracleConfig:
