@@ -158,10 +158,11 @@ def build_trainer(cfg: DictConfig, folder: Path, callbacks: list[Callback] = (),
     return L.Trainer(**kwargs)
 
 
-def fit(cfg: DictConfig, resume: bool = True, **trainer_overrides: Any) -> Path:
+def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **trainer_overrides: Any) -> Path:
     """Train the run described by ``cfg`` in its run folder; returns the folder.
 
-    Raises ``Preempted`` if a signal stopped it (the checkpoint is saved; rerun to resume).
+    ``callbacks`` are added to the run's own. Raises ``Preempted`` if a signal stopped it (the
+    checkpoint is saved; rerun to resume).
     """
     from .data.datamodule import FacePairDataModule, PairEpochCallback
     from .lit_module import ID2FaceModule
@@ -173,8 +174,8 @@ def fit(cfg: DictConfig, resume: bool = True, **trainer_overrides: Any) -> Path:
     ckpt = resume_checkpoint(folder) if resume else None
     on_signal = CheckpointOnSignal(checkpoint_dir / "last.ckpt")
     run_state = RunState(folder / "train_state.json", ckpt)
-    callbacks: list[Callback] = [on_signal, run_state, PairEpochCallback(),
-                                 LogImages(int(cfg.run.log_images_every_n_steps))]
+    callbacks = [on_signal, run_state, PairEpochCallback(), LogImages(int(cfg.run.log_images_every_n_steps)),
+                 *callbacks]
     if not cfg.trainer.get("fast_dev_run"):
         callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_top_k=-1,
                                          every_n_train_steps=int(cfg.run.checkpoint_every_n_steps)))
