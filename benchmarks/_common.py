@@ -1,0 +1,179 @@
+"""Shared helpers of the benchmark scripts: profiles, synthetic pair batches, timing, memory.
+
+Not part of the package: the scripts put the repository root on ``sys.path`` and import this
+file as a sibling module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Callable
+
+import torch
+
+# bf16 dense peak of one H100 SXM (989 TFLOP/s spec sheet); the issue measures ~790-800 in practice.
+DEFAULT_PEAK_FLOPS = 989e12
+
+# key=value overrides that turn the paper-scale default into a random-init SD-1.5-sized model that
+# builds offline: the SD AutoencoderKL first stage (64x64x4 latents of 512 px images, so the UNet
+# takes 4 + 4 + 1 = 9 channels), the SD-1.5 UNet of default.yaml, a random FaceNet encoder.
+SD15_OVERRIDES = (
+    "model.identity_encoder.params.allow_random_init=true",
+    "model.first_stage.params.random_init=true",
+)
+PROFILE_IMAGE_SIZE = {"tiny": 32, "sd15": 512}
+
+
+def profile_config(profile: str, overrides: list[str] | tuple[str, ...] = ()):
+    from id2face.config import load_config
+
+    if profile == "tiny":
+        return load_config(["tiny"], list(overrides))
+    if profile == "sd15":
+        return load_config([], [*SD15_OVERRIDES, *overrides])
+    raise SystemExit(f"unknown profile {profile!r}: tiny, sd15")
+
+
+def build_model(profile: str, device: torch.device, overrides=(), seed: int = 0):
+    """(ID2Face, resolved config), the model on ``device`` in train mode."""
+    from id2face.model import ID2Face
+
+    cfg = profile_config(profile, overrides)
+    torch.manual_seed(seed)
+    model = ID2Face.from_config(cfg.model).to(device)
+    return model, cfg
+
+
+def first_stage_description(model) -> str:
+    name = getattr(model.first_stage, "registered_name", type(model.first_stage).__name__)
+    if name == "sd_vae":
+        return "sd_vae (SD-1.5 AutoencoderKL, random init)"
+    return name
+
+
+def face_batch(n: int, size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (n,3,S,S) in [-1,1], masks (n,1,S,S) in {0,1}): random pixels, a central inner-face box.
+
+    Step time does not depend on pixel content; the mask covers the inner-face region of an
+    aligned crop (rows 30-80 %, columns 25-75 %).
+    """
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    masks = torch.zeros(n, 1, size, size)
+    masks[:, :, int(0.3 * size):int(0.8 * size), int(0.25 * size):int(0.75 * size)] = 1
+    return images.to(device), masks.to(device)
+
+
+def pair_batch(pairs: int, size: int, device: torch.device, seed: int = 0) -> dict:
+    a_img, a_mask = face_batch(pairs, size, device, seed)
+    b_img, b_mask = face_batch(pairs, size, device, seed + 1)
+    ident = torch.arange(pairs, device=device)
+    return {"a": {"image": a_img, "mask": a_mask, "identity": ident},
+            "b": {"image": b_img, "mask": b_mask, "identity": ident}}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def state_bytes(params: list[torch.nn.Parameter]) -> int:
+    """Parameters + gradients + AdamW's two moments (fp32 master weights: 4 copies)."""
+    return 4 * sum(p.numel() * p.element_size() for p in params)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device, out: dict):
+    """``out["peak"]``: bytes above the level at entry, at the body's peak.
+
+    CUDA: exact (``max_memory_allocated``). CPU: process RSS sampled every ~1 ms by a thread, so an
+    approximation (the allocator may keep freed blocks resident, or reuse them unseen).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield
+        torch.cuda.synchronize(device)
+        out["peak"] = torch.cuda.max_memory_allocated(device) - start
+        return
+    start = _rss_bytes()
+    peak = [start]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        out["peak"] = peak[0] - start
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as counted by ``torch.utils.flop_counter.FlopCounterMode``
+    (matmuls and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def print_table(header: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for index, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_json(figures: dict) -> None:
+    print(json.dumps(figures, sort_keys=True))

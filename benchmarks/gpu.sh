@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU benchmarks in one call (< 5 min on one H100/H200): the SD-1.5-sized train step (full ID²Face
+# vs bare diffusers UNet) eager bf16, compiled bf16 + channels_last, and anonymize throughput at
+# 25 DDIM steps, batch 64. Prints each table; each script's last line is its JSON figures.
+#   bash benchmarks/gpu.sh            # BATCH=32 images per train step (16 pairs), PEAK=989e12
+#   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+export HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore::UserWarning
+BATCH=${BATCH:-32}
+PEAK=${PEAK:-989e12}
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "benchmarks/gpu.sh: no CUDA device visible to torch; these are GPU benchmarks." >&2
+  echo "On CPU run: $PY benchmarks/train_step.py --profile tiny --device cpu (see BENCHMARKS.md)" >&2
+  exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if it failed (not timed out)
+  local limit=$1 steps=$2 warmup=$3; shift 3
+  echo; echo "== train_step sd15 $* (batch $BATCH)"
+  timeout "$limit" "$PY" benchmarks/train_step.py --profile sd15 --device cuda --batch "$BATCH" --steps "$steps" \
+      --warmup "$warmup" --peak-flops "$PEAK" "$@"
+  local rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
+    echo "== failed (exit $rc) at batch $BATCH, e.g. out of memory; retrying at batch $((BATCH / 2))"
+    timeout "$limit" "$PY" benchmarks/train_step.py --profile sd15 --device cuda --batch $((BATCH / 2)) \
+        --steps "$steps" --warmup "$warmup" --peak-flops "$PEAK" "$@"
+  elif [ $rc -eq 124 ]; then
+    echo "== timed out after ${limit}s"
+  fi
+}
+
+# Time caps keep the whole script under 5 minutes (a retry after an out-of-memory failure adds one).
+train 80 10 2 --bf16
+train 150 6 2 --bf16 --channels-last --compile
+echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
+timeout 70 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
+    --samplers ddim --cfg --repeats 1 || echo "== sample failed or timed out (exit $?)"
+echo; echo "== gpu.sh total ${SECONDS}s"

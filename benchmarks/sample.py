@@ -1,0 +1,106 @@
+"""Sampling throughput of ``ID2Face.anonymize`` (faces/s) vs steps, batch, sampler and guidance.
+
+    python benchmarks/sample.py --profile tiny|sd15 [--steps 10 25] [--batch 1 8]
+        [--samplers ddim dpm_solver] [--cfg] [--repeats N] [--device cpu|cuda] [--bf16]
+        [--channels-last] [--compile] [--threads T]
+
+One anonymize call = identity encoder + identity VAE + identity mapping + attribute encoder +
+masked-image encode + N sampler steps + first-stage decode + mask composite (paste-back inside
+the aligned crop; detection and paste-back into the full photo are in anonymize_throughput.py).
+Guidance ``none`` runs the UNet on the batch; ``--cfg`` adds ``cfg`` (identity dropped as the
+unconditional branch), which doubles the UNet batch (``negative`` guidance costs the same).
+Each configuration runs once untimed, then ``--repeats`` times; the table gives the median
+seconds per call and faces/s. Last line: one JSON object, ``faces_per_s`` = the best
+configuration's figure, ``grid`` = every configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25], help="sampler steps")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="faces per anonymize call")
+    parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm_solver"], choices=["ddim", "dpm_solver"])
+    parser.add_argument("--cfg", action="store_true", help="also measure classifier-free guidance (2x UNet batch)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per configuration")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast around anonymize")
+    parser.add_argument("--channels-last", action="store_true", help="UNet in channels_last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (module.compile())")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
+    args = parser.parse_args(argv)
+    if min(args.steps) < 1 or min(args.batch) < 1 or args.repeats < 1:
+        parser.error("--steps, --batch and --repeats must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = C.resolve_device(args.device)
+    from id2face.registry import GUIDANCES, SAMPLERS
+
+    model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
+    model.eval()
+    if args.channels_last:
+        model.backbone.unet.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.unet.compile()
+    size = C.PROFILE_IMAGE_SIZE[args.profile]
+    samplers = {name: SAMPLERS.build({"name": name, "params": {}}, train_scheduler=model.scheduler).to(device)
+                for name in args.samplers}
+    guidances = {"none": GUIDANCES.build({"name": "none", "params": {}})}
+    if args.cfg:
+        guidances["cfg"] = GUIDANCES.build({"name": "cfg", "params": {}})
+
+    grid, rows = [], []
+    for batch, steps, sampler, guidance in itertools.product(args.batch, args.steps, samplers, guidances):
+        model.sampler, model.guidance = samplers[sampler], guidances[guidance]
+        images, masks = C.face_batch(batch, size, device, seed=args.seed)
+
+        def call():
+            generator = torch.Generator(device).manual_seed(args.seed)
+            with torch.no_grad(), C.autocast(device, args.bf16):
+                model.anonymize(images, masks, generator=generator, key=0, num_inference_steps=steps)
+
+        call()  # warm-up: allocator, cuDNN autotuning, compilation for this shape
+        seconds = C.median([C.timed(call, device) for _ in range(args.repeats)])
+        unet_batch = batch * (2 if guidance != "none" else 1)
+        entry = {"batch": batch, "steps": steps, "sampler": sampler, "guidance": guidance,
+                 "unet_batch": unet_batch, "s_per_call": seconds, "faces_per_s": batch / seconds,
+                 "unet_evals_per_s": unet_batch * steps / seconds}
+        grid.append(entry)
+        rows.append([batch, steps, sampler, guidance, unet_batch, f"{seconds:.3f}", f"{batch / seconds:.2f}",
+                     f"{entry['unet_evals_per_s']:.1f}"])
+
+    best = max(grid, key=lambda e: e["faces_per_s"])
+    print(f"anonymize throughput, profile {args.profile} on {C.machine_description(device)}: {size} px faces, "
+          f"first stage {C.first_stage_description(model)}, bf16={args.bf16} channels_last={args.channels_last} "
+          f"compile={args.compile}; median of {args.repeats} calls after 1 warm-up")
+    C.print_table(["batch", "steps", "sampler", "guidance", "UNet batch", "s/call", "faces/s", "UNet img-steps/s"],
+                  rows)
+    C.print_json({"benchmark": "sample", "profile": args.profile, "device": C.machine_description(device),
+                  "image_size": size, "first_stage": C.first_stage_description(model), "bf16": args.bf16,
+                  "channels_last": args.channels_last, "compile": args.compile, "repeats": args.repeats,
+                  "torch": torch.__version__, "faces_per_s": best["faces_per_s"], "best": best, "grid": grid})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Full ID²Face training step vs the bare diffusers UNet step, in one process on the same inputs.
+
+    python benchmarks/train_step.py --profile tiny|sd15 [--batch N] [--steps N] [--warmup N]
+        [--device cpu|cuda] [--bf16] [--channels-last] [--compile] [--peak-flops F] [--threads T]
+
+``--batch``: images denoised per step (even). The full step takes a pair batch of batch/2 pairs
+and runs ``ID2Face.training_losses`` (frozen identity encoder and first stage, identity VAE,
+attribute encoder, alignment, identity tokens, harmonized UNet over both directions of the pair)
++ backward + AdamW over every trainable parameter. The bare step is a stock
+``UNet2DConditionModel`` of the same config (in_channels as ours) on the same noisy/masked
+latents, noise and timesteps, with random context tokens of our count and width: MSE on epsilon
++ backward + AdamW. Steps alternate between the two (order flipped every step); the table gives
+median step time, images/s, state memory (params + grads + AdamW moments) and the working memory
+of one step above the pre-step level (CUDA: exact; CPU: sampled RSS, approximate), FLOPs per step
+(``FlopCounterMode``, eager) and on CUDA the model FLOPs utilisation against ``--peak-flops``.
+With CUDA, one extra step of each runs under ``torch.cuda.set_sync_debug_mode("warn")`` to count
+host-device synchronisations. Last line: one JSON object (``ratio_full_over_bare``, ...).
+
+Profiles: ``tiny`` = the packaged tiny config (pixel first stage, 32 px, 7 input channels);
+``sd15`` = default.yaml with a random-init SD-1.5 AutoencoderKL first stage (512 px images,
+64x64x4 latents, 9 input channels), the SD-1.5 UNet (320/640/1280/1280, cross-attention 768)
+and a random FaceNet identity encoder.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _common as C  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images denoised per step, even (default: tiny 16, sd15 32)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each model first")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast around forward + loss")
+    parser.add_argument("--channels-last", action="store_true", help="UNets and their inputs in channels_last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (module.compile())")
+    parser.add_argument("--no-fused", action="store_true", help="plain AdamW on CUDA (default: fused)")
+    parser.add_argument("--peak-flops", type=float, default=C.DEFAULT_PEAK_FLOPS,
+                        help="device peak FLOP/s for MFU (default 989e12, H100 bf16 dense)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="no timing: build both on the meta device and print FLOPs per image by role "
+                             "(works for sd15 on any machine)")
+    args = parser.parse_args(argv)
+    if args.batch is None:
+        args.batch = 16 if args.profile == "tiny" else 32
+    if args.batch < 2 or args.batch % 2:
+        parser.error("--batch must be an even number >= 2 (pairs x 2 directions)")
+    return args
+
+
+def make_optimizer(params, device, fused: bool):
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused and device.type == "cuda")
+
+
+def flops_only(args) -> int:
+    """FLOPs of one full and one bare training step, counted on meta tensors (no memory, no compute)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device("meta")
+    with device:
+        model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
+        bare = UNet2DConditionModel.from_config(model.backbone.unet.config)
+    # One pair: per-image FLOPs do not depend on the batch, except the alignment's N x N batch
+    # statistics (negligible; skipped below N = 4), whose fp32 autocast guard cannot run on meta.
+    n = 2
+    batch = C.pair_batch(n // 2, C.PROFILE_IMAGE_SIZE[args.profile], device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.training_losses(batch)["loss"].backward()
+    by_role = {name: sum(ops.values()) / n for name, ops in counter.get_flop_counts().items()
+               if "." not in name and name != "Global"}
+    full = counter.get_total_flops() / n
+    h = C.PROFILE_IMAGE_SIZE[args.profile] // model.first_stage.downscale
+    context = torch.empty(n, model.identity_tokens.num_tokens + int(cfg.model.attribute_encoder.params.num_tokens),
+                          int(cfg.model.context_dim), device=device)
+    sample = torch.empty(n, bare.config.in_channels, h, h, device=device)
+    bare_flops = C.count_flops(lambda: bare(sample, torch.zeros(n, device=device), context,
+                                            return_dict=False)[0].float().pow(2).mean().backward()) / n
+    print(f"FLOPs per image of one training step (forward + backward), profile {args.profile}, "
+          f"first stage {C.first_stage_description(model)}")
+    C.print_table(["part", "GFLOP/img", "share of full"],
+                  [[k, f"{v / 1e9:.1f}", f"{100 * v / full:.1f}%"] for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])]
+                  + [["full step", f"{full / 1e9:.1f}", "100%"], ["bare UNet step", f"{bare_flops / 1e9:.1f}", ""]])
+    C.print_json({"benchmark": "train_step_flops", "profile": args.profile, "full_flops_per_image": full,
+                  "bare_flops_per_image": bare_flops, "flop_ratio_full_over_bare": full / bare_flops,
+                  "full_flops_per_image_by_role": by_role})
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.flops_only:
+        return flops_only(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = C.resolve_device(args.device)
+    from diffusers import UNet2DConditionModel
+
+    pairs, images_per_step = args.batch // 2, args.batch
+    model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
+    model.train()
+    size = C.PROFILE_IMAGE_SIZE[args.profile]
+    batch = C.pair_batch(pairs, size, device, seed=args.seed)
+
+    # Shared inputs: the noise, timesteps and (for the bare step) the latents and conditioning the
+    # full model sees, computed once outside the timed region.
+    g = torch.Generator().manual_seed(args.seed)
+    images = torch.cat([batch["a"]["image"], batch["b"]["image"]])
+    masks = torch.cat([batch["a"]["mask"], batch["b"]["mask"]])
+    with torch.no_grad():
+        latents = model.first_stage.encode(images)
+        masked_latents, latent_masks = model.inpainting_condition(images, masks)
+        attr_tokens = model.attribute_encoder(images, masks).shape[1]
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    timesteps = torch.randint(0, model.scheduler.num_train_timesteps, (images_per_step,), generator=g).to(device)
+    noisy = model.scheduler.add_noise(latents, noise, timesteps)
+    bare_sample = torch.cat([noisy, masked_latents, latent_masks], dim=1)
+    context_tokens = model.identity_tokens.num_tokens + attr_tokens
+    context_dim = int(cfg.model.context_dim)
+    bare_context = torch.randn(images_per_step, context_tokens, context_dim, generator=g).to(device)
+
+    torch.manual_seed(args.seed)
+    bare = UNet2DConditionModel.from_config(model.backbone.unet.config).to(device).train()
+    if args.channels_last:
+        model.backbone.unet.to(memory_format=torch.channels_last)
+        bare.to(memory_format=torch.channels_last)
+        bare_sample = bare_sample.contiguous(memory_format=torch.channels_last)
+
+    full_params = [p for p in model.parameters() if p.requires_grad]
+    bare_params = list(bare.parameters())
+    fused = not args.no_fused
+    full_opt = make_optimizer(full_params, device, fused)
+    bare_opt = make_optimizer(bare_params, device, fused)
+
+    def full_step():
+        with C.autocast(device, args.bf16):
+            loss = model.training_losses(batch, noise=noise, timesteps=timesteps)["loss"]
+        loss.backward()
+        full_opt.step()
+        full_opt.zero_grad(set_to_none=True)
+
+    def bare_step():
+        with C.autocast(device, args.bf16):
+            prediction = bare(bare_sample, timesteps, encoder_hidden_states=bare_context, return_dict=False)[0]
+            loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        bare_opt.step()
+        bare_opt.zero_grad(set_to_none=True)
+
+    # FLOPs on the eager modules (one step each; it also allocates the AdamW states).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    full_flop_counter = FlopCounterMode(display=False)
+    with full_flop_counter:
+        full_step()
+    full_flops = int(full_flop_counter.get_total_flops())
+    # FlopCounterMode names modules by class; the top level ones are the model's components.
+    flops_by_role = {name: int(sum(ops.values())) for name, ops in full_flop_counter.get_flop_counts().items()
+                     if "." not in name and name != "Global"}
+    bare_flops = C.count_flops(bare_step)
+
+    if args.compile:
+        model.backbone.unet.compile()
+        bare.compile()
+
+    steps = {"full": full_step, "bare": bare_step}
+    memory = {"full": 0, "bare": 0}
+    warmup = max(args.warmup, 1)
+    for index in range(warmup):
+        for name, fn in steps.items():
+            out = {}
+            with C.peak_memory(device, out):
+                fn()
+            # The first warm-up step compiles under --compile: its memory is not the step's.
+            if index > 0 or warmup == 1:
+                memory[name] = max(memory[name], out["peak"])
+
+    syncs = {}
+    if device.type == "cuda":
+        for name, fn in steps.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs[name] = sum("synchroniz" in str(w.message).lower() for w in caught)
+
+    times = {"full": [], "bare": []}
+    for step in range(args.steps):
+        order = ("full", "bare") if step % 2 == 0 else ("bare", "full")
+        for name in order:
+            times[name].append(C.timed(steps[name], device))
+
+    figures = {
+        "benchmark": "train_step", "profile": args.profile, "device": C.machine_description(device),
+        "batch_images": images_per_step, "pairs": pairs, "image_size": size,
+        "latent_shape": list(latents.shape[1:]), "unet_in_channels": int(bare.config.in_channels),
+        "context_tokens": context_tokens, "context_dim": context_dim,
+        "first_stage": C.first_stage_description(model), "bf16": args.bf16,
+        "channels_last": args.channels_last, "compile": args.compile,
+        "fused_adamw": fused and device.type == "cuda", "steps": args.steps, "warmup": args.warmup,
+        "torch": torch.__version__,
+    }
+    rows = []
+    for name, params, flops in (("full", full_params, full_flops), ("bare", bare_params, bare_flops)):
+        t = C.median(times[name])
+        entry = {
+            "step_s": t, "img_per_s": images_per_step / t, "min_step_s": min(times[name]),
+            "trainable_params": sum(p.numel() for p in params), "state_bytes": C.state_bytes(params),
+            "step_peak_bytes": int(memory[name]), "flops_per_step": flops,
+            "tflop_per_s": flops / t / 1e12,
+        }
+        if device.type == "cuda":
+            entry["mfu"] = flops / t / args.peak_flops
+            entry["host_syncs_per_step"] = syncs.get(name)
+        figures[name] = entry
+        rows.append([name, f"{t * 1e3:.1f}", f"{images_per_step / t:.1f}", f"{entry['trainable_params'] / 1e6:.2f}",
+                     f"{entry['state_bytes'] / 2**20:.0f}", f"{entry['step_peak_bytes'] / 2**20:.0f}",
+                     f"{flops / images_per_step / 1e9:.2f}", f"{entry['tflop_per_s']:.3f}",
+                     f"{100 * entry['mfu']:.1f}" if "mfu" in entry else "-",
+                     entry.get("host_syncs_per_step", "-")])
+    figures["ratio_full_over_bare"] = figures["full"]["step_s"] / figures["bare"]["step_s"]
+    figures["flop_ratio_full_over_bare"] = full_flops / bare_flops
+    figures["full_flops_by_role"] = flops_by_role
+    if device.type == "cuda":
+        figures["peak_flops"] = args.peak_flops
+
+    print(f"train step, profile {args.profile} on {figures['device']}: {images_per_step} images/step "
+          f"({pairs} pairs x 2 directions), {size} px -> latents {tuple(latents.shape[1:])}, "
+          f"first stage {figures['first_stage']}, context {context_tokens} x {context_dim}, "
+          f"bf16={args.bf16} channels_last={args.channels_last} compile={args.compile}; "
+          f"median of {args.steps} interleaved steps after {args.warmup} warm-up")
+    C.print_table(["step", "ms", "img/s", "Mparams", "state MiB", "step MiB", "GFLOP/img", "TFLOP/s", "MFU %",
+                   "syncs"], rows)
+    print(f"ratio full / bare: {figures['ratio_full_over_bare']:.3f} (FLOPs ratio "
+          f"{figures['flop_ratio_full_over_bare']:.3f})")
+    share = {k: f"{100 * v / full_flops:.1f}%" for k, v in sorted(flops_by_role.items(), key=lambda kv: -kv[1]) if v}
+    print("full-step FLOPs by role: " + ", ".join(f"{k} {v}" for k, v in share.items()))
+    C.print_json(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
