@@ -117,6 +117,15 @@ def test_identity_dropout_replaces_tokens_by_the_null_set():
     assert 10 < int(is_null.sum()) < 54
 
 
+def fixed_diffusion_loss(model, batch, noise, timesteps) -> float:
+    """The diffusion loss at fixed noise and timesteps, in eval mode (no dropout of the identity)."""
+    model.eval()
+    with torch.no_grad():
+        value = float(model.training_losses(batch, noise=noise, timesteps=timesteps)["diffusion"])
+    model.train()
+    return value
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_both_prediction_types_train(prediction_type, batch):
     """A few AdamW steps on one batch lower the fixed-noise loss, with either regression target."""
@@ -126,11 +135,7 @@ def test_both_prediction_types_train(prediction_type, batch):
     t = torch.tensor([100, 300, 500, 700])
 
     def fixed_loss():
-        model.eval()
-        with torch.no_grad():
-            value = float(model.training_losses(batch, noise=noise, timesteps=t)["diffusion"])
-        model.train()
-        return value
+        return fixed_diffusion_loss(model, batch, noise, t)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     before = fixed_loss()
@@ -232,11 +237,7 @@ def test_overfit_one_synthfaces_batch_halves_the_diffusion_loss():
     t = torch.tensor([100, 300, 500, 700])
 
     def fixed_loss():
-        model.eval()
-        with torch.no_grad():
-            value = float(model.training_losses(batch, noise=noise, timesteps=t)["diffusion"])
-        model.train()
-        return value
+        return fixed_diffusion_loss(model, batch, noise, t)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     generator = torch.Generator().manual_seed(0)
