@@ -49,24 +49,32 @@ def train_encoder(config_path: Path, output: Path, steps: int) -> None:
     command.run(args)
 
 
-def evaluate_both(cfg, folder: Path, limit: int | None) -> dict[str, dict]:
-    from .commands.eval import evaluate
+def load_module(cfg, state):
+    import warnings
+
     from .lit_module import ID2FaceModule
 
-    checkpoint = torch.load(final_checkpoint(folder), map_location="cpu", weights_only=False)
-    module = ID2FaceModule(cfg)
-    module.load_state_dict(checkpoint["state_dict"])
+    with warnings.catch_warnings():  # the state dict carries the frozen encoder's weights
+        warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
+        module = ID2FaceModule(cfg)
+    module.load_state_dict(state)
+    return module
+
+
+def evaluate_both(cfg, module, folder: Path, limit: int | None) -> dict[str, dict]:
+    from .commands.eval import evaluate
+
     results = {}
     for generate in ("reconstruct", "anonymize"):
         _say(f"evaluating the test split ({generate})")
-        metrics, meta = evaluate(module, cfg, limit=limit, reconstruction=generate == "anonymize",
+        metrics, meta = evaluate(module, cfg, limit=limit, reconstruction=False,
                                  progress=False, generate=generate, split_file=folder / "split.json")
         target = folder if generate == "anonymize" else folder.parent / "reconstruction" / folder.name
         if generate == "reconstruct":
             save_config(cfg, target / "config.yaml")
         save_metrics(target, metrics, meta)
         results[generate] = {"metrics": metrics, "meta": meta}
-    return results, module
+    return results
 
 
 def save_grid(module, cfg, path: Path, folder: Path, rows: int = 8, k: int = 4) -> None:
@@ -90,7 +98,7 @@ def save_grid(module, cfg, path: Path, folder: Path, rows: int = 8, k: int = 4) 
     save_image((grid + 1) / 2, path, nrow=len(columns), padding=1)
 
 
-def write_report(path: Path, results: dict, cfg, seconds: dict) -> str:
+def write_report(path: Path, results: dict, cfg, seconds: dict, checkpoint: str | None = None) -> str:
     recon, anon = results["reconstruct"]["metrics"], results["anonymize"]["metrics"]
     meta = results["anonymize"]["meta"]
     lines = ["# id2face demo: SynthFaces", "",
@@ -105,8 +113,9 @@ def write_report(path: Path, results: dict, cfg, seconds: dict) -> str:
               "", "![source | reconstruction | anonymized x4](grid.png)", "",
               "Columns of grid.png: source, reconstruction with the own identity, four anonymizations.", "",
               "Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), "",
-              "Reproduce: `make demo` (or `id2face demo`); the checkpoint is "
-              f"`{run_dir(cfg)}/checkpoints/last.ckpt`.", ""]
+              (f"Model: `{checkpoint}`, produced by `id2face train` (see README)." if checkpoint else
+               f"Model: trained here for {cfg.trainer.max_steps} steps: `{run_dir(cfg)}/checkpoints/last.ckpt`."),
+              "", "Reproduce: `make demo` (or `id2face demo [--checkpoint CKPT]`).", ""]
     text = "\n".join(lines)
     path.write_text(text)
     return text
@@ -117,35 +126,57 @@ def _test_identities(cfg) -> int:
     return max(1, round(int(cfg.data.dataset.params.num_identities) * fractions[2]))
 
 
-def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = None) -> Path:
+def _with_overrides(cfg, overrides: list[str]):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_config([str(save_config(cfg, Path(tmp) / "config.yaml"))], overrides)
+
+
+def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = None,
+             checkpoint: str | None = None) -> Path:
+    """``checkpoint``: evaluate a model that ``id2face train`` produced (its config comes with it)
+    instead of training the 300-step one here."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    cfg = load_config(["tiny", "demo"], [f"run.root={root}",
-                                          f"model.identity_encoder.params.weights={root}/demo/encoder.pt", *overrides])
     out = Path(root) / "demo"
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = save_config(cfg, out / "demo_config.yaml")  # train-encoder reads the same resolved config
+    if checkpoint:
+        from .anonymize import read_checkpoint_config
 
-    t = time.perf_counter()
-    train_encoder(cfg_path, Path(cfg.model.identity_encoder.params.weights), steps=400)
-    seconds["encoder"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    folder = run_dir(cfg)
-    if (folder / "train_state.json").is_file() and json.loads((folder / "train_state.json").read_text()).get(
-            "status") == "finished":
-        _say(f"model: reusing {folder}")
+        saved, state, _ = read_checkpoint_config(checkpoint)
+        cfg = _with_overrides(saved, [f"run.root={root}", "model.identity_encoder.params.weights=null", *overrides])
+        folder = run_dir(cfg)
+        save_config(cfg, folder / "config.yaml")
+        trained = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
+        _say(f"model: evaluating {checkpoint} ({trained} training steps; no training here)")
     else:
-        _say(f"model: training {cfg.trainer.max_steps} steps in {folder}")
-        fit(cfg)
-    seconds["train"] = time.perf_counter() - t
+        cfg = load_config(["tiny", "demo"], [f"run.root={root}",
+                                              f"model.identity_encoder.params.weights={root}/demo/encoder.pt",
+                                              *overrides])
+        cfg_path = save_config(cfg, out / "demo_config.yaml")  # train-encoder reads the same resolved config
+        t = time.perf_counter()
+        train_encoder(cfg_path, Path(cfg.model.identity_encoder.params.weights), steps=400)
+        seconds["encoder"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        folder = run_dir(cfg)
+        state_file = folder / "train_state.json"
+        if state_file.is_file() and json.loads(state_file.read_text()).get("status") == "finished":
+            _say(f"model: reusing {folder}")
+        else:
+            _say(f"model: training {cfg.trainer.max_steps} steps in {folder}")
+            fit(cfg)
+        seconds["train"] = time.perf_counter() - t
+        state = torch.load(final_checkpoint(folder), map_location="cpu", weights_only=False)["state_dict"]
 
     t = time.perf_counter()
-    results, module = evaluate_both(cfg, folder, limit)
+    module = load_module(cfg, state)
+    results = evaluate_both(cfg, module, folder, limit)
     seconds["evaluate"] = time.perf_counter() - t
     save_grid(module, cfg, out / "grid.png", folder)
     seconds["total"] = time.perf_counter() - started
-    report = write_report(out / "report.md", results, cfg, seconds)
+    report = write_report(out / "report.md", results, cfg, seconds, checkpoint)
     print(report)
     _say(f"wrote {out / 'report.md'} and {out / 'grid.png'} in {seconds['total']:.0f} s")
     return out
