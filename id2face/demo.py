@@ -109,7 +109,7 @@ def write_report(path: Path, results: dict, cfg, seconds: dict, checkpoint: str 
     for name, m in (("reconstruction (own identity, baseline)", recon), ("ID²Face anonymization (OIM)", anon)):
         cells = [f"{m[key]:.3f}" if key in m else "–" for key, _, _ in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Chance top-1 is 1/(test identities) = {1 / _test_identities(cfg):.3f}.",
+    lines += ["", f"Chance top-1 on the full test split is 1/(test identities) = {1 / _test_identities(cfg):.3f}.",
               "", "![source | reconstruction | anonymized x4](grid.png)", "",
               "Columns of grid.png: source, reconstruction with the own identity, four anonymizations.", "",
               "Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), "",
