@@ -17,7 +17,8 @@ from .registry import MODEL_ROLES
 
 # Components whose weights never train: kept out of the optimiser, the EMA and DDP's gradient sync.
 FROZEN_ROLES = ("identity_encoder", "first_stage")
-DEFAULT_LOSS_WEIGHTS = {"diffusion": 1.0, "id_vae": 1.0, "alignment": 0.1, "id_dropout": 0.1}
+DEFAULT_LOSS_WEIGHTS = {"diffusion": 1.0, "id_vae": 1.0, "alignment": 0.1, "id_dropout": 0.1,
+                        "identity_region": 1.0}
 
 
 class IdentityTokens(nn.Module):
@@ -211,7 +212,11 @@ class ID2Face(nn.Module):
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction = self.denoise(noisy, timesteps, masked_latents, latent_masks, context)
         target = self.scheduler.target(latents, noise, timesteps)
-        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        # Outside the identity region the masked-image channel holds the answer; weighting the
+        # region (loss.identity_region > 1) keeps the loss about what has to be generated.
+        error = (prediction.float() - target.float()).pow(2)
+        weight = (1 + (self.loss_weights["identity_region"] - 1) * latent_masks.float()).expand_as(error)
+        per_sample = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)
         diffusion_a, diffusion_b = per_sample[:n].mean(), per_sample[n:].mean()
         diffusion = per_sample.mean()
 

@@ -250,3 +250,39 @@ def test_overfit_one_synthfaces_batch_halves_the_diffusion_loss():
     print(f"overfit: fixed-noise diffusion loss {before:.4f} -> {after:.4f} ({after / before:.1%}) "
           f"in 30 steps, {time.perf_counter() - start:.1f} s")
     assert after <= 0.5 * before
+
+
+def test_identity_region_weight_moves_the_loss_towards_the_masked_region(batch):
+    """With weight w on the identity region the loss is the w-weighted mean of the per-pixel errors;
+    w = 1 is the plain mean."""
+    noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([100, 300, 500, 700])
+    plain = tiny_model("model.loss.id_dropout=0.0")
+    heavy = tiny_model("model.loss.id_dropout=0.0", "model.loss.identity_region=9.0")
+    heavy.load_state_dict(plain.state_dict())
+    plain_loss, heavy_loss = fixed_diffusion_loss(plain, batch, noise, t), fixed_diffusion_loss(heavy, batch, noise, t)
+
+    # the same two numbers by hand: mean error inside and outside the mask
+    images = torch.cat([batch["a"]["image"], batch["b"]["image"]])
+    masks = torch.cat([batch["a"]["mask"], batch["b"]["mask"]])
+    plain.eval()
+    with torch.no_grad():
+        model = plain
+        e = model.identity_embedding(images)
+        attr = model.attribute_encoder(images, masks)
+        e_a, e_b = e.chunk(2)
+        lat_a, lat_b = model.id_vae(e_a), model.id_vae(e_b)
+        aligned = model.alignment(lat_a, lat_b, e_a, e_b, *attr.chunk(2))
+        context = torch.cat([model.identity_tokens(torch.cat([aligned.id_for_a, aligned.id_for_b])), attr], 1)
+        masked_latents, latent_masks = model.inpainting_condition(images, masks)
+        latents = model.first_stage.encode(images)
+        error = (model.denoise(model.scheduler.add_noise(latents, noise, t), t, masked_latents, latent_masks, context)
+                 - model.scheduler.target(latents, noise, t)).pow(2)
+    region = latent_masks.expand_as(error)
+    inside, outside = (error * region).flatten(1).sum(1), (error * (1 - region)).flatten(1).sum(1)
+    n_in, n_out = region.flatten(1).sum(1), (1 - region).flatten(1).sum(1)
+    expected_plain = ((inside + outside) / (n_in + n_out)).mean()
+    expected_heavy = ((9 * inside + outside) / (9 * n_in + n_out)).mean()
+    assert plain_loss == pytest.approx(float(expected_plain), rel=1e-4)
+    assert heavy_loss == pytest.approx(float(expected_heavy), rel=1e-4)
+    assert abs(heavy_loss - plain_loss) > 1e-4
