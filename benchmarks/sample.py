@@ -56,12 +56,10 @@ def main(argv=None) -> int:
     device = C.resolve_device(args.device)
     from id2face.registry import GUIDANCES, SAMPLERS
 
-    model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
+    switches = [f"model.backbone.params.{key}=true" for key, on in
+                (("channels_last", args.channels_last), ("compile", args.compile)) if on]
+    model, cfg = C.build_model(args.profile, device, [*args.override, *switches], seed=args.seed)
     model.eval()
-    if args.channels_last:
-        model.backbone.unet.to(memory_format=torch.channels_last)
-    if args.compile:
-        model.backbone.unet.compile()
     size = C.PROFILE_IMAGE_SIZE[args.profile]
     samplers = {name: SAMPLERS.build({"name": name, "params": {}}, train_scheduler=model.scheduler).to(device)
                 for name in args.samplers}

@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     from diffusers import UNet2DConditionModel
 
     pairs, images_per_step = args.batch // 2, args.batch
-    model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
+    switches = ["model.backbone.params.channels_last=true"] if args.channels_last else []
+    model, cfg = C.build_model(args.profile, device, [*args.override, *switches], seed=args.seed)
     model.train()
     size = C.PROFILE_IMAGE_SIZE[args.profile]
     batch = C.pair_batch(pairs, size, device, seed=args.seed)
@@ -139,8 +140,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     bare = UNet2DConditionModel.from_config(model.backbone.unet.config).to(device).train()
-    if args.channels_last:
-        model.backbone.unet.to(memory_format=torch.channels_last)
+    if args.channels_last:  # ours through model.backbone.params.channels_last (see build_model above)
         bare.to(memory_format=torch.channels_last)
         bare_sample = bare_sample.contiguous(memory_format=torch.channels_last)
 
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                      if "." not in name and name != "Global"}
     bare_flops = C.count_flops(bare_step)
 
-    if args.compile:
+    if args.compile:  # what model.backbone.params.compile does, after the eager FLOP count
         model.backbone.unet.compile()
         bare.compile()
 

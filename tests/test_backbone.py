@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from id2face.components.backbone import SD_VAE_CONFIG
+from id2face.components.backbone import PREDICTION_TYPES, SD_VAE_CONFIG
 from id2face.errors import MissingWeightsError, UserError
 from id2face.registry import BACKBONES, FIRST_STAGES, SAMPLERS, SCHEDULERS
 
@@ -147,7 +147,7 @@ def test_gradient_checkpointing_switch_gives_the_same_gradients():
 
 
 # ------------------------------------------------------------------ schedulers
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("name", SCHEDULERS.names())
 def test_training_scheduler_noise_and_target(name, prediction_type):
     sched = SCHEDULERS.build({"name": name, "params": {"prediction_type": prediction_type}})
@@ -157,15 +157,16 @@ def test_training_scheduler_noise_and_target(name, prediction_type):
     t = torch.tensor([0, 400, 999])
     alpha_bar = sched.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(sched.add_noise(x0, noise, t), alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
-    expected = noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    expected = {"epsilon": noise, "sample": x0,
+                "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0}[prediction_type]
     torch.testing.assert_close(sched.target(x0, noise, t), expected)
     steps = sched.sample_timesteps(1000, generator=torch.Generator().manual_seed(0))
     assert steps.min() >= 0 and steps.max() < 1000 and steps.unique().numel() > 500
 
 
 def test_ddpm_rejects_unknown_prediction_type():
-    with pytest.raises(UserError, match="epsilon, v_prediction"):
-        SCHEDULERS.build({"name": "ddpm", "params": {"prediction_type": "sample"}})
+    with pytest.raises(UserError, match="epsilon, v_prediction, sample"):
+        SCHEDULERS.build({"name": "ddpm", "params": {"prediction_type": "x0"}})
 
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
@@ -181,10 +182,10 @@ def test_samplers_swap_in_via_from_config(name):
         assert cfg.algorithm_type == "dpmsolver++"
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("name", SAMPLERS.names())
 def test_sampler_with_an_oracle_denoiser_recovers_the_clean_sample(name, prediction_type):
-    """A denoiser that knows x0 predicts the exact epsilon / v: every sampler must land on x0."""
+    """A denoiser that knows x0 predicts the exact epsilon / v / x0: every sampler must land on x0."""
     train = SCHEDULERS.build({"name": "ddpm", "params": {"prediction_type": prediction_type}})
     sampler = SAMPLERS.build({"name": name, "params": {"num_inference_steps": 10}}, train_scheduler=train)
     g = torch.Generator().manual_seed(0)
@@ -196,7 +197,8 @@ def test_sampler_with_an_oracle_denoiser_recovers_the_clean_sample(name, predict
         calls.append(int(t))
         a = alphas[int(t)]
         eps = (x.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()
-        out = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0.double()
+        out = {"epsilon": eps, "sample": x0.double(),
+               "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0.double()}[prediction_type]
         return out.float()
 
     out = sampler.sample(oracle, torch.randn(2, 4, 8, 8, generator=g))
@@ -244,3 +246,26 @@ def test_sd15_shaped_unet_and_vae_build_and_round_trip_through_local_dirs(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(loaded_vae.encode(image), expected_latents)
         torch.testing.assert_close(loaded(sample, t, context), expected_eps)
+
+
+@pytest.mark.parametrize("switch", [{"channels_last": True}, {"sdpa_backends": ["math"]},
+                                    pytest.param({"compile": True}, marks=pytest.mark.slow)])
+def test_speed_switches_keep_outputs_gradients_and_parameter_names(switch):
+    """A speed switch changes how the UNet runs, never what it computes or how its weights are named."""
+    results = []
+    for params in ({}, switch):
+        backbone = unet(params, seed=2).train()
+        out = backbone(*unet_inputs())
+        out.square().mean().backward()
+        results.append((out.detach(), backbone.unet.conv_in.weight.grad.clone(), list(backbone.state_dict())))
+    (out0, grad0, names0), (out1, grad1, names1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad1, grad0, rtol=1e-4, atol=1e-6)
+    assert names1 == names0
+    if switch.get("channels_last"):
+        assert backbone.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unknown_sdpa_backend_names_the_valid_ones():
+    with pytest.raises(UserError, match="flash_attention"):
+        unet({"sdpa_backends": ["flash"]})

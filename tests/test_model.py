@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from id2face.components.backbone import PREDICTION_TYPES
 from id2face.config import load_config
 from id2face.model import FROZEN_ROLES, ID2Face, IdentityTokens, build_components, count_parameters
 from id2face.registry import MODEL_ROLES
@@ -126,9 +127,9 @@ def fixed_diffusion_loss(model, batch, noise, timesteps) -> float:
     return value
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_both_prediction_types_train(prediction_type, batch):
-    """A few AdamW steps on one batch lower the fixed-noise loss, with either regression target."""
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_every_prediction_type_trains(prediction_type, batch):
+    """A few AdamW steps on one batch lower the fixed-noise loss, with every regression target."""
     model = tiny_model(f"model.scheduler.params.prediction_type={prediction_type}", "model.loss.id_dropout=0.0")
     assert model.scheduler.prediction_type == prediction_type
     noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -114,6 +115,13 @@ class UNetBackbone(nn.Module):
     ``cross_attention_dim`` (= model.context_dim). With ``pretrained`` the folder's config wins
     over the architecture params; a checkpoint with fewer input channels (a text-to-image UNet,
     4 channels) gets zero-initialised extra ``conv_in`` channels, so it starts as the original model.
+
+    Speed switches (same numbers, measured by ``benchmarks/train_step.py`` and ``sample.py``):
+    ``channels_last`` (NHWC weights and input: faster convolutions on tensor cores),
+    ``compile`` (``torch.compile`` of the UNet in place; parameter names are unchanged, so
+    checkpoints move between compiled and eager runs), ``sdpa_backends`` (restrict attention to
+    these ``torch.nn.attention.SDPBackend`` names, e.g. ``[flash_attention]``; null = PyTorch's choice),
+    ``gradient_checkpointing`` (memory for compute).
     """
 
     def __init__(
@@ -130,6 +138,9 @@ class UNetBackbone(nn.Module):
         attention_head_dim: int = 8,
         norm_num_groups: int = 32,
         gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        sdpa_backends: list[str] | None = None,
     ):
         super().__init__()
         from diffusers import UNet2DConditionModel
@@ -151,11 +162,38 @@ class UNetBackbone(nn.Module):
             )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.unet.to(memory_format=self.memory_format)
+        self.sdpa_backends = _sdpa_backends(sdpa_backends)
+        if compile:
+            self.unet.compile()
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 cross_attention_kwargs: dict | None = None) -> torch.Tensor:
-        return self.unet(sample, timesteps, encoder_hidden_states=context,
-                         cross_attention_kwargs=cross_attention_kwargs or None, return_dict=False)[0]
+        sample = sample.contiguous(memory_format=self.memory_format)
+        with _sdpa_kernel(self.sdpa_backends):
+            return self.unet(sample, timesteps, encoder_hidden_states=context,
+                             cross_attention_kwargs=cross_attention_kwargs or None, return_dict=False)[0]
+
+
+def _sdpa_backends(names: list[str] | None):
+    if not names:
+        return None
+    from torch.nn.attention import SDPBackend
+
+    valid = [name.lower() for name in SDPBackend.__members__ if name != "ERROR"]
+    unknown = [n for n in names if str(n).lower() not in valid]
+    if unknown:
+        raise UserError(f"backbone sdpa_backends: unknown {unknown}; valid: {', '.join(valid)}")
+    return [SDPBackend.__members__[str(n).upper()] for n in names]
+
+
+def _sdpa_kernel(backends):
+    if backends is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(backends)
 
 
 def _load_unet(path: str, in_channels: int, out_channels: int, cross_attention_dim: int):
@@ -187,11 +225,16 @@ def _load_unet(path: str, in_channels: int, out_channels: int, cross_attention_d
 
 
 # ------------------------------------------------------------------------------------ schedulers
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 @SCHEDULERS.register("ddpm")
 class DDPMTrainScheduler(nn.Module):
     """The training noise schedule (diffusers ``DDPMScheduler``) and the regression target.
 
-    ``prediction_type``: ``epsilon`` (target = noise) or ``v_prediction`` (target = velocity).
+    ``prediction_type``: ``epsilon`` (target = noise), ``v_prediction`` (target = velocity) or
+    ``sample`` (target = the clean latents; a small, briefly trained pixel model gives clean if
+    smooth samples this way, where an epsilon model still leaves noise at the last steps).
     ``clip_sample`` travels to the samplers through the config: right for pixel space ([-1, 1]),
     wrong for VAE latents.
     """
@@ -202,8 +245,8 @@ class DDPMTrainScheduler(nn.Module):
         super().__init__()
         from diffusers import DDPMScheduler
 
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError(f"scheduler prediction_type '{prediction_type}': valid: epsilon, v_prediction")
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"scheduler prediction_type '{prediction_type}': valid: {', '.join(PREDICTION_TYPES)}")
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                        beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
                                        clip_sample=clip_sample)
@@ -230,6 +273,8 @@ class DDPMTrainScheduler(nn.Module):
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
             return noise
+        if self.prediction_type == "sample":
+            return x0
         return self.scheduler.get_velocity(x0, noise, timesteps)
 
 
