@@ -113,7 +113,7 @@ def test_cli_help_is_fast_and_lists_every_command():
     out = run_cli("--help")
     elapsed = time.perf_counter() - start
     assert out.returncode == 0
-    for command in ("config", "synthfaces", "train", "eval", "anonymize", "prepare", "sweep", "table", "demo"):
+    for command in ("config", "synthfaces", "train", "eval", "anonymize", "prepare", "sweep", "table", "export", "demo"):
         assert command in out.stdout
     assert elapsed < 2.0, f"id2face --help took {elapsed:.2f} s"
 
