@@ -18,8 +18,11 @@ $(STAMP): $(PY) setup.cfg setup.py
 
 install: $(STAMP)
 
+# The shipped model was trained by `id2face demo` itself (README: "Reproducing the demo model").
+DEMO_CHECKPOINT ?= checkpoints/demo-tiny.pt
+
 demo: $(STAMP)
-	$(VENV)/bin/id2face demo
+	$(VENV)/bin/id2face demo --checkpoint $(DEMO_CHECKPOINT)
 
 # The SLURM sweep test needs a cluster: bring up a one-node one here (skips with a reason if it cannot).
 test: $(STAMP)

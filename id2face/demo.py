@@ -2,7 +2,9 @@
 
 Steps (each reuses its output if present, so a second run only rebuilds the report):
 1. train the tiny identity encoder on the training identities (``id2face train-encoder``);
-2. train the ID²Face model (``id2face train``) in ``runs/demo/id2face/seed0``;
+2. train the ID²Face model (``id2face train``) in ``runs/demo/id2face/seed0`` (4000 steps, ~30 min
+   on 2 cores); or skip 1-2 and evaluate a checkpoint (``make demo``: the shipped one, which this
+   very command trained, see README);
 3. evaluate the test split (identities never seen in training) with the SynthFaces oracle, a
    judge trained apart from the model: once anonymizing, once reconstructing with the face's own
    identity (the baseline that shows what "identity kept" reads on the same metrics);
@@ -136,7 +138,7 @@ def _with_overrides(cfg, overrides: list[str]):
 def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = None,
              checkpoint: str | None = None) -> Path:
     """``checkpoint``: evaluate a model that ``id2face train`` produced (its config comes with it)
-    instead of training the 300-step one here."""
+    instead of training one here (steps 1-2)."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     out = Path(root) / "demo"

@@ -1,4 +1,5 @@
-"""`id2face demo [--root DIR] [key=value...]`: the end-to-end SynthFaces story (see id2face/demo.py)."""
+"""`id2face demo [--root DIR] [--checkpoint CKPT] [key=value...]`: the end-to-end SynthFaces story
+(see id2face/demo.py). `make demo` passes the shipped checkpoints/demo-tiny.pt."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="runs", help="where runs/demo goes (default: runs)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test faces")
     parser.add_argument("--checkpoint", default=None,
-                        help="evaluate this `id2face train` checkpoint instead of training a 300-step model")
+                        help="evaluate this `id2face train` checkpoint (or `id2face export` of one) instead of "
+                             "training the model here (trainer.max_steps of the demo config: ~30 min on 2 cores)")
 
 
 def run(args: argparse.Namespace) -> int:
