@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks in one call (< 5 min on one H100/H200): the SD-1.5-sized train step (full ID²Face
 # vs bare diffusers UNet) eager bf16, compiled bf16 + channels_last, and anonymize throughput at
-# 25 DDIM steps, batch 64. Prints each table; each script's last line is its JSON figures.
+# 25 DDIM steps, batch 64, FID feature extraction. Prints each table; each script's last line is its JSON figures.
 #   bash benchmarks/gpu.sh            # BATCH=32 images per train step (16 pairs), PEAK=989e12
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh
 set -uo pipefail
@@ -34,8 +34,11 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
 
 # Time caps keep the whole script under 5 minutes (a retry after an out-of-memory failure adds one).
 train 80 10 2 --bf16
-train 150 6 2 --bf16 --channels-last --compile
+train 140 6 2 --bf16 --channels-last --compile
 echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
 timeout 70 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
     --samplers ddim --cfg --repeats 1 || echo "== sample failed or timed out (exit $?)"
+echo; echo "== FID feature extraction (Inception-v3, 512 px inputs) vs N"
+timeout 40 "$PY" benchmarks/fid_features.py --device cuda --sizes 1024 4096 --batch 256 --image-size 512 \
+    || echo "== fid_features failed or timed out (exit $?)"
 echo; echo "== gpu.sh total ${SECONDS}s"
