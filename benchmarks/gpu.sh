@@ -4,12 +4,15 @@
 # 25 DDIM steps, batch 64, FID feature extraction. Prints each table; each script's last line is its JSON figures.
 #   bash benchmarks/gpu.sh            # BATCH=32 images per train step (16 pairs), PEAK=989e12
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh
+#   bash benchmarks/gpu.sh eager sample      # only these parts: eager compiled sample fid
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 export HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore::UserWarning
 BATCH=${BATCH:-32}
 PEAK=${PEAK:-989e12}
+PARTS=" ${*:-eager compiled sample fid} "
+want() { [[ $PARTS == *" $1 "* ]]; }
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "benchmarks/gpu.sh: no CUDA device visible to torch; these are GPU benchmarks." >&2
   echo "On CPU run: $PY benchmarks/train_step.py --profile tiny --device cpu (see BENCHMARKS.md)" >&2
@@ -33,12 +36,16 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
 }
 
 # Time caps keep the whole script under 5 minutes (a retry after an out-of-memory failure adds one).
-train 80 10 2 --bf16
-train 140 6 2 --bf16 --channels-last --compile
-echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
-timeout 70 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-    --samplers ddim --cfg --repeats 1 || echo "== sample failed or timed out (exit $?)"
-echo; echo "== FID feature extraction (Inception-v3, 512 px inputs) vs N"
-timeout 40 "$PY" benchmarks/fid_features.py --device cuda --sizes 1024 4096 --batch 256 --image-size 512 \
-    || echo "== fid_features failed or timed out (exit $?)"
+want eager && train 80 10 2 --bf16
+want compiled && train 140 6 2 --bf16 --channels-last --compile
+if want sample; then
+  echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
+  timeout 70 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
+      --samplers ddim --cfg --repeats 1 || echo "== sample failed or timed out (exit $?)"
+fi
+if want fid; then
+  echo; echo "== FID feature extraction (Inception-v3, 512 px inputs) vs N"
+  timeout 40 "$PY" benchmarks/fid_features.py --device cuda --sizes 1024 4096 --batch 256 --image-size 512 \
+      || echo "== fid_features failed or timed out (exit $?)"
+fi
 echo; echo "== gpu.sh total ${SECONDS}s"

@@ -31,9 +31,7 @@ class IdentityEncoder(nn.Module):
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False, antialias=images.shape[-1] > self.input_size)
         x = (images + 1) / 2
-        mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
-        std = x.new_tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return (x - _channel_vector(self.mean, x)) / _channel_vector(self.std, x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -48,6 +46,15 @@ class IdentityEncoder(nn.Module):
     def train(self, mode: bool = True) -> "IdentityEncoder":
         # Frozen: BatchNorm/Dropout must not change behaviour when the parent calls .train().
         return super().train(False)
+
+
+def _channel_vector(values, like: torch.Tensor) -> torch.Tensor:
+    """(1, C, 1, 1) of ``values`` on ``like``'s device, filled there: ``new_tensor(values)`` would be
+    a host-to-device copy, i.e. a host-device synchronisation in every training step."""
+    out = like.new_empty(1, len(values), 1, 1)
+    for channel, value in enumerate(values):
+        out[:, channel] = value
+    return out
 
 
 def load_state_dict_file(path: str | Path | None, what: str, source: str) -> dict:

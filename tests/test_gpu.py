@@ -1,0 +1,97 @@
+"""CUDA behaviour of the tiny model: the CPU numbers, the speed switches, and a training step that
+never waits on the host. Skipped without CUDA (conftest); the SD-1.5-sized step is in test_lit_module."""
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from id2face.config import load_config
+from id2face.data.synthfaces import render_sample
+from id2face.model import ID2Face
+from id2face.registry import BACKBONES
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:tiny identity encoder has no weights")]
+CUDA = torch.device("cuda")
+
+
+def tiny_model(*overrides, seed=0):
+    torch.manual_seed(seed)
+    return ID2Face.from_config(load_config(["tiny"], list(overrides)).model)
+
+
+def pair_batch(num_pairs=4, size=32, device="cpu"):
+    ids = range(num_pairs)
+    return {side: {k: v.to(device) for k, v in default_collate([render_sample(i, s, size) for i in ids]).items()}
+            for side, s in (("a", 0), ("b", 1))}
+
+
+def test_training_step_waits_on_the_host_nowhere():
+    """Issue #8: no host-device synchronisation inside forward, backward and the fused AdamW step
+    (a sync per step stalls the GPU queue; `.item()` belongs to logging intervals)."""
+    model = tiny_model().to(CUDA).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    batch = pair_batch(device=CUDA)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.training_losses(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # first step: lazy state (AdamW moments, cuBLAS handles)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "called a synchronizing" in str(w.message)]
+    assert syncs == [], "\n".join(syncs)
+
+
+def test_anonymize_on_cuda_gives_the_cpu_faces():
+    model = tiny_model().eval()
+    batch = pair_batch(num_pairs=3)["a"]
+    images, masks = batch["image"], batch["mask"]
+    on_cpu = model.anonymize(images, masks, generator=torch.Generator().manual_seed(0), num_inference_steps=5)
+    model.to(CUDA)
+    on_cuda = model.anonymize(images.to(CUDA), masks.to(CUDA), generator=torch.Generator().manual_seed(0),
+                              num_inference_steps=5).cpu()
+    outside = masks.expand_as(images) == 0
+    assert torch.equal(on_cuda[outside], images[outside])  # the outside is copied, on any device
+    # TF32 convolutions on the GPU: close, not bit-equal.
+    torch.testing.assert_close(on_cuda, on_cpu, rtol=0, atol=3e-2)
+
+
+def tiny_unet(**switches):
+    torch.manual_seed(0)
+    params = dict(sample_size=16, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=1, attention_head_dim=8)
+    return BACKBONES.build({"name": "unet", "params": {**params, **switches}}, in_channels=9, out_channels=4,
+                           cross_attention_dim=32).to(CUDA)
+
+
+def unet_inputs(n=4):
+    g = torch.Generator().manual_seed(1)
+    sample, context = torch.randn(n, 9, 16, 16, generator=g), torch.randn(n, 20, 32, generator=g)
+    return sample.to(CUDA), torch.randint(0, 1000, (n,), generator=g).to(CUDA), context.to(CUDA)
+
+
+@pytest.mark.parametrize("switches", [{"sdpa_backends": ["flash_attention"]},
+                                      {"sdpa_backends": ["efficient_attention"]},
+                                      {"channels_last": True, "compile": True}], ids=["flash", "efficient", "cl+compile"])
+def test_speed_switches_on_cuda_keep_the_bf16_outputs_and_gradients(switches):
+    results = []
+    for params in ({"sdpa_backends": ["math"]}, switches):
+        backbone = tiny_unet(**params).train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = backbone(*unet_inputs())
+        out.float().square().mean().backward()
+        results.append((out.float().detach(), backbone.unet.conv_in.weight.grad.clone()))
+    (out0, grad0), (out1, grad1) = results
+    torch.testing.assert_close(out1, out0, rtol=3e-2, atol=3e-2)  # bf16: ~3 significant digits
+    torch.testing.assert_close(grad1, grad0, rtol=5e-2, atol=5e-3)
