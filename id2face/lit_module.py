@@ -92,6 +92,12 @@ class ID2FaceModule(L.LightningModule):
         if self._ema_swapped:
             self._swap_ema()
 
+    def setup(self, stage: str) -> None:
+        # Cached latents from another first stage would be wrong targets, silently: refuse them.
+        cache = getattr(self.trainer.datamodule, "latent_cache", None) if self.trainer.datamodule else None
+        if cache is not None:
+            cache.check_first_stage(self.model.first_stage)
+
     # ------------------------------------------------------------------ steps
     @staticmethod
     def _batch_size(batch) -> int:

@@ -165,6 +165,25 @@ class ID2Face(nn.Module):
         masked_latents = self.first_stage.encode(images * (1 - masks))
         return masked_latents, _downsample_mask(masks, tuple(masked_latents.shape[-2:]))
 
+    @torch.no_grad()
+    def first_stage_latents(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, masked-image latents): the two frozen encodes of a training image, what
+        ``id2face cache-latents`` stores."""
+        return self.first_stage.encode(images), self.inpainting_condition(images, masks)[0]
+
+    def _training_latents(self, sides: tuple[Mapping[str, torch.Tensor], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, masked-image latents) of the sides in order: a side's cached ones when its batch
+        carries them (``data.latent_cache``), the rest encoded here in one batch."""
+        missing = [side for side in sides if "latent" not in side]
+        if missing:
+            images = torch.cat([side["image"] for side in missing])
+            masks = torch.cat([side["mask"] for side in missing]).to(images.dtype)
+            encoded = iter(zip(*(x.chunk(len(missing)) for x in self.first_stage_latents(images, masks))))
+        dtype = sides[0]["image"].dtype
+        pairs = [(side["latent"].to(dtype), side["masked_latent"].to(dtype)) if "latent" in side else next(encoded)
+                 for side in sides]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, masked_latents: torch.Tensor,
                 latent_masks: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction (in the scheduler's ``prediction_type``) for noisy latents."""
@@ -181,8 +200,9 @@ class ID2Face(nn.Module):
         A is denoised with {attr(A), id_for_a} and B with {attr(B), id_for_b} (the alignment decides
         which identity latent each gets), both in one UNet pass over the 2N images. ``noise``
         (2N,c,h,w) and ``timesteps`` (2N,) may be fixed by the caller (A's first); ``generator``
-        draws the rest. Returns scalar tensors: ``loss`` (weighted sum), ``diffusion``,
-        ``diffusion_a``, ``diffusion_b``, ``id_vae``, ``alignment`` and the components' logs.
+        draws the rest. A side that carries cached ``latent`` and ``masked_latent`` (``data.latent_cache``)
+        skips its two first-stage encodes. Returns scalar tensors: ``loss`` (weighted sum),
+        ``diffusion``, ``diffusion_a``, ``diffusion_b``, ``id_vae``, ``alignment`` and the components' logs.
         """
         a, b = batch["a"], batch["b"]
         n = a["image"].shape[0]
@@ -199,9 +219,8 @@ class ID2Face(nn.Module):
             id_tokens = self.identity_tokens.drop(id_tokens, self.loss_weights["id_dropout"], generator)
         context = torch.cat([id_tokens, attr.to(id_tokens.dtype)], dim=1)
 
-        with torch.no_grad():
-            latents = self.first_stage.encode(images)
-        masked_latents, latent_masks = self.inpainting_condition(images, masks)
+        latents, masked_latents = self._training_latents((a, b))
+        latent_masks = _downsample_mask(masks, tuple(latents.shape[-2:]))
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype,
                                 device=generator.device if generator is not None else latents.device)

@@ -2,7 +2,8 @@
 
 ``data:`` keys: ``dataset`` ({name, params} in DATASETS, built with ``image_size``), ``image_size``,
 ``batch_size`` (pairs per device), ``num_workers``, ``split_seed``, ``split_fractions`` (train, val,
-test) and optional ``split_file`` (JSON; created on first use, then reused and checked).
+test), optional ``split_file`` (JSON; created on first use, then reused and checked) and optional
+``latent_cache`` (folder written by ``id2face cache-latents``: items carry their first-stage latents).
 
 Batches are ``{"a": item_batch, "b": item_batch}`` (default_collate of ``PairDataset`` items).
 Under DDP Lightning swaps in its DistributedSampler (``use_distributed_sampler``, on by default),
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserError
 from ..registry import DATASETS, to_plain
+from .latent_cache import CachedLatents, LatentCache, collate_pairs
 from .pairs import LabelledSubset, PairDataset, Split, load_or_create_split
 
 
@@ -45,6 +47,7 @@ class FacePairDataModule(L.LightningDataModule):
         self.split_fractions = tuple(cfg.get("split_fractions", (0.8, 0.1, 0.1)))
         self.split_file = split_file if split_file is not None else cfg.get("split_file")
         self.pair_seed = self.split_seed if pair_seed is None else int(pair_seed)
+        self.latent_cache = LatentCache(cfg["latent_cache"]) if cfg.get("latent_cache") else None
         if self.batch_size < 1 or self.num_workers < 0:
             raise UserError(f"data.batch_size must be >= 1 and data.num_workers >= 0, "
                             f"got {self.batch_size} and {self.num_workers}")
@@ -57,9 +60,10 @@ class FacePairDataModule(L.LightningDataModule):
         self.dataset = DATASETS.build(self.dataset_node, image_size=self.image_size)
         self.split = load_or_create_split(self.dataset.identity_labels, self.split_fractions, self.split_seed,
                                           self.split_file)
-        self.train_pairs = PairDataset(self.dataset, self.split.train, seed=self.pair_seed)
-        self.val_pairs = PairDataset(self.dataset, self.split.val, seed=self.pair_seed)
-        self.test_pairs = PairDataset(self.dataset, self.split.test, seed=self.pair_seed)
+        source = self.dataset if self.latent_cache is None else CachedLatents(self.dataset, self.latent_cache)
+        self.train_pairs = PairDataset(source, self.split.train, seed=self.pair_seed)
+        self.val_pairs = PairDataset(source, self.split.val, seed=self.pair_seed)
+        self.test_pairs = PairDataset(source, self.split.test, seed=self.pair_seed)
         self.test_dataset = LabelledSubset(self.dataset, self.split.test)
 
     def set_epoch(self, epoch: int) -> None:
@@ -69,7 +73,7 @@ class FacePairDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=drop_last, persistent_workers=False)
+                          drop_last=drop_last, persistent_workers=False, collate_fn=collate_pairs)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

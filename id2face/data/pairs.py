@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .latent_cache import CACHED_KEYS
 
 SPLITS = ("train", "val", "test")
 SPLIT_FORMAT = "id2face-split/1"
@@ -170,7 +171,7 @@ def augmented_view(item: dict, rng: np.random.Generator, max_shift: float = 0.06
     """A new view of one item: the same random shift (fraction of the size) and scale about the
     centre applied to image (bilinear, border padding), mask (nearest, zero padding) and
     landmarks, then brightness/contrast/saturation jitter of +-``jitter`` on the image only.
-    Other keys are copied unchanged."""
+    Other keys are copied unchanged, except cached first-stage latents, which the new pixels void."""
     image = item["image"]
     size_y, size_x = image.shape[-2:]
     scale = float(rng.uniform(*scale_range))
@@ -180,7 +181,7 @@ def augmented_view(item: dict, rng: np.random.Generator, max_shift: float = 0.06
     theta = torch.tensor([[1 / scale, 0.0, -shift[0] / scale], [0.0, 1 / scale, -shift[1] / scale]],
                          dtype=image.dtype)[None]
     grid = F.affine_grid(theta, (1, 1, size_y, size_x), align_corners=False)
-    out = dict(item)
+    out = {k: v for k, v in item.items() if k not in CACHED_KEYS}
     warped = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
     x = (warped + 1.0) / 2.0
     x = x * brightness

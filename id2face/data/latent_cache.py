@@ -1,0 +1,182 @@
+"""Precomputed first-stage latents: the frozen first stage's two encodes of every training image
+(the image, and the image with its identity region blanked) done once by ``id2face cache-latents``
+instead of in every training step. At SD-1.5 size they are 47 % of a step's FLOPs
+(``benchmarks/train_step.py --flops-only``).
+
+A cache is a folder: ``latents.npy`` (N, 2, c, h, w) float16, row i = (latent, masked-image latent)
+of dataset item i, read memory-mapped; ``meta.json`` (written last, so a folder without it is an
+unfinished cache) records what the rows were made from: the dataset's items (count, image size,
+mask mode, identity labels, file paths) and the first stage (config and a hash of its weights).
+Training with ``data.latent_cache: DIR`` refuses a cache that does not match either.
+
+Items of ``CachedLatents`` carry ``latent`` and ``masked_latent``; new pixels made from an item
+(``pairs.augmented_view``) drop them, and ``collate_pairs`` keeps a batch side's cached latents
+only when all its items have them, so the model encodes exactly the sides that lack them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from ..errors import UserError
+
+CACHE_FORMAT = "id2face-latent-cache/1"
+CACHED_KEYS = ("latent", "masked_latent")
+META_NAME, ROWS_NAME = "meta.json", "latents.npy"
+HOW_TO_MAKE = "make one with `id2face cache-latents CONFIG... -o DIR` (same data and model.first_stage as training)"
+
+
+def items_fingerprint(dataset) -> str:
+    """Hash of what a dataset's items are: class, count, image size, mask mode, labels, paths."""
+    h = hashlib.sha256()
+    h.update(f"{type(dataset).__name__}|{len(dataset)}|{getattr(dataset, 'image_size', '')}|"
+             f"{getattr(dataset, 'mask_mode', '')}|{getattr(dataset, 'seed', '')}".encode())
+    h.update(np.asarray(dataset.identity_labels, dtype=np.int64).tobytes())
+    for path in getattr(dataset, "paths", None) or ():
+        h.update(path.encode("utf-8") + b"\0")
+    return h.hexdigest()[:20]
+
+
+def first_stage_fingerprint(first_stage: torch.nn.Module) -> str:
+    """Hash of the first stage's class and weights (a random-init or another VAE gives another hash)."""
+    h = hashlib.sha256(type(first_stage).__name__.encode())
+    for name, tensor in sorted(first_stage.state_dict().items()):
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class LatentCache:
+    """A finished cache folder, checked against the dataset and first stage it is used with."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).expanduser()
+        meta_path = self.folder / META_NAME
+        if not meta_path.is_file():
+            state = "is unfinished (no meta.json)" if self.folder.is_dir() else "does not exist"
+            raise UserError(f"latent cache {self.folder} {state}; {HOW_TO_MAKE}")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"latent cache {meta_path} cannot be read: {err}") from None
+        if self.meta.get("format") != CACHE_FORMAT:
+            raise UserError(f"{meta_path} is not an {CACHE_FORMAT} cache (format {self.meta.get('format')!r})")
+        self._rows: np.ndarray | None = None  # opened per process: a pickled memmap would copy its data
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    @property
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = np.load(self.folder / ROWS_NAME, mmap_mode="r")
+        return self._rows
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_rows": None}
+
+    def check_dataset(self, dataset) -> None:
+        made, given = self.meta["items"], items_fingerprint(dataset)
+        if made != given:
+            raise UserError(f"latent cache {self.folder} was made for other data ({self.meta['dataset']}, "
+                            f"{len(self)} items at {self.meta['image_size']} px) than data.dataset "
+                            f"({len(dataset)} items at {getattr(dataset, 'image_size', '?')} px); {HOW_TO_MAKE}")
+
+    def check_first_stage(self, first_stage: torch.nn.Module) -> None:
+        if self.meta["first_stage_weights"] != first_stage_fingerprint(first_stage):
+            raise UserError(f"latent cache {self.folder} was made with another first stage "
+                            f"({self.meta['first_stage']}) than this model's; {HOW_TO_MAKE}")
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = torch.from_numpy(np.array(self.rows[index]))
+        return {"latent": row[0], "masked_latent": row[1]}
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """``base`` whose items also carry their cached ``latent`` and ``masked_latent`` (float16)."""
+
+    def __init__(self, base, cache: LatentCache):
+        cache.check_dataset(base)
+        self.base, self.cache = base, cache
+        self.identity_labels = base.identity_labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.base[index], **self.cache[index]}
+
+    def __getattr__(self, name: str) -> Any:  # the dataset contract (image_size, paths, ...) is the base's
+        if name in ("base", "cache"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def collate_pairs(pairs: list[Mapping[str, Mapping[str, Any]]]) -> dict:
+    """``default_collate`` of pair items; a side keeps cached latents only if every item has them."""
+    batch = {}
+    for side in pairs[0]:
+        items = [pair[side] for pair in pairs]
+        if not all(key in item for item in items for key in CACHED_KEYS):
+            items = [{k: v for k, v in item.items() if k not in CACHED_KEYS} for item in items]
+        batch[side] = default_collate(items)
+    return batch
+
+
+def write_latent_cache(dataset, first_stage: torch.nn.Module, encode: Callable, folder: str | os.PathLike,
+                       description: Mapping[str, Any], batch_size: int = 32, num_workers: int = 0,
+                       device: str | torch.device = "cpu", progress: bool = True) -> Path:
+    """Encode every item of ``dataset`` with ``encode(images, masks) -> (latents, masked_latents)``
+    into ``folder`` (which must not exist); ``description``: dataset and first-stage configs for
+    the record. Written under ``folder.partial`` and renamed when complete."""
+    folder = Path(folder).expanduser()
+    if folder.exists():
+        raise UserError(f"{folder} exists; latent caches are written to a new folder (remove it to remake)")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    device = torch.device(device)
+    first_stage.to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_images_and_masks)
+    rows = None
+    done = 0
+    for batch in _progress(loader, progress):
+        with torch.no_grad():
+            images = batch["image"].to(device)
+            latents, masked = encode(images, batch["mask"].to(device=device, dtype=images.dtype))
+        pair = torch.stack([latents, masked], dim=1).to(torch.float16).cpu().numpy()
+        if rows is None:
+            rows = np.lib.format.open_memmap(partial / ROWS_NAME, mode="w+", dtype=np.float16,
+                                             shape=(len(dataset), *pair.shape[1:]))
+        rows[done:done + len(pair)] = pair
+        done += len(pair)
+    rows.flush()
+    meta = {"format": CACHE_FORMAT, "count": len(dataset), "latent_shape": list(rows.shape[2:]),
+            "dtype": "float16", "items": items_fingerprint(dataset),
+            "image_size": getattr(dataset, "image_size", None),
+            "first_stage_weights": first_stage_fingerprint(first_stage), **description}
+    del rows
+    (partial / META_NAME).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    os.replace(partial, folder)
+    return folder
+
+
+def _images_and_masks(items: list[dict]) -> dict:
+    return default_collate([{"image": item["image"], "mask": item["mask"]} for item in items])
+
+
+def _progress(loader, enabled: bool):
+    if not enabled:
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc="cache-latents", unit="batch", total=len(loader), dynamic_ncols=True)

@@ -1,0 +1,167 @@
+"""Precomputed first-stage latents (`id2face cache-latents`, `data.latent_cache`): the same losses
+without the encodes, only where the pixels are the cached ones, and refused when made for other
+data or another first stage."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from id2face.cli import main
+from id2face.config import load_config
+from id2face.data.datamodule import FacePairDataModule
+from id2face.data.latent_cache import (CACHED_KEYS, CachedLatents, LatentCache, collate_pairs,
+                                       first_stage_fingerprint)
+from id2face.data.pairs import PairDataset
+from id2face.data.synthfaces import SynthFaces, render_sample
+from id2face.errors import UserError
+from id2face.model import ID2Face
+
+pytestmark = pytest.mark.filterwarnings("ignore:tiny identity encoder has no weights")
+
+TOY_SD_VAE = ["model.first_stage.name=sd_vae", "model.first_stage.params.random_init=true",
+              "model.first_stage.params.config={block_out_channels: [8, 16], "
+              "down_block_types: [DownEncoderBlock2D, DownEncoderBlock2D], "
+              "up_block_types: [UpDecoderBlock2D, UpDecoderBlock2D], layers_per_block: 1, norm_num_groups: 4}"]
+SMALL_DATA = ["data.dataset.params.num_identities=6", "data.dataset.params.samples_per_identity=4",
+              "data.batch_size=4"]
+
+
+def tiny_model(*overrides, seed=0):
+    torch.manual_seed(seed)
+    return ID2Face.from_config(load_config(["tiny"], list(overrides)).model)
+
+
+def pair_batch(num_pairs=3):
+    return {side: default_collate([render_sample(i, sample, 32) for i in range(num_pairs)])
+            for side, sample in (("a", 0), ("b", 1))}
+
+
+def with_cached(model, batch, sides=("a", "b")):
+    """The batch with float16 cached latents on ``sides`` (what a cache row holds)."""
+    out = {side: dict(items) for side, items in batch.items()}
+    for side in sides:
+        latents, masked = model.first_stage_latents(batch[side]["image"], batch[side]["mask"])
+        out[side].update(latent=latents.half(), masked_latent=masked.half())
+    return out
+
+
+def fixed_losses(model, batch, shape):
+    n = 2 * batch["a"]["image"].shape[0]
+    g = torch.Generator().manual_seed(0)
+    noise, timesteps = torch.randn(n, *shape, generator=g), torch.randint(0, 1000, (n,), generator=g)
+    model.eval()  # no identity dropout: the two runs see the same conditions
+    return model.training_losses(batch, noise=noise, timesteps=timesteps)
+
+
+@pytest.mark.parametrize("first_stage", [[], TOY_SD_VAE], ids=["pixel", "sd_vae"])
+def test_cached_latents_give_the_encoded_losses_without_encoding(first_stage, monkeypatch):
+    model = tiny_model(*first_stage)
+    batch = pair_batch()
+    cached = with_cached(model, batch)
+    shape = cached["a"]["latent"].shape[1:]
+    expected = fixed_losses(model, batch, shape)
+    half_cached = fixed_losses(model, with_cached(model, batch, sides=("b",)), shape)
+    monkeypatch.setattr(model.first_stage, "encode", lambda x: pytest.fail("a cached side was encoded"))
+    got = fixed_losses(model, cached, shape)
+    for losses in (half_cached, got):
+        for key in ("loss", "diffusion_a", "diffusion_b"):  # float16 storage: ~1e-3 relative
+            torch.testing.assert_close(losses[key], expected[key], rtol=5e-3, atol=1e-5)
+    got["loss"].backward()  # the graph is the same one: every trainable part gets its gradient
+    assert model.backbone.unet.conv_in.weight.grad.abs().sum() > 0
+
+
+def cache_args(folder, *overrides):
+    return ["cache-latents", "tiny", *SMALL_DATA, *overrides, "-o", str(folder), "--device", "cpu"]
+
+
+def test_cache_command_stores_the_first_stage_latents_that_training_batches_carry(tmp_path, capsys):
+    folder = tmp_path / "cache"
+    assert main(cache_args(folder, *TOY_SD_VAE)) == 0
+    assert f"data.latent_cache={folder}" in capsys.readouterr().out
+    cache = LatentCache(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert len(cache) == 24 and meta["latent_shape"] == [4, 16, 16] and meta["first_stage"]["name"] == "sd_vae"
+    # Built as `id2face train` builds it (seeded with run.seed): the same random-init first stage.
+    cfg = load_config(["tiny"], [*SMALL_DATA, *TOY_SD_VAE])
+    model = tiny_model(*SMALL_DATA, *TOY_SD_VAE, seed=int(cfg.run.seed))
+    cache.check_first_stage(model.first_stage)
+    dataset = SynthFaces(image_size=32, num_identities=6, samples_per_identity=4)
+    for i in (0, 13, 23):
+        latents, masked = model.first_stage_latents(dataset[i]["image"][None], dataset[i]["mask"][None])
+        torch.testing.assert_close(cache[i]["latent"].float(), latents[0], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(cache[i]["masked_latent"].float(), masked[0], rtol=2e-3, atol=2e-3)
+        assert not torch.equal(cache[i]["latent"], cache[i]["masked_latent"])  # the identity region differs
+
+    datamodule = FacePairDataModule(load_config(["tiny"], [*SMALL_DATA, f"data.latent_cache={folder}"]).data)
+    batch = next(iter(datamodule.train_dataloader()))
+    for side in ("a", "b"):  # every identity has 4 images: real partners, all cached
+        assert batch[side]["latent"].shape == (4, 4, 16, 16) and batch[side]["latent"].dtype == torch.float16
+    losses = model.training_losses(batch)
+    assert torch.isfinite(losses["loss"])
+    assert "latent" not in datamodule.test_dataset[0]  # evaluation reads pixels only
+
+
+def test_augmented_partners_are_encoded_and_real_ones_read_from_the_cache(tmp_path):
+    """One image per identity: every partner is an augmented view, i.e. new pixels."""
+    data = ["data.dataset.params.num_identities=8", "data.dataset.params.samples_per_identity=1"]
+    folder = tmp_path / "cache"
+    assert main(["cache-latents", "tiny", *data, "-o", str(folder), "--device", "cpu"]) == 0
+    dataset = CachedLatents(SynthFaces(image_size=32, num_identities=8, samples_per_identity=1), LatentCache(folder))
+    pairs = PairDataset(dataset)
+    assert set(CACHED_KEYS) <= set(pairs[0]["a"]) and not set(CACHED_KEYS) & set(pairs[0]["b"])
+    batch = collate_pairs([pairs[i] for i in range(4)])
+    assert "latent" in batch["a"] and "latent" not in batch["b"]
+    # A side keeps cached latents only when all its items have them.
+    mixed = collate_pairs([{"a": pairs[0]["a"]}, {"a": pairs[1]["b"]}])
+    assert not set(CACHED_KEYS) & set(mixed["a"]) and mixed["a"]["image"].shape == (2, 3, 32, 32)
+    assert torch.isfinite(tiny_model().training_losses(batch)["loss"])
+
+
+def test_a_cache_for_other_data_or_another_first_stage_is_refused(tmp_path, capsys):
+    folder = tmp_path / "cache"
+    assert main(cache_args(folder)) == 0
+    cache = LatentCache(folder)
+    with pytest.raises(UserError, match="other data"):
+        CachedLatents(SynthFaces(image_size=32, num_identities=7, samples_per_identity=4), cache)
+    with pytest.raises(UserError, match="other data"):
+        CachedLatents(SynthFaces(image_size=32, num_identities=6, samples_per_identity=4, seed=1), cache)
+    with pytest.raises(UserError, match="another first stage"):
+        cache.check_first_stage(tiny_model(*TOY_SD_VAE).first_stage)
+    assert first_stage_fingerprint(tiny_model(*TOY_SD_VAE, seed=1).first_stage) != \
+        first_stage_fingerprint(tiny_model(*TOY_SD_VAE, seed=0).first_stage)
+
+    # Training with it: one line on stderr, exit 2, before any step.
+    capsys.readouterr()
+    code = main(["train", "tiny", *SMALL_DATA, *TOY_SD_VAE, f"data.latent_cache={folder}",
+                 f"run.root={tmp_path / 'runs'}", "trainer.max_steps=1", "trainer.enable_progress_bar=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("id2face train: error: latent cache") and "another first stage" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_unfinished_missing_and_existing_cache_folders(tmp_path, capsys):
+    with pytest.raises(UserError, match="does not exist.*id2face cache-latents"):
+        LatentCache(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="unfinished"):
+        LatentCache(tmp_path / "half")
+    folder = tmp_path / "cache"
+    assert main(cache_args(folder)) == 0
+    before = (folder / "latents.npy").read_bytes()
+    capsys.readouterr()
+    assert main(cache_args(folder)) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err and (folder / "latents.npy").read_bytes() == before
+
+
+def test_the_memory_map_is_not_pickled_into_loader_workers(tmp_path):
+    folder = tmp_path / "cache"
+    assert main(cache_args(folder)) == 0
+    cache = LatentCache(folder)
+    first = cache[0]["latent"]  # opens the map in this process
+    clone = pickle.loads(pickle.dumps(cache))
+    assert len(pickle.dumps(cache)) < 4096 < (folder / "latents.npy").stat().st_size
+    assert torch.equal(clone[0]["latent"], first)
+    assert isinstance(cache.rows, np.memmap)
