@@ -189,6 +189,10 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:  # a SystemExit with code 0: it must not pass for a finished run
         pass
+    except ValueError as err:  # Lightning's check of the loop settings against the data: a config error
+        if "val_check_interval" not in str(err):
+            raise
+        raise UserError(f"{' '.join(str(err).split())} (config key: trainer.val_check_interval)") from None
     if on_signal.signal_received is not None:
         run_state.write(trainer, status=f"preempted: {signal.Signals(on_signal.signal_received).name}")
         raise Preempted(f"stopped by signal {signal.Signals(on_signal.signal_received).name} at step {trainer.global_step}; "

@@ -85,3 +85,15 @@ def test_killed_run_resumes_mid_epoch_with_same_step_and_optimizer(tmp_path, sig
     assert resumed["start_step"] == step
     assert resumed["start_optimizer_fingerprint"] == pytest.approx(fingerprint, rel=1e-9)
     assert resumed["global_step"] == step + 2 and resumed["status"] == "finished"
+
+
+def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
+    """Lightning refuses it before the first step; the user gets one line naming the config key."""
+    from id2face.errors import UserError
+
+    cfg = load_config(["tiny"], [f"run.root={tmp_path}", "trainer.max_steps=2", "data.batch_size=2",
+                                 "data.dataset.params.num_identities=4", "data.dataset.params.samples_per_identity=2",
+                                 "trainer.val_check_interval=50"])
+    with pytest.raises(UserError, match=r"val_check_interval.*\(config key: trainer.val_check_interval\)") as err:
+        fit(cfg)
+    assert "\n" not in str(err.value)
