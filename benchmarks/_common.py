@@ -150,6 +150,74 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+class SpanTimer:
+    """Named spans of one step, summed per name. CUDA: the GPU time between events recorded at a
+    span's start and end (its kernels, plus any gaps in which the GPU waited for launches: what the
+    span costs on the GPU timeline). CPU: the host clock (execution is synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._open: dict[str, list] = {}
+        self._closed: dict[str, list] = {}
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self, name: str) -> None:
+        self._open.setdefault(name, []).append(self._mark())
+
+    def end(self, name: str) -> None:
+        self._closed.setdefault(name, []).append((self._open[name].pop(), self._mark()))
+
+    @contextmanager
+    def span(self, name: str):
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.end(name)
+
+    @contextmanager
+    def attached(self, forwards: list[tuple[str, torch.nn.Module]] = (), methods: list[tuple[str, object, str]] = ()):
+        """Within the block, each forward call of a ``(label, module)`` and each call of a
+        ``(label, object, method name)`` is a span of that label."""
+        handles = [h for label, module in forwards
+                   for h in (module.register_forward_pre_hook(lambda *_, label=label: self.begin(label)),
+                             module.register_forward_hook(lambda *_, label=label: self.end(label)))]
+        for label, owner, name in methods:
+            setattr(owner, name, self._timed(label, getattr(owner, name)))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            for _, owner, name in methods:
+                delattr(owner, name)  # the instance attribute set above: the class method shows again
+
+    def _timed(self, label: str, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            with self.span(label):
+                return fn(*args, **kwargs)
+        return call
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {k: sum(a.elapsed_time(b) for a, b in v) / 1e3 for k, v in self._closed.items()}
+        return {k: sum(b - a for a, b in v) for k, v in self._closed.items()}
+
+
+class NullTimer:
+    """SpanTimer's interface, timing nothing (the timed steps)."""
+
+    def span(self, name: str):
+        return nullcontext()
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one call (< 5 min on one H100/H200): the SD-1.5-sized train step (full ID²Face
-# vs bare diffusers UNet) eager bf16, compiled bf16 + channels_last, and anonymize throughput at
-# 25 DDIM steps, batch 64, FID feature extraction. Prints each table; each script's last line is its JSON figures.
-#   bash benchmarks/gpu.sh            # BATCH=32 images per train step (16 pairs), PEAK=989e12
-#   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh
-#   bash benchmarks/gpu.sh eager sample      # only these parts: eager compiled sample fid
+# GPU benchmarks in one call on one H100/H200: the SD-1.5-sized train step (full ID²Face vs bare
+# diffusers UNet, bf16) and anonymize throughput (25 DDIM steps, batch 64), FID feature extraction.
+# Prints each table; each script's last line is its JSON figures.
+#   bash benchmarks/gpu.sh                   # default parts, < 5 min: eager cached sample fid
+#   bash benchmarks/gpu.sh cached_compiled sample_compiled   # torch.compile parts: ~2-3 min each
+#   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
+# Parts: eager (encodes in the step), cached (data.latent_cache: latents read from the batch),
+# compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
+# sample_compiled (+ channels_last + compile), fid.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 export HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore::UserWarning
 BATCH=${BATCH:-32}
 PEAK=${PEAK:-989e12}
-PARTS=" ${*:-eager compiled sample fid} "
+PARTS=" ${*:-eager cached sample fid} "
 want() { [[ $PARTS == *" $1 "* ]]; }
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "benchmarks/gpu.sh: no CUDA device visible to torch; these are GPU benchmarks." >&2
@@ -35,14 +38,21 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
   fi
 }
 
-# Time caps keep the whole script under 5 minutes (a retry after an out-of-memory failure adds one).
-want eager && train 80 10 2 --bf16
-want compiled && train 140 6 2 --bf16 --channels-last --compile
+# Time caps keep the default parts under 5 minutes (a retry after an out-of-memory failure adds one).
+want eager && train 80 8 1 --bf16 --breakdown
+want cached && train 80 8 1 --bf16 --cached-latents --breakdown
 if want sample; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
   timeout 70 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      --samplers ddim --cfg --repeats 1 || echo "== sample failed or timed out (exit $?)"
+      --samplers ddim --cfg --repeats 1 --breakdown || echo "== sample failed or timed out (exit $?)"
 fi
+if want sample_compiled; then
+  echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile"
+  timeout 150 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
+      --samplers ddim --repeats 2 --channels-last --compile --breakdown || echo "== sample failed or timed out (exit $?)"
+fi
+want compiled && train 240 4 1 --bf16 --channels-last --compile
+want cached_compiled && train 240 4 1 --bf16 --channels-last --compile --cached-latents
 if want fid; then
   echo; echo "== FID feature extraction (Inception-v3, 512 px inputs) vs N"
   timeout 40 "$PY" benchmarks/fid_features.py --device cuda --sizes 1024 4096 --batch 256 --image-size 512 \

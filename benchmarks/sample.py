@@ -2,7 +2,7 @@
 
     python benchmarks/sample.py --profile tiny|sd15 [--steps 10 25] [--batch 1 8]
         [--samplers ddim dpm_solver] [--cfg] [--repeats N] [--device cpu|cuda] [--bf16]
-        [--channels-last] [--compile] [--threads T]
+        [--channels-last] [--compile] [--threads T] [--breakdown]
 
 One anonymize call = identity encoder + identity VAE + identity mapping + attribute encoder +
 masked-image encode + N sampler steps + first-stage decode + mask composite (paste-back inside
@@ -43,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="one more call of the last configuration timed by part (encoders, first-stage "
+                             "encode/decode, UNet)")
     args = parser.parse_args(argv)
     if min(args.steps) < 1 or min(args.batch) < 1 or args.repeats < 1:
         parser.error("--steps, --batch and --repeats must be >= 1")
@@ -87,17 +90,36 @@ def main(argv=None) -> int:
         rows.append([batch, steps, sampler, guidance, unet_batch, f"{seconds:.3f}", f"{batch / seconds:.2f}",
                      f"{entry['unet_evals_per_s']:.1f}"])
 
+    breakdown = call_breakdown(model, call, device) if args.breakdown else None
     best = max(grid, key=lambda e: e["faces_per_s"])
     print(f"anonymize throughput, profile {args.profile} on {C.machine_description(device)}: {size} px faces, "
           f"first stage {C.first_stage_description(model)}, bf16={args.bf16} channels_last={args.channels_last} "
           f"compile={args.compile}; median of {args.repeats} calls after 1 warm-up")
     C.print_table(["batch", "steps", "sampler", "guidance", "UNet batch", "s/call", "faces/s", "UNet img-steps/s"],
                   rows)
-    C.print_json({"benchmark": "sample", "profile": args.profile, "device": C.machine_description(device),
-                  "image_size": size, "first_stage": C.first_stage_description(model), "bf16": args.bf16,
-                  "channels_last": args.channels_last, "compile": args.compile, "repeats": args.repeats,
-                  "torch": torch.__version__, "faces_per_s": best["faces_per_s"], "best": best, "grid": grid})
+    figures = {"benchmark": "sample", "profile": args.profile, "device": C.machine_description(device),
+               "image_size": size, "first_stage": C.first_stage_description(model), "bf16": args.bf16,
+               "channels_last": args.channels_last, "compile": args.compile, "repeats": args.repeats,
+               "torch": torch.__version__, "faces_per_s": best["faces_per_s"], "best": best, "grid": grid}
+    if breakdown is not None:
+        last = grid[-1]
+        print(f"one call of batch {last['batch']}, {last['steps']} {last['sampler']} steps, guidance "
+              f"{last['guidance']}, by part, ms (UNet = all its steps)")
+        C.print_table(["part", "ms", "share"], [[k, f"{v * 1e3:.1f}", f"{100 * v / breakdown['call']:.1f}%"]
+                                                for k, v in breakdown.items()])
+        figures["breakdown_s"] = breakdown
+    C.print_json(figures)
     return 0
+
+
+def call_breakdown(model, call, device) -> dict[str, float]:
+    timer = C.SpanTimer(device)
+    roles = ("identity_encoder", "id_mapping", "attribute_encoder", "identity_tokens")
+    forwards = [(role, getattr(model, role)) for role in roles] + [("UNet", model.backbone)]
+    methods = [("first_stage encode", model.first_stage, "encode"), ("first_stage decode", model.first_stage, "decode")]
+    with timer.attached(forwards, methods), timer.span("call"):
+        call()
+    return timer.seconds()
 
 
 if __name__ == "__main__":

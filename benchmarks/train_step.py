@@ -1,12 +1,14 @@
 """Full ID²Face training step vs the bare diffusers UNet step, in one process on the same inputs.
 
     python benchmarks/train_step.py --profile tiny|sd15 [--batch N] [--steps N] [--warmup N]
-        [--device cpu|cuda] [--bf16] [--channels-last] [--compile] [--peak-flops F] [--threads T]
+        [--device cpu|cuda] [--bf16] [--channels-last] [--compile] [--cached-latents] [--peak-flops F]
+        [--threads T] [--breakdown] [--flops-only]
 
 ``--batch``: images denoised per step (even). The full step takes a pair batch of batch/2 pairs
 and runs ``ID2Face.training_losses`` (frozen identity encoder and first stage, identity VAE,
 attribute encoder, alignment, identity tokens, harmonized UNet over both directions of the pair)
-+ backward + AdamW over every trainable parameter. The bare step is a stock
++ backward + AdamW over every trainable parameter; with ``--cached-latents`` its batch carries the
+float16 first-stage latents a ``data.latent_cache`` batch carries, so it skips both encodes. The bare step is a stock
 ``UNet2DConditionModel`` of the same config (in_channels as ours) on the same noisy/masked
 latents, noise and timesteps, with random context tokens of our count and width: MSE on epsilon
 + backward + AdamW. Steps alternate between the two (order flipped every step); the table gives
@@ -49,11 +51,17 @@ def parse_args(argv=None):
     parser.add_argument("--channels-last", action="store_true", help="UNets and their inputs in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (module.compile())")
     parser.add_argument("--no-fused", action="store_true", help="plain AdamW on CUDA (default: fused)")
+    parser.add_argument("--cached-latents", action="store_true",
+                        help="the full step reads float16 first-stage latents from its batch (data.latent_cache), "
+                             "as the bare step gets its latents, instead of encoding both images")
     parser.add_argument("--peak-flops", type=float, default=C.DEFAULT_PEAK_FLOPS,
                         help="device peak FLOP/s for MFU (default 989e12, H100 bf16 dense)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after the timed steps, one step of each timed by part (components, cross-attention "
+                             "layers, backward, optimizer)")
     parser.add_argument("--flops-only", action="store_true",
                         help="no timing: build both on the meta device and print FLOPs per image by role "
                              "(works for sd15 on any machine)")
@@ -69,6 +77,15 @@ def make_optimizer(params, device, fused: bool):
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused and device.type == "cuda")
 
 
+def with_cached_latents(model, batch):
+    """``batch`` with each side's float16 first-stage latents, as a ``data.latent_cache`` batch has them."""
+    out = {}
+    for side, items in batch.items():
+        latents, masked = model.first_stage_latents(items["image"], items["mask"])
+        out[side] = {**items, "latent": latents.half(), "masked_latent": masked.half()}
+    return out
+
+
 def flops_only(args) -> int:
     """FLOPs of one full and one bare training step, counted on meta tensors (no memory, no compute)."""
     from diffusers import UNet2DConditionModel
@@ -82,6 +99,8 @@ def flops_only(args) -> int:
     # statistics (negligible; skipped below N = 4), whose fp32 autocast guard cannot run on meta.
     n = 2
     batch = C.pair_batch(n // 2, C.PROFILE_IMAGE_SIZE[args.profile], device)
+    if args.cached_latents:
+        batch = with_cached_latents(model, batch)
     counter = FlopCounterMode(display=False)
     with counter:
         model.training_losses(batch)["loss"].backward()
@@ -95,7 +114,7 @@ def flops_only(args) -> int:
     bare_flops = C.count_flops(lambda: bare(sample, torch.zeros(n, device=device), context,
                                             return_dict=False)[0].float().pow(2).mean().backward()) / n
     print(f"FLOPs per image of one training step (forward + backward), profile {args.profile}, "
-          f"first stage {C.first_stage_description(model)}")
+          f"first stage {C.first_stage_description(model)}, cached latents {args.cached_latents}")
     C.print_table(["part", "GFLOP/img", "share of full"],
                   [[k, f"{v / 1e9:.1f}", f"{100 * v / full:.1f}%"] for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])]
                   + [["full step", f"{full / 1e9:.1f}", "100%"], ["bare UNet step", f"{bare_flops / 1e9:.1f}", ""]])
@@ -120,6 +139,8 @@ def main(argv=None) -> int:
     model.train()
     size = C.PROFILE_IMAGE_SIZE[args.profile]
     batch = C.pair_batch(pairs, size, device, seed=args.seed)
+    if args.cached_latents:
+        batch = with_cached_latents(model, batch)
 
     # Shared inputs: the noise, timesteps and (for the bare step) the latents and conditioning the
     # full model sees, computed once outside the timed region.
@@ -150,20 +171,24 @@ def main(argv=None) -> int:
     full_opt = make_optimizer(full_params, device, fused)
     bare_opt = make_optimizer(bare_params, device, fused)
 
-    def full_step():
-        with C.autocast(device, args.bf16):
+    def full_step(timer=C.NullTimer()):
+        with timer.span("forward"), C.autocast(device, args.bf16):
             loss = model.training_losses(batch, noise=noise, timesteps=timesteps)["loss"]
-        loss.backward()
-        full_opt.step()
-        full_opt.zero_grad(set_to_none=True)
+        with timer.span("backward"):
+            loss.backward()
+        with timer.span("optimizer"):
+            full_opt.step()
+            full_opt.zero_grad(set_to_none=True)
 
-    def bare_step():
-        with C.autocast(device, args.bf16):
+    def bare_step(timer=C.NullTimer()):
+        with timer.span("forward"), C.autocast(device, args.bf16):
             prediction = bare(bare_sample, timesteps, encoder_hidden_states=bare_context, return_dict=False)[0]
             loss = F.mse_loss(prediction.float(), noise.float())
-        loss.backward()
-        bare_opt.step()
-        bare_opt.zero_grad(set_to_none=True)
+        with timer.span("backward"):
+            loss.backward()
+        with timer.span("optimizer"):
+            bare_opt.step()
+            bare_opt.zero_grad(set_to_none=True)
 
     # FLOPs on the eager modules (one step each; it also allocates the AdamW states).
     from torch.utils.flop_counter import FlopCounterMode
@@ -212,6 +237,8 @@ def main(argv=None) -> int:
         for name in order:
             times[name].append(C.timed(steps[name], device))
 
+    breakdown = step_breakdown(model, bare, steps, device) if args.breakdown else None
+
     figures = {
         "benchmark": "train_step", "profile": args.profile, "device": C.machine_description(device),
         "batch_images": images_per_step, "pairs": pairs, "image_size": size,
@@ -219,7 +246,8 @@ def main(argv=None) -> int:
         "context_tokens": context_tokens, "context_dim": context_dim,
         "first_stage": C.first_stage_description(model), "bf16": args.bf16,
         "channels_last": args.channels_last, "compile": args.compile,
-        "fused_adamw": fused and device.type == "cuda", "steps": args.steps, "warmup": args.warmup,
+        "fused_adamw": fused and device.type == "cuda", "cached_latents": args.cached_latents,
+        "steps": args.steps, "warmup": args.warmup,
         "torch": torch.__version__,
     }
     rows = []
@@ -249,7 +277,8 @@ def main(argv=None) -> int:
     print(f"train step, profile {args.profile} on {figures['device']}: {images_per_step} images/step "
           f"({pairs} pairs x 2 directions), {size} px -> latents {tuple(latents.shape[1:])}, "
           f"first stage {figures['first_stage']}, context {context_tokens} x {context_dim}, "
-          f"bf16={args.bf16} channels_last={args.channels_last} compile={args.compile}; "
+          f"bf16={args.bf16} channels_last={args.channels_last} compile={args.compile} "
+          f"cached_latents={args.cached_latents}; "
           f"median of {args.steps} interleaved steps after {args.warmup} warm-up")
     C.print_table(["step", "ms", "img/s", "Mparams", "state MiB", "step MiB", "GFLOP/img", "TFLOP/s", "MFU %",
                    "syncs"], rows)
@@ -257,8 +286,38 @@ def main(argv=None) -> int:
           f"{figures['flop_ratio_full_over_bare']:.3f})")
     share = {k: f"{100 * v / full_flops:.1f}%" for k, v in sorted(flops_by_role.items(), key=lambda kv: -kv[1]) if v}
     print("full-step FLOPs by role: " + ", ".join(f"{k} {v}" for k, v in share.items()))
+    if breakdown is not None:
+        figures["breakdown_s"] = breakdown
+        print_breakdown(breakdown)
     C.print_json(figures)
     return 0
+
+
+def step_breakdown(model, bare, steps, device) -> dict[str, dict[str, float]]:
+    """Seconds of one more step of each model by part: forward (and within it each component of
+    ours, the first-stage encodes, and the UNet's cross-attention layers: the harmonizer's processors
+    in ours, stock attention in the bare one), backward, optimizer (``C.SpanTimer``)."""
+    result = {}
+    for name, unet in (("full", model.backbone.unet), ("bare", bare)):
+        timer = C.SpanTimer(device)
+        forwards = [("cross-attention layers", m) for path, m in unet.named_modules() if path.endswith("attn2")]
+        methods = []
+        if name == "full":
+            forwards += [(role, m) for role, m in model.named_children() if role != "first_stage"]
+            methods = [("first_stage", model.first_stage, "encode")]
+        with timer.attached(forwards, methods):
+            steps[name](timer)
+        result[name] = timer.seconds()
+    return result
+
+
+def print_breakdown(breakdown: dict[str, dict[str, float]]) -> None:
+    order = ["forward", "first_stage", "identity_encoder", "id_vae", "attribute_encoder", "alignment",
+             "identity_tokens", "backbone", "cross-attention layers", "backward", "optimizer"]
+    names = [n for n in order if any(n in b for b in breakdown.values())]
+    print("one step by part, ms (component rows are inside 'forward'; cross-attention layers inside the UNet)")
+    C.print_table(["part", *breakdown], [[n, *(f"{b[n] * 1e3:.1f}" if n in b else "-" for b in breakdown.values())]
+                                          for n in names])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The benchmark scripts run (tiny, CPU) and their figures hang together; no timing is asserted."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def run_script(name, argv, capsys) -> tuple[dict, str]:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(argv) == 0
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1]), out
+
+
+def test_train_step_with_cached_latents_and_breakdown(capsys):
+    figures, out = run_script("train_step", ["--profile", "tiny", "--device", "cpu", "--batch", "4", "--steps", "1",
+                                             "--warmup", "1", "--cached-latents", "--breakdown"], capsys)
+    assert figures["cached_latents"] and figures["ratio_full_over_bare"] > 0
+    assert 1.0 < figures["flop_ratio_full_over_bare"] < 1.05
+    full, bare = figures["breakdown_s"]["full"], figures["breakdown_s"]["bare"]
+    assert "first_stage" not in full  # cached: the step encoded nothing
+    components = ("identity_encoder", "id_vae", "attribute_encoder", "alignment", "identity_tokens", "backbone")
+    assert all(full[c] > 0 for c in components)
+    assert sum(full[c] for c in components) <= full["forward"]  # spans inside the forward span
+    assert full["cross-attention layers"] < full["backbone"] and 0 < bare["cross-attention layers"] < bare["forward"]
+    assert "cross-attention layers" in out
+
+
+def test_sd15_flop_counts_with_and_without_the_latent_cache(capsys):
+    """Meta device: the SD-1.5-size step's FLOPs without building anything real."""
+    encoded, _ = run_script("train_step", ["--profile", "sd15", "--flops-only"], capsys)
+    cached, _ = run_script("train_step", ["--profile", "sd15", "--flops-only", "--cached-latents"], capsys)
+    assert encoded["flop_ratio_full_over_bare"] > 1.9  # two 512 px VAE encodes per image
+    assert 1.0 < cached["flop_ratio_full_over_bare"] < 1.02
+    assert "Encoder" in encoded["full_flops_per_image_by_role"]
+    assert "Encoder" not in cached["full_flops_per_image_by_role"]
+
+
+def test_sample_breakdown_adds_up_to_the_call(capsys):
+    figures, _ = run_script("sample", ["--profile", "tiny", "--device", "cpu", "--steps", "2", "--batch", "2",
+                                       "--samplers", "ddim", "--repeats", "1", "--breakdown"], capsys)
+    parts = figures["breakdown_s"]
+    assert figures["faces_per_s"] > 0 and set(parts) >= {"call", "UNet", "identity_encoder", "first_stage decode"}
+    assert sum(v for k, v in parts.items() if k != "call") <= parts["call"]
+    assert parts["UNet"] > parts["attribute_encoder"]
