@@ -43,7 +43,7 @@ want eager && train 80 8 1 --bf16 --breakdown
 want cached && train 80 8 1 --bf16 --cached-latents --breakdown
 if want sample; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
-  timeout 70 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
+  timeout 100 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
       --samplers ddim --cfg --repeats 1 --breakdown || echo "== sample failed or timed out (exit $?)"
 fi
 if want sample_compiled; then
