@@ -165,3 +165,12 @@ def test_the_memory_map_is_not_pickled_into_loader_workers(tmp_path):
     assert len(pickle.dumps(cache)) < 4096 < (folder / "latents.npy").stat().st_size
     assert torch.equal(clone[0]["latent"], first)
     assert isinstance(cache.rows, np.memmap)
+
+
+@pytest.mark.parametrize("device", ["quantum", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="needs a machine without CUDA"))])
+def test_a_device_that_cannot_run_is_one_line_before_any_work(tmp_path, capsys, device):
+    code = main(["cache-latents", "tiny", "-o", str(tmp_path / "cache"), "--device", device])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"id2face cache-latents: error: --device {device}")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import resolve_device
+
 EPILOG = """exit status: 0 every photo written, every face anonymized; 1 some photos not written
 (unreadable, detection or write error: listed in the summary); 2 bad arguments; 3 every photo
 written, but some faces were covered (fail-closed) instead of anonymized."""
@@ -88,8 +90,6 @@ def _read_key(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..anonymize import (AnonymizeSettings, Anonymizer, anonymize_files, build_audit_recognizer, check_paths,
                              exit_code, load_model, plan_jobs, training_template)
     from ..data.prepare import FaceDetector
@@ -103,13 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--min-face-size must be >= 4 and --detect-max-side >= 32")
     roots, target = check_paths(args.input, args.output)
     plan_jobs(roots, target, args.output_format)  # refuse bad inputs before loading anything heavy
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    device = str(resolve_device(args.device))
 
     model, cfg, info = load_model(args.checkpoint, device)
     size = int(cfg.data.image_size)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import resolve_device
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs="*", metavar="FILE|key=value",
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg = load_config(*split_args(args.args))
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dataset = DATASETS.build(cfg.data.dataset, image_size=int(cfg.data.image_size))
     torch.manual_seed(int(cfg.run.seed))
     model = ID2Face.from_config(cfg.model).eval()

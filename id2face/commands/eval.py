@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import resolve_device
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs="*", metavar="FILE|key=value",
@@ -201,8 +203,6 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..config import save_config, split_args
     from ..lit_module import ID2FaceModule
     from ..metrics.table import save_metrics
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, state = _checkpoint_config(checkpoint, files, overrides)
     module = ID2FaceModule(cfg)
     module.load_state_dict(state)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
     metrics, meta = evaluate(module, cfg, limit=args.limit, reconstruction=not args.no_reconstruction,
                              device=device, split_file=default_run_dir(checkpoint) / "split.json")

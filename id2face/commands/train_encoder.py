@@ -16,6 +16,8 @@ import time
 import warnings
 from pathlib import Path
 
+from . import resolve_device
+
 HELDOUT_MAX_IDENTITIES = 500
 HELDOUT_MAX_IMAGES_PER_IDENTITY = 10
 PRELOAD_BUDGET_BYTES = 2 << 30  # training images up to this size are decoded once and kept in memory
@@ -204,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"-o {output} is a directory; give the path of the weights file to write")
     files, overrides = split_args(args.args)
     cfg = load_config(files, overrides)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     seed = int(cfg.run.seed)
     torch.manual_seed(seed)
 
