@@ -90,3 +90,12 @@ def test_every_sweep_expands_to_valid_tasks(path, monkeypatch):
     monkeypatch.chdir(REPO)  # sweep files name configs relative to the repository root
     sweep = load_sweep(path)
     assert len(sweep.tasks) >= 2 and len({t.name for t in sweep.tasks}) == len(sweep.tasks)
+
+
+@pytest.mark.parametrize("base", [["tiny"], []], ids=["tiny", "default"])
+def test_unmasked_attribute_ablation_changes_only_the_masking(base):
+    """A confound otherwise: swapping the variant's name would reset its sizes to the class defaults."""
+    plain = load_config(base).model.attribute_encoder
+    ablated = load_config([*base, str(REPO / "ablations" / "attributes_unmasked.yaml")]).model.attribute_encoder
+    assert ablated.name == plain.name
+    assert OmegaConf.to_container(ablated.params) == {**OmegaConf.to_container(plain.params), "hide_identity": False}

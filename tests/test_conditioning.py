@@ -157,10 +157,12 @@ def test_none_attribute_encoder_gives_one_zero_token():
     assert encoder.num_tokens == 1 and torch.equal(encoder(images, masks), torch.zeros(N, 1, C))
 
 
+@pytest.mark.parametrize("input_size", [None, 16], ids=["full-size", "downsampled"])
 @pytest.mark.parametrize("name, invariant", [("masked", True), ("unmasked", False)])
-def test_only_masked_encoder_is_blind_inside_the_identity_mask(name, invariant):
+def test_only_masked_encoder_is_blind_inside_the_identity_mask(name, invariant, input_size):
     torch.manual_seed(0)
-    encoder = ATTRIBUTE_ENCODERS.build({"name": name, "params": {"num_tokens": 4, "width": 32}}, context_dim=C)
+    encoder = ATTRIBUTE_ENCODERS.build({"name": name, "params": {"num_tokens": 4, "width": 32, "input_size": input_size}},
+                                       context_dim=C)
     images, masks = images_and_masks()
     changed_inside = torch.where(masks.bool(), torch.rand(images.shape, generator=gen(5)) * 2 - 1, images)
     changed_outside = torch.where(masks.bool(), images, torch.rand(images.shape, generator=gen(6)) * 2 - 1)
@@ -173,6 +175,24 @@ def test_only_masked_encoder_is_blind_inside_the_identity_mask(name, invariant):
         assert inside == 0.0
     else:
         assert inside > 1e-3
+
+
+@pytest.mark.parametrize("name", ["masked", "unmasked"])
+def test_attribute_input_size_cuts_the_trunk_cost_of_large_images(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images, masks = images_and_masks(size=64)
+    flops = {}
+    for input_size in (None, 32, 64):
+        torch.manual_seed(0)
+        encoder = ATTRIBUTE_ENCODERS.build({"name": name, "params": {"input_size": input_size}}, context_dim=C)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            tokens = encoder(images, masks)
+        assert tokens.shape == (N, encoder.num_tokens, C)
+        flops[input_size] = counter.get_total_flops()
+    assert flops[64] == flops[None]  # not larger than input_size: untouched
+    assert flops[32] < 0.45 * flops[None]  # half the side: a quarter of the trunk (the token head stays)
 
 
 # --------------------------------------------------------------------------- alignment

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ATTRIBUTE_ENCODERS
@@ -38,14 +39,18 @@ class _ConvTokenEncoder(nn.Module):
     ``num_tokens`` learned queries attending over it -> LayerNorm -> (N, num_tokens, C).
 
     The input has four channels: the RGB image (identity region zeroed if ``hide_identity``) and
-    the mask, so the network knows where the hidden region is.
+    the mask, so the network knows where the hidden region is. ``input_size``: larger inputs are
+    area-downsampled to it first (after the masking, so the blind spot stays exact). Pose,
+    expression, hair and light are coarse; at 512 px the trunk's first level alone (fp32 GroupNorm
+    maps of 32 channels) holds more activation memory than the rest of the conditioning.
     """
 
     def __init__(self, context_dim: int, num_tokens: int, width: int, depth: int, grid: int,
-                 hide_identity: bool):
+                 hide_identity: bool, input_size: int | None = None):
         super().__init__()
         self.context_dim, self.num_tokens = int(context_dim), int(num_tokens)
         self.hide_identity = hide_identity
+        self.input_size = None if input_size is None else int(input_size)
         channels = [max(width >> (depth - i), 8) for i in range(depth + 1)]
         blocks = [nn.Conv2d(4, channels[0], 3, padding=1)]
         for c_in, c_out in zip(channels[:-1], channels[1:]):
@@ -64,7 +69,10 @@ class _ConvTokenEncoder(nn.Module):
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         masks = masks.to(images.dtype)
         visible = images * (1 - masks) if self.hide_identity else images
-        features = self.pool(self.trunk(torch.cat([visible, masks], dim=1)))  # (N, c, g, g)
+        x = torch.cat([visible, masks], dim=1)
+        if self.input_size is not None and max(x.shape[-2:]) > self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
+        features = self.pool(self.trunk(x))  # (N, c, g, g)
         features = self.proj_in(features.flatten(2).transpose(1, 2)) + self.position
         queries = self.queries.unsqueeze(0).expand(images.shape[0], -1, -1)
         tokens, _ = self.attend(queries, features, features, need_weights=False)
@@ -74,15 +82,20 @@ class _ConvTokenEncoder(nn.Module):
 @ATTRIBUTE_ENCODERS.register("masked")
 class MaskedAttributeEncoder(_ConvTokenEncoder):
     """Identity-masked attribute encoder: sees ``images * (1 - masks)`` and the mask, so nothing
-    inside the identity region can reach the tokens (the output is exactly invariant to it)."""
+    inside the identity region can reach the tokens (the output is exactly invariant to it).
+    ``hide_identity: false`` is the masking ablation with every other param of the run kept
+    (``ablations/attributes_unmasked.yaml``)."""
 
-    def __init__(self, context_dim: int, num_tokens: int = 16, width: int = 256, depth: int = 3, grid: int = 8):
-        super().__init__(context_dim, num_tokens, width, depth, grid, hide_identity=True)
+    def __init__(self, context_dim: int, num_tokens: int = 16, width: int = 256, depth: int = 3, grid: int = 8,
+                 input_size: int | None = 256, hide_identity: bool = True):
+        super().__init__(context_dim, num_tokens, width, depth, grid, hide_identity=bool(hide_identity),
+                         input_size=input_size)
 
 
 @ATTRIBUTE_ENCODERS.register("unmasked")
 class UnmaskedAttributeEncoder(_ConvTokenEncoder):
     """Ablation: the same network as ``masked`` but it sees the full image (identity can leak)."""
 
-    def __init__(self, context_dim: int, num_tokens: int = 16, width: int = 256, depth: int = 3, grid: int = 8):
-        super().__init__(context_dim, num_tokens, width, depth, grid, hide_identity=False)
+    def __init__(self, context_dim: int, num_tokens: int = 16, width: int = 256, depth: int = 3, grid: int = 8,
+                 input_size: int | None = 256):
+        super().__init__(context_dim, num_tokens, width, depth, grid, hide_identity=False, input_size=input_size)
