@@ -97,3 +97,20 @@ def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
     with pytest.raises(UserError, match=r"val_check_interval.*\(config key: trainer.val_check_interval\)") as err:
         fit(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_a_cache_dir_the_user_chose_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    fit(load_config(["tiny"], [f"run.root={tmp_path / 'runs'}", "trainer.max_steps=1", *FAST]))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.slow
+def test_compiled_kernels_are_cached_beside_the_runs(tmp_path, monkeypatch):
+    """A requeued run on another node finds them on the shared file system (~70 s: one CPU compile)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # conftest restores it
+    root = tmp_path / "runs"
+    fit(load_config(["tiny"], [f"run.root={root}", "trainer.max_steps=1", "model.backbone.params.compile=true", *FAST]))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((root / ".torchinductor").resolve())
+    cached = [p for p in (root / ".torchinductor").rglob("*") if p.is_file()]
+    assert len(cached) > 10 and any("fxgraph" in str(p) for p in cached)
