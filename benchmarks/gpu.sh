@@ -3,7 +3,8 @@
 # diffusers UNet, bf16) and anonymize throughput (25 DDIM steps, batch 64), FID feature extraction.
 # Prints each table; each script's last line is its JSON figures.
 #   bash benchmarks/gpu.sh                   # default parts, < 5 min: eager cached sample fid
-#   bash benchmarks/gpu.sh cached_compiled sample_compiled   # torch.compile parts: ~2-3 min each
+#   bash benchmarks/gpu.sh sample_compiled    # torch.compile parts: sampling < 150 s,
+#   bash benchmarks/gpu.sh cached_compiled    # training up to 450 s (two UNets, fwd + bwd)
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents read from the batch),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
@@ -51,8 +52,10 @@ if want sample_compiled; then
   timeout 150 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
       --samplers ddim --repeats 2 --channels-last --compile --breakdown || echo "== sample failed or timed out (exit $?)"
 fi
-want compiled && train 240 4 1 --bf16 --channels-last --compile
-want cached_compiled && train 240 4 1 --bf16 --channels-last --compile --cached-latents
+# Compiling both SD-1.5 UNets' forward + backward takes over 240 s on a fresh machine (cold
+# inductor cache): give a compiled train part a call of its own.
+want compiled && train 450 4 1 --bf16 --channels-last --compile
+want cached_compiled && train 450 4 1 --bf16 --channels-last --compile --cached-latents
 if want fid; then
   echo; echo "== FID feature extraction (Inception-v3, 512 px inputs) vs N"
   timeout 40 "$PY" benchmarks/fid_features.py --device cuda --sizes 1024 4096 --batch 256 --image-size 512 \
