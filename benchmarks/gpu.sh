@@ -8,7 +8,8 @@
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents read from the batch),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
-# sample_compiled (+ channels_last + compile), fid.
+# sample_compiled (+ channels_last + compile), fid, switches (cached step with plain AdamW, flash
+# attention only, gradient checkpointing: ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -56,6 +57,11 @@ fi
 # inductor cache): give a compiled train part a call of its own.
 want compiled && train 450 4 1 --bf16 --channels-last --compile
 want cached_compiled && train 450 4 1 --bf16 --channels-last --compile --cached-latents
+if want switches; then  # our step under each remaining switch; compare its "full" row with the cached part's
+  train 80 6 1 --bf16 --cached-latents --no-fused
+  train 80 6 1 --bf16 --cached-latents --override "model.backbone.params.sdpa_backends=[flash_attention]"
+  train 80 6 1 --bf16 --cached-latents --override model.backbone.params.gradient_checkpointing=true
+fi
 if want fid; then
   echo; echo "== FID feature extraction (Inception-v3, 512 px inputs) vs N"
   timeout 40 "$PY" benchmarks/fid_features.py --device cuda --sizes 1024 4096 --batch 256 --image-size 512 \
