@@ -249,6 +249,8 @@ def test_sd15_shaped_unet_and_vae_build_and_round_trip_through_local_dirs(tmp_pa
 
 
 @pytest.mark.parametrize("switch", [{"channels_last": True}, {"sdpa_backends": ["math"]},
+                                    {"gradient_checkpointing": True},
+                                    {"gradient_checkpointing": True, "sdpa_backends": ["math"]},
                                     pytest.param({"compile": True}, marks=pytest.mark.slow)])
 def test_speed_switches_keep_outputs_gradients_and_parameter_names(switch):
     """A speed switch changes how the UNet runs, never what it computes or how its weights are named."""

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import MissingWeightsError, UserError
 from ..registry import BACKBONES, FIRST_STAGES, SAMPLERS, SCHEDULERS
@@ -160,11 +162,11 @@ class UNetBackbone(nn.Module):
                 norm_num_groups=norm_num_groups,
                 cross_attention_dim=cross_attention_dim,
             )
+        self.sdpa_backends = _sdpa_backends(sdpa_backends)
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.unet.enable_gradient_checkpointing(functools.partial(_checkpoint, backends=self.sdpa_backends))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.unet.to(memory_format=self.memory_format)
-        self.sdpa_backends = _sdpa_backends(sdpa_backends)
         if compile:
             self.unet.compile()
 
@@ -186,6 +188,13 @@ def _sdpa_backends(names: list[str] | None):
     if unknown:
         raise UserError(f"backbone sdpa_backends: unknown {unknown}; valid: {', '.join(valid)}")
     return [SDPBackend.__members__[str(n).upper()] for n in names]
+
+
+def _checkpoint(module: nn.Module, *args, backends=None):
+    # Backward recomputes the block outside forward's sdpa_kernel context: without the same
+    # backends there, attention is recomputed by another kernel and checkpoint's check fails.
+    return checkpoint(module.__call__, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _sdpa_kernel(backends)))
 
 
 def _sdpa_kernel(backends):
