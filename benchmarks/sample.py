@@ -47,6 +47,9 @@ def parse_args(argv=None):
                         help="one more call of the last configuration timed by part (encoders, first-stage "
                              "encode/decode, UNet)")
     args = parser.parse_args(argv)
+    if args.breakdown and args.compile:
+        parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
+                     "break down an eager run")
     if min(args.steps) < 1 or min(args.batch) < 1 or args.repeats < 1:
         parser.error("--steps, --batch and --repeats must be >= 1")
     return args

@@ -66,6 +66,9 @@ def parse_args(argv=None):
                         help="no timing: build both on the meta device and print FLOPs per image by role "
                              "(works for sd15 on any machine)")
     args = parser.parse_args(argv)
+    if args.breakdown and args.compile:
+        parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
+                     "break down an eager run")
     if args.batch is None:
         args.batch = 16 if args.profile == "tiny" else 32
     if args.batch < 2 or args.batch % 2:
