@@ -51,7 +51,7 @@ fi
 if want sample_compiled; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile"
   timeout 150 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      --samplers ddim --repeats 2 --channels-last --compile --breakdown || echo "== sample failed or timed out (exit $?)"
+      --samplers ddim --repeats 2 --channels-last --compile || echo "== sample failed or timed out (exit $?)"
 fi
 # Compiling both SD-1.5 UNets' forward + backward takes over 240 s on a fresh machine (cold
 # inductor cache): give a compiled train part a call of its own.
