@@ -48,6 +48,9 @@ class ID2FaceModule(L.LightningModule):
                                  multi_avg_fn=get_ema_multi_avg_fn(float(self.optim_cfg.ema_decay)),
                                  use_buffers=False)
         self.ema.requires_grad_(False)
+        self._ema_decay = float(self.optim_cfg.ema_decay)
+        # Host copy of ema.n_averaged: branching on the device tensor would sync every step.
+        self._ema_updates = 0
         self._ema_step = 0
         self._ema_swapped = False
 
@@ -78,10 +81,26 @@ class ID2FaceModule(L.LightningModule):
         finally:
             self._swap_ema()
 
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """``self.ema.update_parameters(...)`` (first call a copy, then the EMA rule) without its two
+        host-device syncs per call: it branches on ``n_averaged``, a tensor on the GPU."""
+        average = list(self.ema.module.parameters())
+        live = [p.detach() for p in self.model.trainable_modules().parameters()]
+        if self._ema_updates == 0:
+            torch._foreach_copy_(average, live)
+        else:
+            torch._foreach_lerp_(average, live, 1.0 - self._ema_decay)
+        self.ema.n_averaged.add_(1)
+        self._ema_updates += 1
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._ema_updates = int(checkpoint["state_dict"].get("ema.n_averaged", 0))
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Once per optimiser step (global_step counts them), not per accumulated micro-batch.
         if self.trainer.global_step > self._ema_step:
-            self.ema.update_parameters(self.model.trainable_modules())
+            self.update_ema()
             self._ema_step = self.trainer.global_step
 
     def on_validation_epoch_start(self) -> None:

@@ -41,16 +41,32 @@ def test_training_step_waits_on_the_host_nowhere():
         optimizer.zero_grad(set_to_none=True)
 
     step()  # first step: lazy state (AdamW moments, cuBLAS handles)
+    syncs = host_syncs(step)
+    assert syncs == [], "\n".join(syncs)
+
+
+def test_ema_update_waits_on_the_host_nowhere():
+    from id2face.lit_module import ID2FaceModule
+
+    torch.manual_seed(0)
+    module = ID2FaceModule(load_config(["tiny"])).to(CUDA)
+    module.update_ema()  # the first: a copy
+    syncs = host_syncs(module.update_ema)
+    assert syncs == [], "\n".join(syncs)
+    assert int(module.ema.n_averaged) == 2
+
+
+def host_syncs(fn) -> list[str]:
+    """Where ``fn`` made the host wait for the GPU (``torch.cuda.set_sync_debug_mode``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step()
+            fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
-    syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "called a synchronizing" in str(w.message)]
-    assert syncs == [], "\n".join(syncs)
+    return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "called a synchronizing" in str(w.message)]
 
 
 def test_anonymize_on_cuda_gives_the_cpu_faces():

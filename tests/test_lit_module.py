@@ -94,6 +94,20 @@ def test_ema_update_is_an_exponential_moving_average_and_swaps_back_exactly():
         assert torch.equal(p, p0 + 1.0)
 
 
+def test_sync_free_ema_update_is_averaged_models_update():
+    ours, reference = tiny_module("model.optim.ema_decay=0.9"), tiny_module("model.optim.ema_decay=0.9")
+    for step in range(3):
+        for module in (ours, reference):
+            with torch.no_grad():
+                for p in module.model.trainable_modules().parameters():
+                    p.add_(0.1 * (step + 1))
+        ours.update_ema()
+        reference.ema.update_parameters(reference.model.trainable_modules())
+    for a, b in zip(ours.ema.module.parameters(), reference.ema.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert int(ours.ema.n_averaged) == int(reference.ema.n_averaged) == ours._ema_updates == 3
+
+
 def test_fit_steps_log_updates_ema_and_validates(loader):
     module = tiny_module("model.optim.ema_decay=0.5")
     initial = [p.detach().clone() for p in module.ema.module.parameters()]
@@ -132,6 +146,7 @@ def test_checkpoint_round_trip_keeps_model_and_ema(loader, tmp_path):
     trainer.save_checkpoint(path)
     restored = ID2FaceModule.load_from_checkpoint(path)
     assert restored.model.harmonizer.registered_name == "sum"
+    assert restored._ema_updates == 1  # the next update averages instead of copying
     for (name, a), b in zip(module.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(a, b), name
 
