@@ -150,6 +150,22 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def host_syncs(fn: Callable[[], object]) -> list[str]:
+    """Where one call of ``fn`` made the host wait for the GPU (``torch.cuda.set_sync_debug_mode``);
+    not the "prototype feature" notice the first switch to "warn" prints."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "called a synchronizing" in str(w.message)]
+
+
 class SpanTimer:
     """Named spans of one step, summed per name. CUDA: the GPU time between events recorded at a
     span's start and end (its kernels, plus any gaps in which the GPU waited for launches: what the

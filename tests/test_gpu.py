@@ -1,6 +1,7 @@
 """CUDA behaviour of the tiny model: the CPU numbers, the speed switches, and a training step that
 never waits on the host. Skipped without CUDA (conftest); the SD-1.5-sized step is in test_lit_module."""
-import warnings
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,17 +57,16 @@ def test_ema_update_waits_on_the_host_nowhere():
     assert int(module.ema.n_averaged) == 2
 
 
-def host_syncs(fn) -> list[str]:
-    """Where ``fn`` made the host wait for the GPU (``torch.cuda.set_sync_debug_mode``)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
-    return [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "called a synchronizing" in str(w.message)]
+def _load_host_syncs():
+    # The benchmarks count syncs with the same function (benchmarks/_common.py, not a package module).
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"
+    spec = importlib.util.spec_from_file_location("bench_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.host_syncs
+
+
+host_syncs = _load_host_syncs()
 
 
 def test_anonymize_on_cuda_gives_the_cpu_faces():
