@@ -2,11 +2,12 @@
 # GPU benchmarks in one call on one H100/H200: the SD-1.5-sized train step (full ID²Face vs bare
 # diffusers UNet, bf16) and anonymize throughput (25 DDIM steps, batch 64), FID feature extraction.
 # Prints each table; each script's last line is its JSON figures.
-#   bash benchmarks/gpu.sh                   # default parts, < 5 min: eager cached sample fid
+#   bash benchmarks/gpu.sh                   # default parts, < 5 min: eager cached harmonizer sample fid
 #   bash benchmarks/gpu.sh sample_compiled    # torch.compile parts: sampling < 150 s,
 #   bash benchmarks/gpu.sh cached_compiled    # training up to 450 s (two UNets, fwd + bwd)
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents read from the batch),
+# harmonizer (one cross-attention layer per SD-1.5 level: decoupled processors vs stock),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
 # sample_compiled (+ channels_last + compile), fid, switches (cached step with plain AdamW, flash
 # attention only, gradient checkpointing: ~3 min).
@@ -16,7 +17,7 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python 
 export HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore::UserWarning
 BATCH=${BATCH:-32}
 PEAK=${PEAK:-989e12}
-PARTS=" ${*:-eager cached sample fid} "
+PARTS=" ${*:-eager cached harmonizer sample fid} "
 want() { [[ $PARTS == *" $1 "* ]]; }
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "benchmarks/gpu.sh: no CUDA device visible to torch; these are GPU benchmarks." >&2
@@ -43,6 +44,11 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
 # Time caps keep the default parts under 5 minutes (a retry after an out-of-memory failure adds one).
 want eager && train 80 8 1 --bf16 --breakdown
 want cached && train 80 8 1 --bf16 --cached-latents --breakdown
+if want harmonizer; then
+  echo; echo "== harmonizer cross-attention layer vs stock, SD-1.5 levels, batch $BATCH, bf16"
+  timeout 40 "$PY" benchmarks/harmonizer_attention.py --device cuda --bf16 --batch "$BATCH" --repeats 10 \
+      || echo "== harmonizer_attention failed or timed out (exit $?)"
+fi
 if want sample; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
   timeout 100 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \

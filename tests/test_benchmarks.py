@@ -49,3 +49,14 @@ def test_sample_breakdown_adds_up_to_the_call(capsys):
     assert figures["faces_per_s"] > 0 and set(parts) >= {"call", "UNet", "identity_encoder", "first_stage decode"}
     assert sum(v for k, v in parts.items() if k != "call") <= parts["call"]
     assert parts["UNet"] > parts["attribute_encoder"]
+
+
+def test_harmonizer_attention_keeps_little_more_for_backward_than_stock_attention(capsys):
+    figures, out = run_script("harmonizer_attention", ["--batch", "2", "--levels", "2", "3", "--repeats", "1"], capsys)
+    rows = {(r["level"], r["processor"]): r for r in figures["rows"]}
+    assert set(rows) == {(level, name) for level in ("1280 x 256", "1280 x 64") for name in ("stock", "sum", "gated")}
+    assert all(r["ms"] > 0 for r in rows.values())
+    # The gate folded into the attention weights: no second attention output or full-width blend
+    # is kept (two SDPA calls + a blend kept 1.29x stock here).
+    assert 1.0 < rows["1280 x 256", "gated"]["saved_over_stock"] < 1.15
+    assert rows["1280 x 256", "sum"]["saved_bytes"] < rows["1280 x 256", "gated"]["saved_bytes"]

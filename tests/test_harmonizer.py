@@ -89,6 +89,27 @@ def test_sum_is_the_average_of_the_two_single_branch_attentions(attention_layer)
     assert not torch.allclose(mixed, full, atol=1e-3)  # decoupled != one softmax over all tokens
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_decoupled_attention_honours_an_attention_mask_per_segment(attention_layer, mask_kind):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn, stock = attention_layer, AttnProcessor2_0()
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 20, 48, generator=g)
+    tokens = NUM_ID_TOKENS + NUM_ATTR_TOKENS
+    context = torch.randn(2, tokens, CONTEXT_DIM, generator=g)
+    keep = torch.ones(2, 1, tokens, dtype=torch.bool)
+    keep[0, 0, NUM_ID_TOKENS + 1] = keep[1, 0, 1] = keep[1, 0, -1] = False  # one token of each segment
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, -1e4)
+    with torch.no_grad():
+        attn_id = stock(attn, hidden, context[:, :NUM_ID_TOKENS], attention_mask=mask[..., :NUM_ID_TOKENS])
+        attn_attr = stock(attn, hidden, context[:, NUM_ID_TOKENS:], attention_mask=mask[..., NUM_ID_TOKENS:])
+        mixed = DecoupledCrossAttnProcessor(NUM_ID_TOKENS)(attn, hidden, context, attention_mask=mask)
+        unmasked = DecoupledCrossAttnProcessor(NUM_ID_TOKENS)(attn, hidden, context)
+    torch.testing.assert_close(mixed, 0.5 * (attn_id + attn_attr), atol=1e-5, rtol=1e-5)
+    assert (mixed - unmasked).abs().max() > 1e-3
+
+
 def test_sum_harmonizer_installs_decoupled_processors_everywhere():
     backbone = tiny_backbone()
     HARMONIZERS.build({"name": "sum", "params": {}}).install(backbone.unet, NUM_ID_TOKENS)
@@ -114,6 +135,8 @@ def test_gated_gate_is_in_unit_interval_and_depends_on_timestep_and_position():
     assert ((g > 0) & (g < 1)).all()
     assert (g[0] - g[1]).abs().max() > 1e-3  # same hidden state, other timestep -> other gate
     assert g[0].std() > 1e-3  # per query position
+    with torch.no_grad():  # the formula as written: sigmoid(MLP(h + W t_emb))
+        torch.testing.assert_close(g, torch.sigmoid(gate.mlp(hidden + gate.time_proj(temb)[:, None, :])))
 
 
 def test_gated_mixes_with_its_gate_and_starts_as_sum(attention_layer):

@@ -121,8 +121,9 @@ class UNetBackbone(nn.Module):
     Speed switches (same numbers, measured by ``benchmarks/train_step.py`` and ``sample.py``):
     ``channels_last`` (NHWC weights and input: faster convolutions on tensor cores),
     ``compile`` (``torch.compile`` of the UNet in place; parameter names are unchanged, so
-    checkpoints move between compiled and eager runs), ``sdpa_backends`` (restrict attention to
-    these ``torch.nn.attention.SDPBackend`` names, e.g. ``[flash_attention]``; null = PyTorch's choice),
+    checkpoints move between compiled and eager runs), ``sdpa_backends`` (restrict SDPA attention to
+    these ``torch.nn.attention.SDPBackend`` names, e.g. ``[flash_attention]``; null = PyTorch's choice;
+    the decoupled harmonizers' cross-attention is two matmuls, not SDPA, so self-attention only),
     ``gradient_checkpointing`` (memory for compute).
     """
 

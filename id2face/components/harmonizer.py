@@ -52,6 +52,12 @@ class DecoupledCrossAttnProcessor:
     """Cross-attention to identity tokens (first ``num_id_tokens``) and attribute tokens separately,
     mixed per query position by a gate (``None``: fixed 0.5). Follows diffusers' AttnProcessor2_0;
     the two branches share the layer's key/value projections.
+
+    Computed as one attention with the gate folded into its weights:
+    ``g * softmax(s_id) v_id + (1 - g) * softmax(s_attr) v_attr = [g p_id, (1 - g) p_attr] v``, so
+    one score and one value matmul over all tokens, and the mixing runs on the (heads x tokens)
+    weights instead of on two full-width outputs (which two SDPA calls and a blend would write,
+    and keep for backward, at every query position).
     """
 
     def __init__(self, num_id_tokens: int, gate: nn.Module | None = None):
@@ -66,6 +72,8 @@ class DecoupledCrossAttnProcessor:
         if not 0 < k_id < encoder_hidden_states.shape[1]:
             raise ValueError(f"context of {encoder_hidden_states.shape[1]} tokens cannot hold "
                              f"{k_id} identity tokens and at least one attribute token")
+        if self.gate is not None and harmonizer_temb is None:
+            raise ValueError(f"the gated harmonizer needs cross_attention_kwargs['{TIMESTEP_KWARG}']")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -96,21 +104,21 @@ class DecoupledCrossAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        def attend(sl: slice):
-            mask = attention_mask[..., sl] if attention_mask is not None else None
-            out = F.scaled_dot_product_attention(query, key[:, :, sl], value[:, :, sl], attn_mask=mask,
-                                                 dropout_p=0.0, is_causal=False)
-            return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-
-        attn_id, attn_attr = attend(slice(0, k_id)), attend(slice(k_id, None))
+        # SDPA's default scale (what AttnProcessor2_0 uses), not attn.scale.
+        scores = (query @ key.transpose(-1, -2)) * head_dim ** -0.5  # (B, heads, Q, K + T)
+        if attention_mask is not None:
+            scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                      else scores + attention_mask)
+        # Softmax in fp32 (as SDPA's kernels accumulate), each segment over its own tokens.
+        p_id = scores[..., :k_id].softmax(-1, dtype=torch.float32)
+        p_attr = scores[..., k_id:].softmax(-1, dtype=torch.float32)
         if self.gate is None:
-            mixed = 0.5 * (attn_id + attn_attr)
+            weights = 0.5 * torch.cat([p_id, p_attr], dim=-1)
         else:
-            if harmonizer_temb is None:
-                raise ValueError(f"the gated harmonizer needs cross_attention_kwargs['{TIMESTEP_KWARG}']")
-            g = self.gate(hidden_states, harmonizer_temb)
-            mixed = g * attn_id + (1 - g) * attn_attr
-        # to_out is affine, so mixing before it equals mixing the two attention outputs.
+            g = self.gate(hidden_states, harmonizer_temb).float().unsqueeze(1)  # (B, 1, Q, 1): all heads
+            weights = torch.cat([g * p_id, (1 - g) * p_attr], dim=-1)
+        mixed = weights.to(value.dtype) @ value
+        mixed = mixed.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](mixed))
 
         if input_ndim == 4:
@@ -134,8 +142,11 @@ class TimestepGate(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        x = hidden + self.time_proj(temb.to(hidden.dtype))[:, None, :]
-        return torch.sigmoid(self.mlp(x))
+        first, activation, last = self.mlp
+        # first(h + W t) = first(h) + first.weight @ W t: the timestep term is one (N, hidden) row
+        # per sample, so no (N, Q, width) sum is built (or kept for backward) at every position.
+        time_term = F.linear(self.time_proj(temb.to(hidden.dtype)), first.weight)
+        return torch.sigmoid(last(activation(first(hidden) + time_term[:, None, :])))
 
 
 class Harmonizer(nn.Module):
