@@ -3,13 +3,13 @@
 # diffusers UNet, bf16) and anonymize throughput (25 DDIM steps, batch 64), FID feature extraction.
 # Prints each table; each script's last line is its JSON figures.
 #   bash benchmarks/gpu.sh                   # default parts, < 5 min: eager cached harmonizer sample fid
-#   bash benchmarks/gpu.sh sample_compiled    # torch.compile parts: sampling < 150 s,
+#   bash benchmarks/gpu.sh sample_compiled    # torch.compile parts: sampling < 240 s,
 #   bash benchmarks/gpu.sh cached_compiled    # training up to 450 s (two UNets, fwd + bwd)
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents read from the batch),
 # harmonizer (one cross-attention layer per SD-1.5 level: decoupled processors vs stock),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
-# sample_compiled (+ channels_last + compile), fid, switches (cached step with plain AdamW, flash
+# sample_compiled (+ channels_last + compile of the UNet and the VAE), fid, switches (cached step with plain AdamW, flash
 # attention only, gradient checkpointing: ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,9 +55,9 @@ if want sample; then
       --samplers ddim --cfg --repeats 1 --breakdown || echo "== sample failed or timed out (exit $?)"
 fi
 if want sample_compiled; then
-  echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile"
-  timeout 150 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      --samplers ddim --repeats 2 --channels-last --compile || echo "== sample failed or timed out (exit $?)"
+  echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile (UNet, VAE)"
+  timeout 240 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
+      --samplers ddim --repeats 2 --channels-last --compile --breakdown || echo "== sample failed or timed out (exit $?)"
 fi
 # Compiling both SD-1.5 UNets' forward + backward takes over 240 s on a fresh machine (cold
 # inductor cache): give a compiled train part a call of its own.

@@ -7,7 +7,9 @@
 One anonymize call = identity encoder + identity VAE + identity mapping + attribute encoder +
 masked-image encode + N sampler steps + first-stage decode + mask composite (paste-back inside
 the aligned crop; detection and paste-back into the full photo are in anonymize_throughput.py).
-Guidance ``none`` runs the UNet on the batch; ``--cfg`` adds ``cfg`` (identity dropped as the
+``--channels-last`` / ``--compile`` switch the UNet and, when the first stage is the SD VAE, its
+encoder and decoder (``model.backbone.params`` / ``model.first_stage.params``). Guidance ``none``
+runs the UNet on the batch; ``--cfg`` adds ``cfg`` (identity dropped as the
 unconditional branch), which doubles the UNet batch (``negative`` guidance costs the same).
 Each configuration runs once untimed, then ``--repeats`` times; the table gives the median
 seconds per call and faces/s. Last line: one JSON object, ``faces_per_s`` = the best
@@ -38,8 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per configuration")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast around anonymize")
-    parser.add_argument("--channels-last", action="store_true", help="UNet in channels_last")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (module.compile())")
+    parser.add_argument("--channels-last", action="store_true", help="UNet and SD VAE in channels_last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the SD VAE's encoder "
+                                                               "and decoder (module.compile())")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
@@ -47,9 +50,6 @@ def parse_args(argv=None):
                         help="one more call of the last configuration timed by part (encoders, first-stage "
                              "encode/decode, UNet)")
     args = parser.parse_args(argv)
-    if args.breakdown and args.compile:
-        parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
-                     "break down an eager run")
     if min(args.steps) < 1 or min(args.batch) < 1 or args.repeats < 1:
         parser.error("--steps, --batch and --repeats must be >= 1")
     return args
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     device = C.resolve_device(args.device)
     from id2face.registry import GUIDANCES, SAMPLERS
 
-    switches = [f"model.backbone.params.{key}=true" for key, on in
-                (("channels_last", args.channels_last), ("compile", args.compile)) if on]
+    switches = [f"model.{role}.params.{key}=true" for role in switched_roles(args)
+                for key, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on]
     model, cfg = C.build_model(args.profile, device, [*args.override, *switches], seed=args.seed)
     model.eval()
     size = C.PROFILE_IMAGE_SIZE[args.profile]
@@ -115,7 +115,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def switched_roles(args) -> list[str]:
+    """The components that take the speed switches: the backbone, and an SD VAE first stage."""
+    first_stage = C.profile_config(args.profile, args.override).model.first_stage
+    return ["backbone"] + (["first_stage"] if first_stage.name == "sd_vae" else [])
+
+
 def call_breakdown(model, call, device) -> dict[str, float]:
+    """Seconds of one call by part. The spans wrap the compiled modules from outside (the backbone
+    around its UNet, the first stage's methods around the VAE's encoder and decoder), so a compiled
+    run is broken down without recompiling or splitting a graph."""
     timer = C.SpanTimer(device)
     roles = ("identity_encoder", "id_mapping", "attribute_encoder", "identity_tokens")
     forwards = [(role, getattr(model, role)) for role in roles] + [("UNet", model.backbone)]

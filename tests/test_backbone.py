@@ -271,3 +271,22 @@ def test_speed_switches_keep_outputs_gradients_and_parameter_names(switch):
 def test_unknown_sdpa_backend_names_the_valid_ones():
     with pytest.raises(UserError, match="flash_attention"):
         unet({"sdpa_backends": ["flash"]})
+
+
+@pytest.mark.parametrize("switch", [{"channels_last": True},
+                                    pytest.param({"channels_last": True, "compile": True}, marks=pytest.mark.slow)])
+def test_sd_vae_speed_switches_keep_latents_images_and_parameter_names(switch):
+    results = []
+    for params in ({}, switch):
+        torch.manual_seed(3)
+        stage = FIRST_STAGES.build({"name": "sd_vae", "params": {**FIRST_STAGE_PARAMS["sd_vae"], **params}})
+        with torch.no_grad():
+            latents = stage.encode(images(seed=4))
+            decoded = stage.decode(latents)
+        assert latents.is_contiguous() and decoded.is_contiguous()  # callers get plain NCHW tensors
+        results.append((latents, decoded, list(stage.state_dict())))
+    (lat0, dec0, names0), (lat1, dec1, names1) = results
+    torch.testing.assert_close(lat1, lat0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dec1, dec0, rtol=1e-4, atol=1e-5)
+    assert names1 == names0
+    assert stage.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

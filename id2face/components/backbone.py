@@ -79,9 +79,15 @@ class SDVAEFirstStage(FrozenModule):
     ``path``: a local diffusers AutoencoderKL folder (SD's ``vae/``). ``random_init: true`` builds
     the SD-1.5 architecture (``SD_VAE_CONFIG`` updated with ``config``) with random weights, for
     tests and shape checks only.
+
+    Speed switches, as the backbone's (same numbers): ``channels_last`` and ``compile`` (of the
+    encoder and decoder in place). At 512 px one decode is ~3 UNet steps of arithmetic (2.5 vs
+    0.8 TFLOP) and one encode ~1.4 (FlopCounterMode): 15 % of an anonymization at 25 steps, and
+    half the training step when latents are not cached.
     """
 
-    def __init__(self, path: str | None = None, random_init: bool = False, config: dict | None = None):
+    def __init__(self, path: str | None = None, random_init: bool = False, config: dict | None = None,
+                 channels_last: bool = False, compile: bool = False):
         super().__init__()
         from diffusers import AutoencoderKL
 
@@ -98,14 +104,20 @@ class SDVAEFirstStage(FrozenModule):
         self.latent_channels = int(self.vae.config.latent_channels)
         self.downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.freeze()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.vae.to(memory_format=self.memory_format)
+        if compile:
+            self.vae.encoder.compile()
+            self.vae.decoder.compile()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         # The posterior mean: the masked-image condition must not be noisier than the image itself.
-        latents = self.vae.encode(images).latent_dist.mode()
-        return (latents - self.shift_factor) * self.scaling_factor
+        latents = self.vae.encode(images.contiguous(memory_format=self.memory_format)).latent_dist.mode()
+        return ((latents - self.shift_factor) * self.scaling_factor).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample
+        latents = (latents / self.scaling_factor + self.shift_factor).contiguous(memory_format=self.memory_format)
+        return self.vae.decode(latents).sample.contiguous()
 
 
 # ------------------------------------------------------------------------------------ backbone
