@@ -1,7 +1,8 @@
 """Throughput of `id2face anonymize` (faces/s) against --batch-size, on SynthFaces group photos.
 
     python benchmarks/anonymize_throughput.py [--photos 12] [--faces-per-photo 4] [--batch-sizes 1 4 16]
-        [--steps N] [--checkpoint CKPT] [--device cpu|cuda] [--threads 1]
+        [--steps N] [--checkpoint CKPT] [--device cpu|cuda] [--precision auto|32-true|bf16-mixed|16-mixed]
+        [--threads 1]
 
 Writes N photos (640 x 480 skimage backgrounds, each with K SynthFaces faces of 112-128 px that
 MTCNN detects), then runs the whole file pipeline (`anonymize_files`: decode, MTCNN, alignment,
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 
 from id2face.anonymize import (AnonymizeSettings, Anonymizer, anonymize_files, load_model,  # noqa: E402
                                training_template)
+from id2face.precision import resolve_precision  # noqa: E402
 
 
 def make_photos(folder: Path, count: int, faces: int, seed: int = 0) -> None:
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's; tiny: 10)")
     parser.add_argument("--checkpoint", help="an `id2face train` checkpoint (default: the untrained tiny model)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", help="sampling precision, as `id2face anonymize --precision`")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,6 +94,7 @@ def main() -> int:
         model, cfg, info = load_model(checkpoint, args.device)
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
+        precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
         detector = FaceDetector(device=args.device)
 
         from id2face.data.imageio import read_image
@@ -102,7 +106,7 @@ def main() -> int:
         detect_seconds = time.perf_counter() - started
 
         for batch in args.batch_sizes:
-            settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0)
+            settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision)
             anonymizer = Anonymizer(model, size, template, settings, detector=detector, device=args.device)
             anonymize_files([warm], tmp / f"warm{batch}", anonymizer, info=info, progress=False)
             load = os.getloadavg()[0]
@@ -122,7 +126,8 @@ def main() -> int:
     steps = args.steps or int(cfg.model.sampler.params.num_inference_steps)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}"
     print(f"anonymize throughput: {args.photos} photos 640x480 x {args.faces_per_photo} SynthFaces faces; model "
-          f"{checkpoint.name} at {size} px, {steps} {cfg.model.sampler.name} steps; device {args.device} ({device}), "
+          f"{checkpoint.name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}; "
+          f"device {args.device} ({device}), "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")
     print(f"MTCNN detection alone: {detect_seconds:.2f} s for {args.photos} photos "
           f"({args.photos / detect_seconds:.2f} photos/s, {detected} faces)")
@@ -133,7 +138,7 @@ def main() -> int:
               f"{r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}")
     best = max(rows, key=lambda r: r["faces_per_s"])
     print(json.dumps({"benchmark": "anonymize_throughput", "device": args.device, "threads": args.threads,
-                      "steps": steps, "image_size": size, "faces_per_s": best["faces_per_s"],
+                      "steps": steps, "image_size": size, "precision": precision, "faces_per_s": best["faces_per_s"],
                       "best_batch_size": best["batch_size"],
                       "detect_photos_per_s": round(args.photos / detect_seconds, 3),
                       "rows": rows}))

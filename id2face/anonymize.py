@@ -63,6 +63,7 @@ from .data.align import (crop_face, estimate_similarity, inner_face_mask, invert
                          template_landmarks, transform_points, warp_tensor)
 from .data.imageio import ImageReadError, is_image_name, read_image
 from .errors import UserError
+from .precision import INFERENCE_PRECISIONS, autocast
 
 SUMMARY_NAME = "anonymize_summary.json"
 ERROR_LOG_NAME = "anonymize_errors.log"
@@ -98,6 +99,7 @@ class AnonymizeSettings:
     cover_if_recognized: bool = False    # also cover faces the audit recognizer still matches
     audit_size: int = 160                # px of the aligned crops the audit recognizer sees
     face_scale: float | None = None      # ArcFace template x this; None: the training template
+    precision: str = "32-true"           # sampling arithmetic: 32-true | bf16-mixed | 16-mixed (autocast)
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -115,6 +117,8 @@ class AnonymizeSettings:
                             f"{self.mask_margin}")
         if self.key is not None and len(self.key) == 0:
             raise UserError("--key is empty")
+        if self.precision not in INFERENCE_PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {self.precision!r}")
 
 
 # ----------------------------------------------------------------------------------- model
@@ -515,6 +519,12 @@ class Anonymizer:
     # -- stage 2: batched sampling -----------------------------------------------------------
     @torch.no_grad()
     def _generate(self, faces: list[Face]) -> torch.Tensor:
+        # Only sampling runs in reduced precision: keyed substitutes come from _embed's fp32 latents,
+        # so a person's pseudonym does not depend on the precision.
+        with autocast(self.settings.precision, self.device):
+            return self._generate_batch(faces)
+
+    def _generate_batch(self, faces: list[Face]) -> torch.Tensor:
         crops = torch.stack([face.crop for face in faces]).to(self.device)
         masks = torch.stack([face.mask for face in faces]).to(self.device)
         if self.clusters is None:
@@ -924,7 +934,7 @@ def run_settings(anonymizer: Anonymizer, info: Mapping[str, Any], output_format:
     return {"checkpoint": str(Path(info.get("checkpoint", "")).resolve()) if info.get("checkpoint") else None,
             "image_size": anonymizer.size, "steps": s.steps, "keyed": s.key is not None, "cover": s.cover,
             "output_format": output_format, "min_score": s.min_score, "face_scale": s.face_scale,
-            "template": _round(anonymizer.template, 3)}
+            "template": _round(anonymizer.template, 3), "precision": s.precision}
 
 
 def _check_previous(output: Path, settings: Mapping[str, Any]) -> None:

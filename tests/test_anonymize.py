@@ -305,6 +305,31 @@ def test_out_of_memory_splits_the_batch_instead_of_failing(loaded, monkeypatch):
     assert result.status == "anonymized" and [f["status"] for f in result.faces] == ["anonymized"] * 3
 
 
+def test_sampling_runs_in_the_chosen_precision_and_pseudonyms_do_not_depend_on_it(loaded):
+    detector = GroundTruthDetector()
+    photo, _ = compose(detector, skimage_data.coffee(), [(0, 0, 30, 40), (1, 0, 300, 120)])
+    model, seen, runs = loaded[0], [], {}
+    handle = model.backbone.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        for precision in ("32-true", "bf16-mixed"):
+            seen.clear()
+            engine = anonymizer(loaded, detector=detector, key="alpha", precision=precision)
+            (result,) = engine.anonymize_photos([photo])
+            runs[precision] = (set(seen), engine.clusters.substitutes, result)
+    finally:
+        handle.remove()
+    assert runs["32-true"][0] == {torch.float32} and runs["bf16-mixed"][0] == {torch.bfloat16}
+    for _, substitutes, result in runs.values():
+        assert [f["status"] for f in result.faces] == ["anonymized", "anonymized"]
+        assert result.pixels.dtype == np.uint8
+    # substitutes come from the fp32 identity path: the same person, the same pseudonym
+    assert all(torch.equal(a, b) for a, b in zip(runs["32-true"][1], runs["bf16-mixed"][1], strict=True))
+    fp32, bf16 = (runs[p][2].pixels.astype(np.int16) for p in ("32-true", "bf16-mixed"))
+    assert 0 < np.abs(fp32 - bf16).max()
+    with pytest.raises(UserError, match="--precision"):
+        anonymizer(loaded, precision="fp8")
+
+
 def test_keyed_pseudonyms_follow_the_person_across_photos(loaded, dlib):
     """Identity 0 appears in two photos (other background, place and size): one cluster, one
     substitute latent. Clustering uses dlib (the tiny test encoder, untrained, maps every face to

@@ -194,6 +194,8 @@ def test_eval_then_table_on_three_real_runs(tmp_path, capsys):
         run_dir = tmp_path / "runs" / experiment / ablation / f"seed{seed}"
         args = ["eval", "--checkpoint", str(checkpoint), "--run-dir", str(run_dir), f"run.seed={seed}",
                 f"run.ablation={ablation}", *common] + (["--no-reconstruction"] if seed else [])
+        if ablation == "harmonizer_sum":
+            args += ["--precision", "bf16-mixed"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert main(args) == 0
@@ -207,6 +209,8 @@ def test_eval_then_table_on_three_real_runs(tmp_path, capsys):
         assert m["fid"] >= -1e-6 and m["oracle/diversity"] >= 0 and payload["meta"]["num_faces"] == 6
         assert set(payload["meta"]["recognizers"]) == {"oracle", "tiny"}
     assert written[0]["metrics"]["psnr"] > 0 and "psnr" not in written[1]["metrics"]
+    # CPU default fp32; the bf16 run is recorded as such (its samples differ, its metrics still hold)
+    assert [w["meta"]["precision"] for w in written] == ["32-true", "32-true", "bf16-mixed"]
 
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO(_table(capsys, *runs, "--layout", "ablation",
                                                                         "--format", "csv")))}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..precision import PRECISION_CHOICES
 from . import resolve_device
 
 EPILOG = """exit status: 0 every photo written, every face anonymized; 1 some photos not written
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, metavar="N", help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="faces per model call (default 8)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="sampling arithmetic (default auto: the checkpoint's trainer.precision on cuda, "
+                             "32-true on cpu)")
     parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
     parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
     parser.add_argument("--min-face-size", type=int, default=20,
@@ -92,8 +96,11 @@ def _read_key(args):
 def run(args: argparse.Namespace) -> int:
     from ..anonymize import (AnonymizeSettings, Anonymizer, anonymize_files, build_audit_recognizer, check_paths,
                              exit_code, load_model, plan_jobs, training_template)
+    from omegaconf import OmegaConf
+
     from ..data.prepare import FaceDetector
     from ..errors import UserError
+    from ..precision import resolve_precision
 
     settings = AnonymizeSettings(key=_read_key(args), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                                  min_score=args.min_score, cover=args.cover, cluster_threshold=args.cluster_threshold,
@@ -106,14 +113,13 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
 
     model, cfg, info = load_model(args.checkpoint, device)
+    settings.precision = resolve_precision(args.precision, device, OmegaConf.select(cfg, "trainer.precision"))
     size = int(cfg.data.image_size)
     template, info["template"] = training_template(cfg, size, settings.face_scale)
 
     audit_arg = _parse_node(args.audit_recognizer)
     audit, audit_note = None, None
     if audit_arg == "auto":
-        from omegaconf import OmegaConf
-
         for node in OmegaConf.to_container(cfg.eval.get("recognizers") or [], resolve=True):
             try:
                 audit = build_audit_recognizer(node, cfg)

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..precision import PRECISION_CHOICES
 from . import resolve_device
 
 
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N test faces only (smoke runs)")
     parser.add_argument("--no-reconstruction", action="store_true", help="skip the PSNR/SSIM reconstruction pass")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="sampling arithmetic (default auto: the config's trainer.precision on cuda, 32-true on "
+                             "cpu); recorded in metrics.json")
 
 
 def default_run_dir(checkpoint: Path) -> Path:
@@ -64,11 +68,14 @@ def _recognizer_key(node, taken: set) -> str:
 
 
 def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True, device: str = "cpu",
-             progress: bool = True, generate: str = "anonymize", split_file: Path | None = None) -> tuple[dict, dict]:
+             progress: bool = True, generate: str = "anonymize", split_file: Path | None = None,
+             precision: str | None = None) -> tuple[dict, dict]:
     """Run every metric of ``cfg.eval`` on the test split; returns (metrics, meta) for save_metrics.
 
     ``generate``: ``anonymize`` (the method) or ``reconstruct`` (own identity: the baseline that
     shows what the metrics read when no identity is removed). ``split_file``: the run's split.
+    ``precision``: of the sampling only (``id2face.precision``; None: the config's on CUDA, fp32 on
+    CPU); recognizers, FID and attribute estimators always run in fp32.
     """
     import torch
     from omegaconf import OmegaConf
@@ -81,8 +88,10 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
                            VerificationRate, build_fid)
     from ..metrics.oracle import OracleAttributeEstimator, OracleFeatures
     from ..metrics.recognizers import OracleRecognizer, build_recognizer
+    from ..precision import autocast, resolve_precision
 
     eval_cfg = cfg.eval
+    precision = resolve_precision(precision, device, OmegaConf.select(cfg, "trainer.precision"))
     datamodule = FacePairDataModule(cfg.data, split_file=split_file if split_file and Path(split_file).is_file() else None)
     datamodule.setup("test")
     dataset = datamodule.test_dataset
@@ -141,8 +150,9 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
             images = batch["image"].to(device)
             masks = batch["mask"].to(device).to(images.dtype)
             identities = batch["identity"].to(device)
-            samples = [getattr(module.model, generate)(images, masks, generator=torch.Generator(device).manual_seed(
-                seed * 1_000_003 + index * 101 + j)) for j in range(k)]
+            with autocast(precision, device):
+                samples = [getattr(module.model, generate)(images, masks, generator=torch.Generator(device).manual_seed(
+                    seed * 1_000_003 + index * 101 + j)).float() for j in range(k)]
             anonymized = samples[0]
             for name, recognizer in recognizers.items():
                 original_emb, anonymized_emb = recognizer(images), recognizer(anonymized)
@@ -161,8 +171,9 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
             else:
                 attributes.update(estimator(images), estimator(anonymized))
             if reconstruction:
-                rebuilt = module.model.reconstruct(images, masks, generator=torch.Generator(device).manual_seed(
-                    seed * 1_000_003 + index * 101 + 97))
+                with autocast(precision, device):
+                    rebuilt = module.model.reconstruct(images, masks, generator=torch.Generator(device).manual_seed(
+                        seed * 1_000_003 + index * 101 + 97)).float()
                 psnr.update(rebuilt, images)
                 ssim.update(rebuilt, images)
 
@@ -198,6 +209,7 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
         "reconstruction": "PSNR/SSIM of the own-identity reconstruction vs the source (whole image, data range 2)"
                           if reconstruction else None,
         "sampler_steps": OmegaConf.select(cfg, "model.sampler.params.num_inference_steps"),
+        "precision": precision,
     }
     return metrics, meta
 
@@ -215,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
     metrics, meta = evaluate(module, cfg, limit=args.limit, reconstruction=not args.no_reconstruction,
-                             device=device, split_file=default_run_dir(checkpoint) / "split.json")
+                             device=device, split_file=default_run_dir(checkpoint) / "split.json",
+                             precision=args.precision)
     meta["checkpoint"] = str(checkpoint)
     save_config(cfg, run_dir / "eval_config.yaml")
     if not (run_dir / "config.yaml").exists():  # names the run's row in `id2face table`
