@@ -2,7 +2,7 @@
 
     python benchmarks/sample.py --profile tiny|sd15 [--steps 10 25] [--batch 1 8]
         [--samplers ddim dpm_solver] [--cfg] [--repeats N] [--device cpu|cuda] [--bf16]
-        [--channels-last] [--compile] [--threads T] [--breakdown]
+        [--channels-last] [--compile] [--threads T] [--breakdown] [--flops-only]
 
 One anonymize call = identity encoder + identity VAE + identity mapping + attribute encoder +
 masked-image encode + N sampler steps + first-stage decode + mask composite (paste-back inside
@@ -46,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="no timing: FLOPs per face of one anonymization by part (meta device, any size), and "
+                             "the TFLOP/s a faces/s figure needs")
     parser.add_argument("--breakdown", action="store_true",
                         help="one more call of the last configuration timed by part (encoders, first-stage "
                              "encode/decode, UNet)")
@@ -57,6 +60,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.flops_only:
+        return flops_only(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.resolve_device(args.device)
@@ -112,6 +117,44 @@ def main(argv=None) -> int:
                                                 for k, v in breakdown.items()])
         figures["breakdown_s"] = breakdown
     C.print_json(figures)
+    return 0
+
+
+def flops_only(args) -> int:
+    """FLOPs per face of one anonymization at the first ``--steps``, by part, counted on meta tensors
+    (the sampler loop itself cannot run on meta: one UNet evaluation x steps x guidance copies)."""
+    device = torch.device("meta")
+    with device:
+        model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
+    model.eval()
+    n, steps, size = 2, args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
+    images, masks = (torch.empty(n, 3, size, size, device=device), torch.empty(n, 1, size, size, device=device))
+    # Not under no_grad: FlopCounterMode's module tracker trips over parameters without a graph.
+    # Forward only is counted either way (nothing calls backward).
+    latents = model.first_stage.encode(images)
+    tokens = model.identity_tokens.num_tokens + model.attribute_encoder(images, masks).shape[1]
+    context = torch.empty(n, tokens, int(cfg.model.context_dim), device=device)
+    timesteps = torch.zeros(n, dtype=torch.long, device=device)
+    parts = {
+        "identity encoder + identity VAE": C.count_flops(lambda: model.identity_latent(images)),
+        "attribute encoder": C.count_flops(lambda: model.attribute_encoder(images, masks)),
+        "first stage encode (masked image)": C.count_flops(lambda: model.first_stage.encode(images)),
+        f"UNet x {steps} steps": steps * C.count_flops(
+            lambda: model.denoise(latents, timesteps, latents, latents[:, :1], context)),
+        "first stage decode": C.count_flops(lambda: model.first_stage.decode(latents)),
+    }
+    per_face = {k: v / n for k, v in parts.items()}
+    total = sum(per_face.values())
+    target = 20.0
+    print(f"FLOPs per face of one anonymization, profile {args.profile} ({size} px), {steps} steps, no guidance "
+          f"(CFG / negative guidance: UNet x 2)")
+    C.print_table(["part", "GFLOP/face", "share"],
+                  [[k, f"{v / 1e9:.1f}", f"{100 * v / total:.1f}%"] for k, v in per_face.items()]
+                  + [["total", f"{total / 1e9:.1f}", "100%"]])
+    print(f"{target:g} faces/s needs {target * total / 1e12:.0f} TFLOP/s sustained over the whole call")
+    C.print_json({"benchmark": "sample_flops", "profile": args.profile, "steps": steps,
+                  "flops_per_face": total, "flops_per_face_by_part": per_face,
+                  "tflop_per_s_for_20_faces_per_s": target * total / 1e12})
     return 0
 
 

@@ -60,3 +60,15 @@ def test_harmonizer_attention_keeps_little_more_for_backward_than_stock_attentio
     # is kept (two SDPA calls + a blend kept 1.29x stock here).
     assert 1.0 < rows["1280 x 256", "gated"]["saved_over_stock"] < 1.15
     assert rows["1280 x 256", "sum"]["saved_bytes"] < rows["1280 x 256", "gated"]["saved_bytes"]
+
+
+def test_sd15_sampling_flops_per_face_by_part(capsys):
+    figures, out = run_script("sample", ["--profile", "sd15", "--flops-only", "--steps", "25"], capsys)
+    parts, total = figures["flops_per_face_by_part"], figures["flops_per_face"]
+    assert sum(parts.values()) == pytest.approx(total)
+    unet = parts["UNet x 25 steps"]
+    assert 0.78e12 < unet / 25 < 0.82e12  # SD-1.5 UNet at 64x64 latents, 20 context tokens
+    vae = parts["first stage encode (masked image)"] + parts["first stage decode"]
+    assert 0.10 < vae / total < 0.20 and parts["first stage decode"] > 2 * unet / 25
+    assert figures["tflop_per_s_for_20_faces_per_s"] == pytest.approx(20 * total / 1e12)
+    assert "faces/s needs" in out
