@@ -111,3 +111,49 @@ def test_speed_switches_on_cuda_keep_the_bf16_outputs_and_gradients(switches):
     (out0, grad0), (out1, grad1) = results
     torch.testing.assert_close(out1, out0, rtol=3e-2, atol=3e-2)  # bf16: ~3 significant digits
     torch.testing.assert_close(grad1, grad0, rtol=5e-2, atol=5e-3)
+
+
+def test_gated_harmonizer_attention_in_bf16_on_cuda_follows_fp32():
+    """The decoupled processor's own matmuls and fp32 softmax under bf16 autocast (scores rounded
+    to bf16, as diffusers' non-SDPA processors do) stay within bf16 error of the fp32 layer."""
+    from diffusers.models.attention_processor import Attention
+
+    from id2face.components.harmonizer import DecoupledCrossAttnProcessor, TimestepGate
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=320, cross_attention_dim=768, heads=8, dim_head=40).to(CUDA)
+    gate = TimestepGate(320, 64, 64).to(CUDA)
+    torch.nn.init.normal_(gate.mlp[-1].weight, std=0.5)
+    processor = DecoupledCrossAttnProcessor(4, gate=gate)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 1024, 320, generator=g).to(CUDA)
+    context, temb = torch.randn(4, 20, 768, generator=g).to(CUDA), torch.randn(4, 64, generator=g).to(CUDA)
+    results = []
+    for bf16 in (False, True):
+        x = hidden.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = processor(attn, x, context, harmonizer_temb=temb)
+        out.float().square().mean().backward()
+        results.append((out.float().detach(), x.grad))
+    (out32, grad32), (out16, grad16) = results
+    torch.testing.assert_close(out16, out32, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(grad16, grad32, rtol=5e-2, atol=5e-3)
+
+
+def test_sd_vae_switches_on_cuda_keep_the_bf16_latents_and_images():
+    from id2face.registry import FIRST_STAGES
+
+    config = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8)
+    images = (torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(CUDA)
+    results = []
+    for switches in ({}, {"channels_last": True, "compile": True}):
+        torch.manual_seed(3)
+        stage = FIRST_STAGES.build({"name": "sd_vae", "params": {"random_init": True, "config": config,
+                                                                 **switches}}).to(CUDA)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            latents = stage.encode(images)
+            results.append((latents.float(), stage.decode(latents).float()))
+    for switched, plain in zip(results[1], results[0]):  # bf16 through a whole VAE: a few elements
+        difference = (switched - plain).abs()            # differ by a rounding step or more
+        assert difference.mean() < 1e-2 and difference.max() < 0.15, (difference.mean(), difference.max())
