@@ -150,6 +150,22 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def saved_for_backward(fn: Callable[[], object]) -> int:
+    """Bytes autograd keeps for backward while ``fn()`` runs (each storage once, by its C++ identity,
+    so it also counts on the meta device); ``fn``'s result is dropped before returning."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
 def host_syncs(fn: Callable[[], object]) -> list[str]:
     """Where one call of ``fn`` made the host wait for the GPU (``torch.cuda.set_sync_debug_mode``);
     not the "prototype feature" notice the first switch to "warn" prints."""

@@ -41,21 +41,6 @@ def processors() -> dict[str, object]:
                 TimestepGate(width, TIME_EMBED_DIM, GATE_HIDDEN))}
 
 
-def saved_bytes(fn) -> int:
-    """Bytes autograd saves for backward during ``fn()`` (each storage once)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
-
-
 def measure(name: str, width: int, queries: int, batch: int, device: torch.device, bf16: bool,
             repeats: int) -> dict:
     from diffusers.models.attention_processor import Attention
@@ -82,7 +67,7 @@ def measure(name: str, width: int, queries: int, batch: int, device: torch.devic
     step()  # warm-up
     times = [C.timed(step, device) for _ in range(repeats)]
     return {"level": f"{width} x {queries}", "processor": name, "ms": 1e3 * C.median(times),
-            "saved_bytes": saved_bytes(forward)}
+            "saved_bytes": C.saved_for_backward(forward)}
 
 
 def main(argv=None) -> int:
