@@ -30,15 +30,21 @@ SD15_LEVELS = [(320, 64 * 64), (640, 32 * 32), (1280, 16 * 16), (1280, 8 * 8)]
 HEADS, CONTEXT_DIM, ID_TOKENS, ATTR_TOKENS, TIME_EMBED_DIM, GATE_HIDDEN = 8, 768, 4, 16, 64, 64
 
 
-def processors() -> dict[str, object]:
+PROCESSORS = ("stock", "sum", "gated")
+
+
+def make_processor(name: str, width: int):
+    """(processor, its gate module or None) for a layer of ``width``."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from id2face.components.harmonizer import DecoupledCrossAttnProcessor, TimestepGate
 
-    return {"stock": lambda width: (AttnProcessor2_0(), None),
-            "sum": lambda width: (DecoupledCrossAttnProcessor(ID_TOKENS), None),
-            "gated": lambda width: (lambda gate: (DecoupledCrossAttnProcessor(ID_TOKENS, gate=gate), gate))(
-                TimestepGate(width, TIME_EMBED_DIM, GATE_HIDDEN))}
+    if name == "stock":
+        return AttnProcessor2_0(), None
+    if name == "sum":
+        return DecoupledCrossAttnProcessor(ID_TOKENS), None
+    gate = TimestepGate(width, TIME_EMBED_DIM, GATE_HIDDEN)
+    return DecoupledCrossAttnProcessor(ID_TOKENS, gate=gate), gate
 
 
 def measure(name: str, width: int, queries: int, batch: int, device: torch.device, bf16: bool,
@@ -47,7 +53,7 @@ def measure(name: str, width: int, queries: int, batch: int, device: torch.devic
 
     torch.manual_seed(0)
     attn = Attention(query_dim=width, cross_attention_dim=CONTEXT_DIM, heads=HEADS, dim_head=width // HEADS).to(device)
-    processor, gate = processors()[name](width)
+    processor, gate = make_processor(name, width)
     if gate is not None:
         gate.to(device)
         torch.nn.init.normal_(gate.mlp[-1].weight, std=0.1)  # a trained gate: not constant 0.5
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
     rows = []
     for level in args.levels:
         width, queries = SD15_LEVELS[level]
-        for name in processors():
+        for name in PROCESSORS:
             rows.append(measure(name, width, queries, args.batch, device, args.bf16, args.repeats))
     stock = {r["level"]: r for r in rows if r["processor"] == "stock"}
     for r in rows:
