@@ -9,8 +9,8 @@
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents read from the batch),
 # harmonizer (one cross-attention layer per SD-1.5 level: decoupled processors vs stock),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
-# sample_compiled (+ channels_last + compile of the UNet and the VAE), fid, switches (cached step with plain AdamW, flash
-# attention only, gradient checkpointing: ~3 min).
+# sample_compiled (+ channels_last + compile of the UNet and the VAE), fid, switches (cached step
+# with plain AdamW, flash attention only, gradient checkpointing: ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}

@@ -94,10 +94,10 @@ def _read_key(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..anonymize import (AnonymizeSettings, Anonymizer, anonymize_files, build_audit_recognizer, check_paths,
-                             exit_code, load_model, plan_jobs, training_template)
     from omegaconf import OmegaConf
 
+    from ..anonymize import (AnonymizeSettings, Anonymizer, anonymize_files, build_audit_recognizer, check_paths,
+                             exit_code, load_model, plan_jobs, training_template)
     from ..data.prepare import FaceDetector
     from ..errors import UserError
     from ..precision import resolve_precision

@@ -152,7 +152,7 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
             identities = batch["identity"].to(device)
             with autocast(precision, device):
                 samples = [getattr(module.model, generate)(images, masks, generator=torch.Generator(device).manual_seed(
-                    seed * 1_000_003 + index * 101 + j)).float() for j in range(k)]
+                    seed * 1_000_003 + index * 101 + j)) for j in range(k)]
             anonymized = samples[0]
             for name, recognizer in recognizers.items():
                 original_emb, anonymized_emb = recognizer(images), recognizer(anonymized)
@@ -173,7 +173,7 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
             if reconstruction:
                 with autocast(precision, device):
                     rebuilt = module.model.reconstruct(images, masks, generator=torch.Generator(device).manual_seed(
-                        seed * 1_000_003 + index * 101 + 97)).float()
+                        seed * 1_000_003 + index * 101 + 97))
                 psnr.update(rebuilt, images)
                 ssim.update(rebuilt, images)
 
