@@ -36,3 +36,15 @@ def _restore_inductor_cache_dir():
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     else:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile state of no earlier test: a second model through the same compiled code object
+    (e.g. UNet2DConditionModel.forward with other shapes) makes dynamo recompile it with dynamic
+    shapes, which took a tiny training run's compile from 90 s to 240 s in the full suite."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

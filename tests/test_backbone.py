@@ -252,7 +252,7 @@ def test_sd15_shaped_unet_and_vae_build_and_round_trip_through_local_dirs(tmp_pa
                                     {"gradient_checkpointing": True},
                                     {"gradient_checkpointing": True, "sdpa_backends": ["math"]},
                                     pytest.param({"compile": True}, marks=pytest.mark.slow)])
-def test_speed_switches_keep_outputs_gradients_and_parameter_names(switch):
+def test_speed_switches_keep_outputs_gradients_and_parameter_names(switch, fresh_dynamo):
     """A speed switch changes how the UNet runs, never what it computes or how its weights are named."""
     results = []
     for params in ({}, switch):
@@ -275,7 +275,7 @@ def test_unknown_sdpa_backend_names_the_valid_ones():
 
 @pytest.mark.parametrize("switch", [{"channels_last": True},
                                     pytest.param({"channels_last": True, "compile": True}, marks=pytest.mark.slow)])
-def test_sd_vae_speed_switches_keep_latents_images_and_parameter_names(switch):
+def test_sd_vae_speed_switches_keep_latents_images_and_parameter_names(switch, fresh_dynamo):
     results = []
     for params in ({}, switch):
         torch.manual_seed(3)

@@ -100,7 +100,7 @@ def unet_inputs(n=4):
 @pytest.mark.parametrize("switches", [{"sdpa_backends": ["flash_attention"]},
                                       {"sdpa_backends": ["efficient_attention"]},
                                       {"channels_last": True, "compile": True}], ids=["flash", "efficient", "cl+compile"])
-def test_speed_switches_on_cuda_keep_the_bf16_outputs_and_gradients(switches):
+def test_speed_switches_on_cuda_keep_the_bf16_outputs_and_gradients(switches, fresh_dynamo):
     results = []
     for params in ({"sdpa_backends": ["math"]}, switches):
         backbone = tiny_unet(**params).train()
@@ -140,7 +140,7 @@ def test_gated_harmonizer_attention_in_bf16_on_cuda_follows_fp32():
     torch.testing.assert_close(grad16, grad32, rtol=5e-2, atol=5e-3)
 
 
-def test_sd_vae_switches_on_cuda_keep_the_bf16_latents_and_images():
+def test_sd_vae_switches_on_cuda_keep_the_bf16_latents_and_images(fresh_dynamo):
     from id2face.registry import FIRST_STAGES
 
     config = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,

@@ -66,3 +66,18 @@ def test_cli_rejects_missing_sweep_file_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "id2face.cli", "sweep", str(tmp_path / "nope.yaml"), "--dry-run"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "not found" in out.stderr
+
+
+def test_local_launch_starts_each_task_with_fresh_compile_state(tmp_path, monkeypatch):
+    """Tasks share one process locally: compiled code of one task's model must not make the next
+    one's compile with dynamic shapes (each SLURM task has a process of its own)."""
+    import torch
+
+    from id2face.launch import launchers
+
+    sweep = load_sweep(write(tmp_path, "base: [tiny]\nseeds: [0, 1, 2]\n"))
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    monkeypatch.setattr(launchers, "run_task", lambda task: events.append(task.name) or {"task": task.name})
+    assert launchers.launch_local(sweep) == [{"task": t.name} for t in sweep.tasks]
+    assert events == ["reset", "tiny/base/seed0", "reset", "tiny/base/seed1", "reset", "tiny/base/seed2"]

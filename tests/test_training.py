@@ -106,7 +106,7 @@ def test_a_cache_dir_the_user_chose_is_kept(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_kernels_are_cached_beside_the_runs(tmp_path, monkeypatch):
+def test_compiled_kernels_are_cached_beside_the_runs(tmp_path, monkeypatch, fresh_dynamo):
     """A requeued run on another node finds them on the shared file system (~70 s: one CPU compile)."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # conftest restores it
     root = tmp_path / "runs"

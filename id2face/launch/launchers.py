@@ -19,9 +19,15 @@ def run_task(task: SweepTask) -> dict:
 
 
 def launch_local(sweep: Sweep) -> list[dict]:
+    import torch
+
     results = []
     for i, task in enumerate(sweep.tasks, 1):
         print(f"[{i}/{len(sweep.tasks)}] {task.name}", file=sys.stderr, flush=True)
+        # Each task as if in its own process (as under SLURM): with backbone compile on, a second
+        # model through the same compiled forward would be recompiled with dynamic shapes (slower
+        # to compile and to run; a tiny CPU run's compile went from 90 s to 240 s that way).
+        torch._dynamo.reset()
         results.append(run_task(task))
     return results
 
