@@ -67,8 +67,10 @@ def main(argv=None) -> int:
     device = C.resolve_device(args.device)
     from id2face.registry import GUIDANCES, SAMPLERS
 
-    switches = [f"model.{role}.params.{key}=true" for role in switched_roles(args)
-                for key, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on]
+    from id2face.model import speed_switch_overrides
+
+    chosen = tuple(key for key, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
+    switches = speed_switch_overrides(C.profile_config(args.profile, args.override).model, chosen)
     model, cfg = C.build_model(args.profile, device, [*args.override, *switches], seed=args.seed)
     model.eval()
     size = C.PROFILE_IMAGE_SIZE[args.profile]
@@ -156,12 +158,6 @@ def flops_only(args) -> int:
                   "flops_per_face": total, "flops_per_face_by_part": per_face,
                   "tflop_per_s_for_20_faces_per_s": target * total / 1e12})
     return 0
-
-
-def switched_roles(args) -> list[str]:
-    """The components that take the speed switches: the backbone, and an SD VAE first stage."""
-    first_stage = C.profile_config(args.profile, args.override).model.first_stage
-    return ["backbone"] + (["first_stage"] if first_stage.name == "sd_vae" else [])
 
 
 def call_breakdown(model, call, device) -> dict[str, float]:

@@ -183,14 +183,20 @@ def _drop_stale(parent: dict, key: str, reference) -> list[str]:
     return [f"{child}.{rest}" if rest else child for child in list(node) for rest in _drop_stale(node, child, ref)]
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False):
     """The ``ID2Face`` of a training checkpoint with its EMA weights (the ones ``ID2FaceModule``
-    samples with), in eval mode on ``device``; returns ``(model, cfg, info)``."""
+    samples with), in eval mode on ``device``; returns ``(model, cfg, info)``. ``compile``: the
+    speed switches on (channels_last + torch.compile of the UNet and an SD VAE first stage),
+    whatever the checkpoint trained with; they change how the model runs, not its weights."""
     import warnings
 
+    from .config import merge_layer, parse_overrides
     from .lit_module import ID2FaceModule
+    from .model import speed_switch_overrides
 
     cfg, state, source = read_checkpoint_config(checkpoint)
+    if compile:
+        cfg = merge_layer(cfg, parse_overrides(speed_switch_overrides(cfg.model)), "--compile")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
         module = ID2FaceModule(cfg)
@@ -207,7 +213,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
                 live.copy_(average)
     model = module.model.to(device).eval()
     info = {"checkpoint": str(checkpoint), "config_source": source, "ema_weights": averaged > 0,
-            "ema_updates": averaged}
+            "ema_updates": averaged, "compiled": bool(compile)}
     return model, cfg, info
 
 
@@ -1031,7 +1037,7 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
 
     summary = summarize(jobs, sidecars, skipped, seconds, faces_this_run, anonymizer)
     summary["settings"] = settings
-    summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template")}
+    summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled")}
     write_atomic(target / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 

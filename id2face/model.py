@@ -92,6 +92,19 @@ def build_components(model_cfg: Mapping[str, Any]) -> dict[str, nn.Module]:
     return built
 
 
+SPEED_SWITCHES = ("channels_last", "compile")
+
+
+def speed_switch_overrides(model_cfg: Mapping[str, Any], switches: tuple[str, ...] = SPEED_SWITCHES) -> list[str]:
+    """``model.<role>.params.<switch>=true`` for every role whose configured variant takes the
+    switch (the UNet backbone; the SD VAE first stage, not the pixel one)."""
+    def name(node):
+        return node if isinstance(node, str) else node["name"]
+
+    return [f"model.{role}.params.{switch}=true" for role, registry in MODEL_ROLES.items()
+            for switch in switches if registry.declares(name(model_cfg[role]), switch)]
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) number of parameters, each shared tensor counted once."""
     params = list(module.parameters())

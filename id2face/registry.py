@@ -57,6 +57,11 @@ class Registry:
             )
         return self._entries[name]
 
+    def declares(self, name: str, param: str) -> bool:
+        """Whether variant ``name``'s constructor names ``param`` (not merely takes ``**kwargs``)."""
+        accepted = _accepted_kwargs(self.get(name))
+        return accepted is not None and param in accepted
+
     def __contains__(self, name: str) -> bool:
         self._load()
         return name in self._entries

@@ -330,6 +330,28 @@ def test_sampling_runs_in_the_chosen_precision_and_pseudonyms_do_not_depend_on_i
         anonymizer(loaded, precision="fp8")
 
 
+def test_compile_switches_the_loaded_model_without_touching_its_weights(checkpoint, loaded):
+    model, _, info = load_model(checkpoint, compile=True)
+    unet = model.backbone.unet
+    assert info["compiled"] and unet._compiled_call_impl is not None  # nn.Module.compile, in place
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    eager = loaded[0].state_dict()
+    assert all(torch.equal(v, eager[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):
+    """~40 s: one CPU compile of the tiny UNet's forward."""
+    detector = GroundTruthDetector()
+    photo, _ = compose(detector, skimage_data.coffee(), [(0, 0, 30, 40), (1, 0, 300, 120)])
+    compiled_model, cfg, info = load_model(checkpoint, compile=True)
+    engines = anonymizer(loaded, detector=detector), anonymizer((compiled_model, cfg, info, loaded[3]), detector=detector)
+    results = [engine.anonymize_photos([photo])[0] for engine in engines]  # both seed 0: the same noise
+    assert [f["status"] for r in results for f in r.faces] == ["anonymized"] * 4
+    difference = np.abs(results[0].pixels.astype(np.int16) - results[1].pixels.astype(np.int16))
+    assert difference.max() <= 2  # same numbers up to float reassociation, after uint8 rounding
+
+
 def test_keyed_pseudonyms_follow_the_person_across_photos(loaded, dlib):
     """Identity 0 appears in two photos (other background, place and size): one cluster, one
     substitute latent. Clustering uses dlib (the tiny test encoder, untrained, maps every face to

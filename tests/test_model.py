@@ -7,7 +7,8 @@ from torch.utils.data import default_collate
 
 from id2face.components.backbone import PREDICTION_TYPES
 from id2face.config import load_config
-from id2face.model import FROZEN_ROLES, ID2Face, IdentityTokens, build_components, count_parameters
+from id2face.model import (FROZEN_ROLES, ID2Face, IdentityTokens, build_components, count_parameters,
+                           speed_switch_overrides)
 from id2face.registry import MODEL_ROLES
 
 pytestmark = pytest.mark.filterwarnings("ignore:tiny identity encoder has no weights")
@@ -48,6 +49,16 @@ def test_build_components_gives_every_role_and_the_token_mlp():
     assert len(components["harmonizer"].gates) == sum(
         name.endswith("attn2.processor") for name in components["backbone"].unet.attn_processors)
     assert components["harmonizer"].registered_name == "gated"
+
+
+def test_speed_switches_go_to_the_roles_whose_variants_declare_them():
+    assert speed_switch_overrides(load_config(["tiny"]).model) == [  # pixel first stage: nothing to switch
+        "model.backbone.params.channels_last=true", "model.backbone.params.compile=true"]
+    assert speed_switch_overrides(load_config([]).model, ("compile",)) == [
+        "model.first_stage.params.compile=true", "model.backbone.params.compile=true"]
+    # variants that take **kwargs (e.g. guidance none) are not said to declare a switch
+    assert not MODEL_ROLES["guidance"].declares("none", "compile")
+    assert MODEL_ROLES["first_stage"].declares("sd_vae", "channels_last")
 
 
 def test_count_parameters_counts_shared_tensors_once():
