@@ -2,7 +2,7 @@
 
     python benchmarks/anonymize_throughput.py [--photos 12] [--faces-per-photo 4] [--batch-sizes 1 4 16]
         [--steps N] [--checkpoint CKPT] [--device cpu|cuda] [--precision auto|32-true|bf16-mixed|16-mixed]
-        [--threads 1]
+        [--compile] [--threads 1]
 
 Writes N photos (640 x 480 skimage backgrounds, each with K SynthFaces faces of 112-128 px that
 MTCNN detects), then runs the whole file pipeline (`anonymize_files`: decode, MTCNN, alignment,
@@ -75,6 +75,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", help="an `id2face train` checkpoint (default: the untrained tiny model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", help="sampling precision, as `id2face anonymize --precision`")
+    parser.add_argument("--compile", action="store_true", help="speed switches, as `id2face anonymize --compile`")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,7 +92,7 @@ def main() -> int:
         make_photos(photos, args.photos, args.faces_per_photo)
         make_photos(warm, 1, args.faces_per_photo, seed=1)
         checkpoint = Path(args.checkpoint) if args.checkpoint else untrained_checkpoint(tmp / "tiny.ckpt")
-        model, cfg, info = load_model(checkpoint, args.device)
+        model, cfg, info = load_model(checkpoint, args.device, compile=args.compile)
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
@@ -126,7 +127,8 @@ def main() -> int:
     steps = args.steps or int(cfg.model.sampler.params.num_inference_steps)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}"
     print(f"anonymize throughput: {args.photos} photos 640x480 x {args.faces_per_photo} SynthFaces faces; model "
-          f"{checkpoint.name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}; "
+          f"{checkpoint.name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
+          f"{', compiled' if args.compile else ''}; "
           f"device {args.device} ({device}), "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")
     print(f"MTCNN detection alone: {detect_seconds:.2f} s for {args.photos} photos "
@@ -138,7 +140,8 @@ def main() -> int:
               f"{r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}")
     best = max(rows, key=lambda r: r["faces_per_s"])
     print(json.dumps({"benchmark": "anonymize_throughput", "device": args.device, "threads": args.threads,
-                      "steps": steps, "image_size": size, "precision": precision, "faces_per_s": best["faces_per_s"],
+                      "steps": steps, "image_size": size, "precision": precision, "compile": args.compile,
+                      "faces_per_s": best["faces_per_s"],
                       "best_batch_size": best["batch_size"],
                       "detect_photos_per_s": round(args.photos / detect_seconds, 3),
                       "rows": rows}))
