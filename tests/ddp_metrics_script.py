@@ -98,6 +98,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result = compute_metrics(rank)
         result["world_size"] = dist.get_world_size()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result, indent=2))
+        # Neither rank tears gloo down while the other may still use it: without this, a rank
+        # once died with "terminate called without an active exception" (SIGABRT) at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
