@@ -341,11 +341,12 @@ def test_compile_switches_the_loaded_model_without_touching_its_weights(checkpoi
 
 @pytest.mark.slow
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):
-    """~40 s: one CPU compile of the tiny UNet's forward."""
+    """~30 s: one CPU compile of the tiny UNet's forward."""
     detector = GroundTruthDetector()
     photo, _ = compose(detector, skimage_data.coffee(), [(0, 0, 30, 40), (1, 0, 300, 120)])
     compiled_model, cfg, info = load_model(checkpoint, compile=True)
-    engines = anonymizer(loaded, detector=detector), anonymizer((compiled_model, cfg, info, loaded[3]), detector=detector)
+    engines = (anonymizer(loaded, detector=detector),
+               anonymizer((compiled_model, cfg, info, loaded[3]), detector=detector))
     results = [engine.anonymize_photos([photo])[0] for engine in engines]  # both seed 0: the same noise
     assert [f["status"] for r in results for f in r.faces] == ["anonymized"] * 4
     difference = np.abs(results[0].pixels.astype(np.int16) - results[1].pixels.astype(np.int16))
