@@ -43,7 +43,7 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
 
 # Time caps keep the default parts under 5 minutes (a retry after an out-of-memory failure adds one).
 want eager && train 80 8 1 --bf16 --breakdown
-want cached && train 80 8 1 --bf16 --cached-latents --breakdown
+want cached && train 90 8 1 --bf16 --cached-latents --breakdown --back-to-back 4
 if want harmonizer; then
   echo; echo "== harmonizer cross-attention layer vs stock, SD-1.5 levels, batch $BATCH, bf16"
   timeout 40 "$PY" benchmarks/harmonizer_attention.py --device cuda --bf16 --batch "$BATCH" --repeats 10 \

@@ -1,8 +1,8 @@
 """Full ID²Face training step vs the bare diffusers UNet step, in one process on the same inputs.
 
-    python benchmarks/train_step.py --profile tiny|sd15 [--batch N] [--steps N] [--warmup N]
+    python benchmarks/train_step.py --profile tiny|sd15 [--batch N] [--steps N] [--warmup N] [--back-to-back K]
         [--device cpu|cuda] [--bf16] [--channels-last] [--compile] [--cached-latents] [--peak-flops F]
-        [--threads T] [--breakdown] [--flops-only]
+        [--threads T] [--breakdown] [--flops-only] [--traffic [--bandwidth B]]
 
 ``--batch``: images denoised per step (even). The full step takes a pair batch of batch/2 pairs
 and runs ``ID2Face.training_losses`` (frozen identity encoder and first stage, identity VAE,
@@ -17,6 +17,9 @@ of one step above the pre-step level (CUDA: exact; CPU: sampled RSS, approximate
 (``FlopCounterMode``, eager) and on CUDA the model FLOPs utilisation against ``--peak-flops``.
 With CUDA, one extra step of each runs under ``torch.cuda.set_sync_debug_mode("warn")`` to count
 host-device synchronisations. Last line: one JSON object (``ratio_full_over_bare``, ...).
+``--traffic``: no timing either; one steady-state step of each counted on fake tensors (any machine,
+SD-1.5 size in seconds): eager kernels, bytes moved, FLOPs and their per-op roofline bound on
+a GPU of ``--peak-flops`` and ``--bandwidth`` (``_traffic.py``), and the ops where the two differ.
 
 Profiles: ``tiny`` = the packaged tiny config (pixel first stage, 32 px, 7 input channels);
 ``sd15`` = default.yaml with a random-init SD-1.5 AutoencoderKL first stage (512 px images,
@@ -45,6 +48,10 @@ def parse_args(argv=None):
                         help="images denoised per step, even (default: tiny 16, sd15 32)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each model first")
+    parser.add_argument("--back-to-back", type=int, default=0, metavar="K",
+                        help="also time K steps of each model with no host wait between them (as a training "
+                             "loop without syncs runs them: the GPU queue never drains), in max(1, steps / K) "
+                             "blocks; 0: off")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast around forward + loss")
     parser.add_argument("--channels-last", action="store_true", help="UNets and their inputs in channels_last")
@@ -64,6 +71,12 @@ def parse_args(argv=None):
     parser.add_argument("--flops-only", action="store_true",
                         help="no timing: build both on the meta device and print FLOPs per image by role "
                              "(works for sd15 on any machine)")
+    parser.add_argument("--traffic", action="store_true",
+                        help="no timing: count one step of each on fake tensors (any machine): eager kernels, "
+                             "bytes moved, FLOPs, per-op roofline bound on --peak-flops / --bandwidth")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="device memory bandwidth in bytes/s for --traffic (default 3.35e12, H100 HBM3)")
+    parser.add_argument("--top", type=int, default=12, help="--traffic: ops listed where full and bare differ")
     args = parser.parse_args(argv)
     if args.breakdown and args.compile:
         parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
@@ -88,15 +101,23 @@ def with_cached_latents(model, batch):
     return out
 
 
-def flops_only(args) -> int:
-    """FLOPs of one full and one bare training step, counted on meta tensors (no memory, no compute)."""
+def build_on_meta(args):
+    """(ours, its config, the bare UNet of the same config), parameters on the meta device."""
     from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
 
     device = torch.device("meta")
     with device:
         model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
         bare = UNet2DConditionModel.from_config(model.backbone.unet.config)
+    return model, cfg, bare
+
+
+def flops_only(args) -> int:
+    """FLOPs of one full and one bare training step, counted on meta tensors (no memory, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device("meta")
+    model, cfg, bare = build_on_meta(args)
     # One pair: per-image FLOPs do not depend on the batch, except the alignment's N x N batch
     # statistics (negligible; skipped below N = 4), whose fp32 autocast guard cannot run on meta.
     n = 2
@@ -126,10 +147,93 @@ def flops_only(args) -> int:
     return 0
 
 
+def traffic_only(args) -> int:
+    """Kernels, bytes and FLOPs of one steady-state training step of each model on fake tensors."""
+    import _traffic as T
+
+    bandwidth = args.bandwidth or T.DEFAULT_BANDWIDTH
+    model, cfg, bare = build_on_meta(args)
+    # Real CPU modules with uninitialised storage (values are never read under fake tensors).
+    model.to_empty(device="cpu").train()
+    bare.to_empty(device="cpu").train()
+    device = torch.device("cpu")
+    images_per_step = args.batch
+    with T.fake_cpu():
+        batch = C.pair_batch(images_per_step // 2, C.PROFILE_IMAGE_SIZE[args.profile], device, seed=args.seed)
+        if args.cached_latents:
+            batch = with_cached_latents(model, batch)
+        h = C.PROFILE_IMAGE_SIZE[args.profile] // model.first_stage.downscale
+        channels = int(bare.config.out_channels)
+        noise = torch.randn(images_per_step, channels, h, h)
+        timesteps = torch.randint(0, model.scheduler.num_train_timesteps, (images_per_step,))
+        tokens = model.identity_tokens.num_tokens + int(cfg.model.attribute_encoder.params.num_tokens)
+        bare_sample = torch.randn(images_per_step, bare.config.in_channels, h, h)
+        bare_context = torch.randn(images_per_step, tokens, int(cfg.model.context_dim))
+
+        def step_of(params, loss_fn):
+            # Fake copies carry the optimizer (fake gradients cannot go into real parameters' .grad).
+            shadows = [torch.empty_like(p) for p in params]
+            optimizer = torch.optim.AdamW(shadows, lr=1e-4, weight_decay=0.01, fused=not args.no_fused)
+
+            def step():
+                with C.autocast(device, args.bf16):
+                    loss = loss_fn()
+                for shadow, grad in zip(shadows, torch.autograd.grad(loss, params)):
+                    shadow.grad = grad
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return step
+
+        steps = {
+            "full": step_of([p for p in model.parameters() if p.requires_grad],
+                            lambda: model.training_losses(batch, noise=noise, timesteps=timesteps)["loss"]),
+            "bare": step_of(list(bare.parameters()),
+                            lambda: F.mse_loss(bare(bare_sample, timesteps, encoder_hidden_states=bare_context,
+                                                    return_dict=False)[0].float(), noise.float())),
+        }
+        traffic = {}
+        for name, step in steps.items():
+            step()  # the optimizer's first step allocates its state: count a later one
+            traffic[name] = T.count_traffic(step, args.peak_flops, bandwidth)
+
+    full, bare_t = traffic["full"], traffic["bare"]
+    print(f"one training step counted on fake tensors, profile {args.profile}: {images_per_step} images, "
+          f"bf16={args.bf16} cached_latents={args.cached_latents} fused_adamw={not args.no_fused}; roofline: "
+          f"per aten op max(FLOPs / {args.peak_flops:.3g}, bytes / {bandwidth:.3g} B/s), summed")
+    rows = [[name, str(t.kernels), f"{t.bytes / 1e9:.1f}", f"{t.flops / images_per_step / 1e9:.1f}",
+             f"{1e3 * t.roofline_s:.1f}"] for name, t in traffic.items()]
+    rows.append(["full / bare", f"{full.kernels / bare_t.kernels:.3f}", f"{full.bytes / bare_t.bytes:.3f}",
+                 f"{full.flops / bare_t.flops:.3f}", f"{full.roofline_s / bare_t.roofline_s:.3f}"])
+    C.print_table(["step", "kernels", "GB moved", "GFLOP/img", "roofline ms"], rows)
+
+    names = set(full.by_op) | set(bare_t.by_op)
+    zero = T.OpCost()
+    delta = {n: (full.by_op.get(n, zero), bare_t.by_op.get(n, zero)) for n in names}
+    top = sorted(delta, key=lambda n: -abs(delta[n][0].roofline_s - delta[n][1].roofline_s))[:args.top]
+    print(f"aten ops where full and bare differ most (by roofline time)")
+    C.print_table(["op", "kernels full / bare", "GB full / bare", "roofline ms full - bare"],
+                  [[n, f"{delta[n][0].kernels} / {delta[n][1].kernels}",
+                    f"{delta[n][0].bytes / 1e9:.2f} / {delta[n][1].bytes / 1e9:.2f}",
+                    f"{1e3 * (delta[n][0].roofline_s - delta[n][1].roofline_s):+.2f}"] for n in top])
+    C.print_json({
+        "benchmark": "train_step_traffic", "profile": args.profile, "batch_images": images_per_step,
+        "bf16": args.bf16, "cached_latents": args.cached_latents, "peak_flops": args.peak_flops,
+        "bandwidth": bandwidth, "overrides": list(args.override),
+        **{name: {"kernels": t.kernels, "bytes": t.bytes, "flops": t.flops, "roofline_s": t.roofline_s}
+           for name, t in traffic.items()},
+        "kernel_ratio_full_over_bare": full.kernels / bare_t.kernels,
+        "byte_ratio_full_over_bare": full.bytes / bare_t.bytes,
+        "roofline_ratio_full_over_bare": full.roofline_s / bare_t.roofline_s,
+    })
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.flops_only:
         return flops_only(args)
+    if args.traffic:
+        return traffic_only(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.resolve_device(args.device)
@@ -231,6 +335,15 @@ def main(argv=None) -> int:
         for name in order:
             times[name].append(C.timed(steps[name], device))
 
+    # Each timed step above starts with an empty GPU queue, so a step's host-bound start (our
+    # conditioning networks' small kernels) is exposed; back to back, it overlaps the previous step.
+    back_to_back = {"full": [], "bare": []}
+    if args.back_to_back:
+        k = args.back_to_back
+        for block in range(max(1, args.steps // k)):
+            for name in (("full", "bare") if block % 2 == 0 else ("bare", "full")):
+                back_to_back[name].append(C.timed(lambda: [steps[name]() for _ in range(k)], device) / k)
+
     breakdown = step_breakdown(model, bare, steps, device) if args.breakdown else None
 
     figures = {
@@ -256,13 +369,20 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             entry["mfu"] = flops / t / args.peak_flops
             entry["host_syncs_per_step"] = syncs.get(name)
+        if back_to_back[name]:
+            entry["back_to_back_step_s"] = C.median(back_to_back[name])
         figures[name] = entry
         rows.append([name, f"{t * 1e3:.1f}", f"{images_per_step / t:.1f}", f"{entry['trainable_params'] / 1e6:.2f}",
                      f"{entry['state_bytes'] / 2**20:.0f}", f"{entry['step_peak_bytes'] / 2**20:.0f}",
                      f"{flops / images_per_step / 1e9:.2f}", f"{entry['tflop_per_s']:.3f}",
                      f"{100 * entry['mfu']:.1f}" if "mfu" in entry else "-",
-                     entry.get("host_syncs_per_step", "-")])
+                     entry.get("host_syncs_per_step", "-"),
+                     f"{entry['back_to_back_step_s'] * 1e3:.1f}" if back_to_back[name] else "-"])
     figures["ratio_full_over_bare"] = figures["full"]["step_s"] / figures["bare"]["step_s"]
+    figures["back_to_back"] = args.back_to_back
+    if args.back_to_back:
+        figures["ratio_full_over_bare_back_to_back"] = (figures["full"]["back_to_back_step_s"]
+                                                        / figures["bare"]["back_to_back_step_s"])
     figures["flop_ratio_full_over_bare"] = full_flops / bare_flops
     figures["full_flops_by_role"] = flops_by_role
     if device.type == "cuda":
@@ -275,9 +395,10 @@ def main(argv=None) -> int:
           f"cached_latents={args.cached_latents}; "
           f"median of {args.steps} interleaved steps after {args.warmup} warm-up")
     C.print_table(["step", "ms", "img/s", "Mparams", "state MiB", "step MiB", "GFLOP/img", "TFLOP/s", "MFU %",
-                   "syncs"], rows)
+                   "syncs", f"ms, {args.back_to_back} back to back"], rows)
     print(f"ratio full / bare: {figures['ratio_full_over_bare']:.3f} (FLOPs ratio "
-          f"{figures['flop_ratio_full_over_bare']:.3f})")
+          f"{figures['flop_ratio_full_over_bare']:.3f})"
+          + (f"; back to back: {figures['ratio_full_over_bare_back_to_back']:.3f}" if args.back_to_back else ""))
     share = {k: f"{100 * v / full_flops:.1f}%" for k, v in sorted(flops_by_role.items(), key=lambda kv: -kv[1]) if v}
     print("full-step FLOPs by role: " + ", ".join(f"{k} {v}" for k, v in share.items()))
     if breakdown is not None:

@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny, CPU) and their figures hang together; no timing is asserted."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,11 @@ def run_script(name, argv, capsys) -> tuple[dict, str]:
 
 def test_train_step_with_cached_latents_and_breakdown(capsys):
     figures, out = run_script("train_step", ["--profile", "tiny", "--device", "cpu", "--batch", "4", "--steps", "1",
-                                             "--warmup", "1", "--cached-latents", "--breakdown"], capsys)
+                                             "--warmup", "1", "--cached-latents", "--breakdown", "--back-to-back", "1"],
+                              capsys)
     assert figures["cached_latents"] and figures["ratio_full_over_bare"] > 0
+    assert figures["ratio_full_over_bare_back_to_back"] == pytest.approx(
+        figures["full"]["back_to_back_step_s"] / figures["bare"]["back_to_back_step_s"])
     assert 1.0 < figures["flop_ratio_full_over_bare"] < 1.05
     full, bare = figures["breakdown_s"]["full"], figures["breakdown_s"]["bare"]
     assert "first_stage" not in full  # cached: the step encoded nothing
@@ -72,3 +76,51 @@ def test_sd15_sampling_flops_per_face_by_part(capsys):
     assert 0.10 < vae / total < 0.20 and parts["first stage decode"] > 2 * unet / 25
     assert figures["tflop_per_s_for_20_faces_per_s"] == pytest.approx(20 * total / 1e12)
     assert "faces/s needs" in out
+
+
+def load_traffic_module():
+    spec = importlib.util.spec_from_file_location("bench_traffic", BENCHMARKS / "_traffic.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_traffic_counter_counts_a_layer_as_cuda_autocast_runs_it():
+    torch = pytest.importorskip("torch")
+    T = load_traffic_module()
+    layer = torch.nn.Linear(64, 32, bias=False)
+    norm = torch.nn.GroupNorm(4, 32)
+    with T.fake_cpu():
+        x = torch.randn(16, 64)
+
+        outputs = []
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs.append(norm(layer(x)[:, :, None]))
+
+        traffic = T.count_traffic(forward, peak_flops=1e12, bandwidth=1e9)
+    assert outputs[0].dtype == torch.float32  # GroupNorm in fp32, as CUDA's autocast runs it
+    mm = traffic.by_op["mm"]
+    assert (mm.kernels, mm.flops) == (1, 2 * 16 * 64 * 32)
+    assert mm.bytes == 2 * (16 * 64 + 64 * 32 + 16 * 32)  # bf16 input, weight and output
+    assert mm.roofline_s == pytest.approx(mm.bytes / 1e9)  # memory-bound at these rates
+    # input and weight cast to bf16, the product cast back to fp32 for the norm
+    assert traffic.by_op["_to_copy"].kernels == 3
+    assert traffic.by_op["native_group_norm"].kernels == 1
+    assert "view" not in traffic.by_op and "unsqueeze" not in traffic.by_op  # views move nothing
+    assert traffic.kernels == sum(c.kernels for c in traffic.by_op.values()) == 5
+
+
+def test_sd15_step_traffic_on_fake_tensors(capsys):
+    """The whole SD-1.5-size step of both models, counted without memory or compute."""
+    figures, out = run_script("train_step", ["--profile", "sd15", "--traffic", "--bf16", "--cached-latents"], capsys)
+    full, bare = figures["full"], figures["bare"]
+    assert 1.0 < full["flops"] / bare["flops"] < 1.02  # as --flops-only counts it
+    assert 2.3e12 < bare["flops"] / 32 < 2.6e12  # 2.39 TFLOP/img (+ the optimizer's share)
+    assert full["kernels"] > bare["kernels"] and full["bytes"] > bare["bytes"]
+    # A lower bound: the bare step took 359 ms on an H100 (BENCHMARKS.md).
+    assert 0.1 < bare["roofline_s"] < 0.359
+    assert figures["roofline_ratio_full_over_bare"] == pytest.approx(full["roofline_s"] / bare["roofline_s"])
+    assert "roofline ms" in out

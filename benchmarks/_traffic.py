@@ -1,0 +1,155 @@
+"""What one eager step asks of a GPU, counted without one: FLOPs, bytes moved and kernels, per aten op.
+
+The step runs on fake tensors (``FakeTensorMode``: shapes and dtypes, no data, no compute), so an
+SD-1.5-size training step counts in seconds on any machine. Each aten op that computes something
+is one eager kernel (or a few: a lower bound); it reads its tensor inputs and writes its outputs,
+so its traffic is their sizes (views and allocations move nothing). Its roofline time is
+``max(FLOPs / peak, bytes / bandwidth)``, and the sum over ops bounds the eager step's GPU time
+from below: no kernel runs faster than its FLOPs or its memory traffic allow, and eager mode fuses
+nothing across ops. Real kernels reach neither peak (the measured bare SD-1.5 step took ~2x its
+bound), so use the figures to compare two steps, not to predict one.
+
+bf16 autocast: CUDA's autocast cannot be entered without a device, so the counts run under the
+CPU's, which lowers the same matmul / convolution / attention ops to bf16, plus a function mode
+that runs what CUDA's autocast keeps in fp32 (normalisations, softmax, losses) in fp32, as on
+the GPU: that decides the bytes of the memory-bound ops around every norm.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+aten = torch.ops.aten
+
+# H100 SXM HBM3 (spec sheet); the FLOP peak is _common.DEFAULT_PEAK_FLOPS.
+DEFAULT_BANDWIDTH = 3.35e12
+
+# Functions CUDA's autocast runs in fp32 whatever their input dtype (a subset of its fp32 list:
+# the ones these models call on activations).
+CUDA_AUTOCAST_FP32 = frozenset({
+    F.group_norm, F.layer_norm, F.softmax, F.log_softmax, torch.softmax, torch.Tensor.softmax,
+    torch.log_softmax, torch.Tensor.log_softmax, F.mse_loss, F.cosine_similarity, torch.logsumexp,
+})
+
+# Ops that move no data: views, allocations without a fill, metadata.
+_NO_TRAFFIC = frozenset({
+    aten.detach, aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
+    aten.lift_fresh, aten.alias, aten._unsafe_view, aten.set_,
+})
+
+
+def _flop_formulas() -> dict:
+    from torch.utils.flop_counter import flop_registry
+
+    formulas = dict(flop_registry)
+    # The CPU flash kernel the fake CPU step dispatches to has the CUDA kernels' arithmetic.
+    formulas[aten._scaled_dot_product_flash_attention_for_cpu] = flop_registry[aten._scaled_dot_product_flash_attention]
+    formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+        flop_registry[aten._scaled_dot_product_flash_attention_backward]
+    return formulas
+
+
+class CudaAutocastFp32(TorchFunctionMode):
+    """Under an active CPU autocast, runs ``CUDA_AUTOCAST_FP32`` functions on fp32 inputs with
+    autocast off, as CUDA's autocast does (the casts are real ops, counted and differentiated)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in CUDA_AUTOCAST_FP32 and torch.is_autocast_enabled("cpu"):
+            def fp32(x):
+                return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+            with torch.autocast("cpu", enabled=False):
+                return func(*[fp32(a) for a in args], **{k: fp32(v) for k, v in kwargs.items()})
+        return func(*args, **kwargs)
+
+
+@dataclass
+class OpCost:
+    kernels: int = 0
+    flops: int = 0
+    bytes: int = 0
+    roofline_s: float = 0.0
+
+    def add(self, flops: int, nbytes: int, seconds: float) -> None:
+        self.kernels += 1
+        self.flops += flops
+        self.bytes += nbytes
+        self.roofline_s += seconds
+
+
+@dataclass
+class Traffic:
+    """Totals of one counted call and the same per aten op (``by_op``: name -> OpCost)."""
+
+    by_op: dict[str, OpCost] = field(default_factory=lambda: defaultdict(OpCost))
+
+    @property
+    def kernels(self) -> int:
+        return sum(c.kernels for c in self.by_op.values())
+
+    @property
+    def flops(self) -> int:
+        return sum(c.flops for c in self.by_op.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.bytes for c in self.by_op.values())
+
+    @property
+    def roofline_s(self) -> float:
+        return sum(c.roofline_s for c in self.by_op.values())
+
+
+class TrafficCounter(TorchDispatchMode):
+    def __init__(self, peak_flops: float, bandwidth: float):
+        super().__init__()
+        self.peak_flops, self.bandwidth = peak_flops, bandwidth
+        self.formulas = _flop_formulas()
+        self.traffic = Traffic()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if func.namespace != "aten" or func.is_view or packet in _NO_TRAFFIC:
+            return out
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not outputs:  # size / device / scalar queries
+            return out
+        tensors = {id(t): t for t in [*tree_leaves((args, kwargs)), *outputs] if isinstance(t, torch.Tensor)}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        flops = int(self.formulas[packet](*args, **kwargs, out_val=out)) if packet in self.formulas else 0
+        seconds = max(flops / self.peak_flops, nbytes / self.bandwidth)
+        self.traffic.by_op[str(packet).removeprefix("aten.")].add(flops, nbytes, seconds)
+        return out
+
+
+def count_traffic(fn: Callable[[], object], peak_flops: float, bandwidth: float = DEFAULT_BANDWIDTH) -> Traffic:
+    """Counts ``fn()``, which must run on fake tensors (see ``fake_cpu``) so that nothing is computed."""
+    counter = TrafficCounter(peak_flops, bandwidth)
+    with counter, CudaAutocastFp32():
+        fn()
+    return counter.traffic
+
+
+def fake_cpu():
+    """Fake-tensor mode in which real CPU modules (parameters left uninitialised: ``to_empty``)
+    take fake inputs: tensors made inside are fake, and the parameters become fake where used."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def roofline_rows(traffic: Traffic, images: int, top: int = 0) -> list[list[str]]:
+    """Table rows (op, kernels, GFLOP/img, GB, roofline ms) of the ``top`` ops by roofline time."""
+    ops = sorted(traffic.by_op.items(), key=lambda kv: -kv[1].roofline_s)[:top or None]
+    return [[name, str(c.kernels), f"{c.flops / images / 1e9:.1f}", f"{c.bytes / 1e9:.2f}",
+             f"{1e3 * c.roofline_s:.1f}"] for name, c in ops]
