@@ -8,7 +8,8 @@
 and runs ``ID2Face.training_losses`` (frozen identity encoder and first stage, identity VAE,
 attribute encoder, alignment, identity tokens, harmonized UNet over both directions of the pair)
 + backward + AdamW over every trainable parameter; with ``--cached-latents`` its batch carries the
-float16 first-stage latents a ``data.latent_cache`` batch carries, so it skips both encodes. The bare step is a stock
+float16 first-stage latents and identity embeddings a ``data.latent_cache`` batch carries, so it
+skips both encodes and the identity encoder. The bare step is a stock
 ``UNet2DConditionModel`` of the same config (in_channels as ours) on the same noisy/masked
 latents, noise and timesteps, with random context tokens of our count and width: MSE on epsilon
 + backward + AdamW. Steps alternate between the two (order flipped every step); the table gives
@@ -58,8 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (module.compile())")
     parser.add_argument("--no-fused", action="store_true", help="plain AdamW on CUDA (default: fused)")
     parser.add_argument("--cached-latents", action="store_true",
-                        help="the full step reads float16 first-stage latents from its batch (data.latent_cache), "
-                             "as the bare step gets its latents, instead of encoding both images")
+                        help="the full step reads float16 first-stage latents and identity embeddings from its "
+                             "batch (data.latent_cache), as the bare step gets its latents, instead of encoding "
+                             "both images and embedding them")
     parser.add_argument("--peak-flops", type=float, default=C.DEFAULT_PEAK_FLOPS,
                         help="device peak FLOP/s for MFU (default 989e12, H100 bf16 dense)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -93,11 +95,13 @@ def make_optimizer(params, device, fused: bool):
 
 
 def with_cached_latents(model, batch):
-    """``batch`` with each side's float16 first-stage latents, as a ``data.latent_cache`` batch has them."""
+    """``batch`` with each side's float16 first-stage latents and identity embeddings, as a
+    ``data.latent_cache`` batch has them."""
     out = {}
     for side, items in batch.items():
         latents, masked = model.first_stage_latents(items["image"], items["mask"])
-        out[side] = {**items, "latent": latents.half(), "masked_latent": masked.half()}
+        out[side] = {**items, "latent": latents.half(), "masked_latent": masked.half(),
+                     "identity_embedding": model.identity_embedding(items["image"])}
     return out
 
 

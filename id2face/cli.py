@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "prepare": ("prepare", "detect and align faces into a dataset folder with a manifest"),
     "sweep": ("sweep", "launch a grid of runs locally or on SLURM"),
     "table": ("table", "build paper-style tables from run folders"),
-    "cache-latents": ("cache_latents", "encode a dataset's images with the first stage once, for data.latent_cache"),
+    "cache-latents": ("cache_latents", "encode and identity-embed a dataset's images once, for data.latent_cache"),
     "export": ("export", "reduce a training checkpoint to the weights and config inference needs"),
     "demo": ("demo", "train, anonymize and evaluate on SynthFaces end to end"),
 }

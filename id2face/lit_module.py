@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -116,6 +117,9 @@ class ID2FaceModule(L.LightningModule):
         cache = getattr(self.trainer.datamodule, "latent_cache", None) if self.trainer.datamodule else None
         if cache is not None:
             cache.check_first_stage(self.model.first_stage)
+            if cache.has_identity and not cache.serve_identity_to(self.model.identity_encoder):
+                rank_zero_warn(f"latent cache {cache.folder}: its identity embeddings were made by another "
+                               f"identity encoder ({cache.meta.get('identity_encoder')}); the step computes them")
 
     # ------------------------------------------------------------------ steps
     @staticmethod

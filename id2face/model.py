@@ -197,6 +197,16 @@ class ID2Face(nn.Module):
                  for side in sides]
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
+    def _training_identity_embeddings(self, sides: tuple[Mapping[str, torch.Tensor], ...]) -> torch.Tensor:
+        """Identity-encoder features of the sides in order: a side's cached ones when its batch
+        carries them (``data.latent_cache``), the rest computed here in one batch."""
+        missing = [side for side in sides if "identity_embedding" not in side]
+        if missing:
+            computed = iter(self.identity_embedding(torch.cat([side["image"] for side in missing]))
+                            .split([side["image"].shape[0] for side in missing]))
+        return torch.cat([side["identity_embedding"].to(side["image"].dtype) if "identity_embedding" in side
+                          else next(computed) for side in sides])
+
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, masked_latents: torch.Tensor,
                 latent_masks: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction (in the scheduler's ``prediction_type``) for noisy latents."""
@@ -214,15 +224,16 @@ class ID2Face(nn.Module):
         which identity latent each gets), both in one UNet pass over the 2N images. ``noise``
         (2N,c,h,w) and ``timesteps`` (2N,) may be fixed by the caller (A's first); ``generator``
         draws the rest. A side that carries cached ``latent`` and ``masked_latent`` (``data.latent_cache``)
-        skips its two first-stage encodes. Returns scalar tensors: ``loss`` (weighted sum),
-        ``diffusion``, ``diffusion_a``, ``diffusion_b``, ``id_vae``, ``alignment`` and the components' logs.
+        skips its two first-stage encodes, one that carries ``identity_embedding`` its identity
+        encoding. Returns scalar tensors: ``loss`` (weighted sum), ``diffusion``, ``diffusion_a``,
+        ``diffusion_b``, ``id_vae``, ``alignment`` and the components' logs.
         """
         a, b = batch["a"], batch["b"]
         n = a["image"].shape[0]
         images = torch.cat([a["image"], b["image"]])
         masks = torch.cat([a["mask"], b["mask"]]).to(images.dtype)
 
-        e_a, e_b = self.identity_embedding(images).chunk(2)
+        e_a, e_b = self._training_identity_embeddings((a, b)).chunk(2)
         lat_a, lat_b = self.id_vae(e_a), self.id_vae(e_b)
         attr = self.attribute_encoder(images, masks)
         attr_a, attr_b = attr.chunk(2)

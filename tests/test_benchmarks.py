@@ -28,8 +28,8 @@ def test_train_step_with_cached_latents_and_breakdown(capsys):
         figures["full"]["back_to_back_step_s"] / figures["bare"]["back_to_back_step_s"])
     assert 1.0 < figures["flop_ratio_full_over_bare"] < 1.05
     full, bare = figures["breakdown_s"]["full"], figures["breakdown_s"]["bare"]
-    assert "first_stage" not in full  # cached: the step encoded nothing
-    components = ("identity_encoder", "id_vae", "attribute_encoder", "alignment", "identity_tokens", "backbone")
+    assert "first_stage" not in full and "identity_encoder" not in full  # cached: nothing encoded or embedded
+    components = ("id_vae", "attribute_encoder", "alignment", "identity_tokens", "backbone")
     assert all(full[c] > 0 for c in components)
     assert sum(full[c] for c in components) <= full["forward"]  # spans inside the forward span
     assert full["cross-attention layers"] < full["backbone"] and 0 < bare["cross-attention layers"] < bare["forward"]

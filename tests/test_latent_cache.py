@@ -1,6 +1,7 @@
-"""Precomputed first-stage latents (`id2face cache-latents`, `data.latent_cache`): the same losses
-without the encodes, only where the pixels are the cached ones, and refused when made for other
-data or another first stage."""
+"""Precomputed frozen features (`id2face cache-latents`, `data.latent_cache`): first-stage latents
+and identity embeddings give the same losses without the encodes, only where the pixels are the
+cached ones; refused when made for other data or another first stage, and the embeddings served
+only to the identity encoder that made them."""
 import json
 import pickle
 
@@ -13,7 +14,7 @@ from id2face.cli import main
 from id2face.config import load_config
 from id2face.data.datamodule import FacePairDataModule
 from id2face.data.latent_cache import (CACHED_KEYS, CachedLatents, LatentCache, collate_pairs,
-                                       first_stage_fingerprint)
+                                       weights_fingerprint)
 from id2face.data.pairs import PairDataset
 from id2face.data.synthfaces import SynthFaces, render_sample
 from id2face.errors import UserError
@@ -39,12 +40,15 @@ def pair_batch(num_pairs=3):
             for side, sample in (("a", 0), ("b", 1))}
 
 
-def with_cached(model, batch, sides=("a", "b")):
-    """The batch with float16 cached latents on ``sides`` (what a cache row holds)."""
+def with_cached(model, batch, sides=("a", "b"), identity_sides=()):
+    """The batch with float16 cached latents on ``sides`` and identity embeddings on
+    ``identity_sides`` (what cache rows hold)."""
     out = {side: dict(items) for side, items in batch.items()}
     for side in sides:
         latents, masked = model.first_stage_latents(batch[side]["image"], batch[side]["mask"])
         out[side].update(latent=latents.half(), masked_latent=masked.half())
+    for side in identity_sides:
+        out[side]["identity_embedding"] = model.identity_embedding(batch[side]["image"])
     return out
 
 
@@ -57,15 +61,18 @@ def fixed_losses(model, batch, shape):
 
 
 @pytest.mark.parametrize("first_stage", [[], TOY_SD_VAE], ids=["pixel", "sd_vae"])
-def test_cached_latents_give_the_encoded_losses_without_encoding(first_stage, monkeypatch):
+def test_cached_features_give_the_encoded_losses_without_encoding(first_stage, monkeypatch):
     model = tiny_model(*first_stage)
     batch = pair_batch()
-    cached = with_cached(model, batch)
+    cached = with_cached(model, batch, identity_sides=("a", "b"))
     shape = cached["a"]["latent"].shape[1:]
     expected = fixed_losses(model, batch, shape)
-    half_cached = fixed_losses(model, with_cached(model, batch, sides=("b",)), shape)
+    half_cached = fixed_losses(model, with_cached(model, batch, sides=("b",), identity_sides=("a",)), shape)
     monkeypatch.setattr(model.first_stage, "encode", lambda x: pytest.fail("a cached side was encoded"))
+    monkeypatch.setattr(model.identity_encoder, "forward", lambda x: pytest.fail("a cached side was embedded"))
     got = fixed_losses(model, cached, shape)
+    for key in ("alignment", "id_vae"):  # the embeddings' consumers: same inputs, same values
+        torch.testing.assert_close(got[key], expected[key])
     for losses in (half_cached, got):
         for key in ("loss", "diffusion_a", "diffusion_b"):  # float16 storage: ~1e-3 relative
             torch.testing.assert_close(losses[key], expected[key], rtol=5e-3, atol=1e-5)
@@ -77,7 +84,7 @@ def cache_args(folder, *overrides):
     return ["cache-latents", "tiny", *SMALL_DATA, *overrides, "-o", str(folder), "--device", "cpu"]
 
 
-def test_cache_command_stores_the_first_stage_latents_that_training_batches_carry(tmp_path, capsys):
+def test_cache_command_stores_the_frozen_features_that_training_batches_carry(tmp_path, capsys):
     folder = tmp_path / "cache"
     assert main(cache_args(folder, *TOY_SD_VAE)) == 0
     assert f"data.latent_cache={folder}" in capsys.readouterr().out
@@ -88,17 +95,23 @@ def test_cache_command_stores_the_first_stage_latents_that_training_batches_carr
     cfg = load_config(["tiny"], [*SMALL_DATA, *TOY_SD_VAE])
     model = tiny_model(*SMALL_DATA, *TOY_SD_VAE, seed=int(cfg.run.seed))
     cache.check_first_stage(model.first_stage)
+    assert "identity_embedding" not in cache[0]  # served only once the encoder that made them is seen
+    assert cache.serve_identity_to(model.identity_encoder)
+    assert meta["identity_dim"] == model.identity_encoder.embed_dim and meta["identity_encoder"]["name"] == "tiny"
     dataset = SynthFaces(image_size=32, num_identities=6, samples_per_identity=4)
     for i in (0, 13, 23):
+        torch.testing.assert_close(cache[i]["identity_embedding"], model.identity_embedding(dataset[i]["image"][None])[0])
         latents, masked = model.first_stage_latents(dataset[i]["image"][None], dataset[i]["mask"][None])
         torch.testing.assert_close(cache[i]["latent"].float(), latents[0], rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(cache[i]["masked_latent"].float(), masked[0], rtol=2e-3, atol=2e-3)
         assert not torch.equal(cache[i]["latent"], cache[i]["masked_latent"])  # the identity region differs
 
     datamodule = FacePairDataModule(load_config(["tiny"], [*SMALL_DATA, f"data.latent_cache={folder}"]).data)
+    datamodule.latent_cache.serve_identity_to(model.identity_encoder)  # what the LightningModule's setup does
     batch = next(iter(datamodule.train_dataloader()))
     for side in ("a", "b"):  # every identity has 4 images: real partners, all cached
         assert batch[side]["latent"].shape == (4, 4, 16, 16) and batch[side]["latent"].dtype == torch.float16
+        assert batch[side]["identity_embedding"].shape == (4, model.identity_encoder.embed_dim)
     losses = model.training_losses(batch)
     assert torch.isfinite(losses["loss"])
     assert "latent" not in datamodule.test_dataset[0]  # evaluation reads pixels only
@@ -109,7 +122,9 @@ def test_augmented_partners_are_encoded_and_real_ones_read_from_the_cache(tmp_pa
     data = ["data.dataset.params.num_identities=8", "data.dataset.params.samples_per_identity=1"]
     folder = tmp_path / "cache"
     assert main(["cache-latents", "tiny", *data, "-o", str(folder), "--device", "cpu"]) == 0
-    dataset = CachedLatents(SynthFaces(image_size=32, num_identities=8, samples_per_identity=1), LatentCache(folder))
+    cache = LatentCache(folder)
+    cache.serve_identity = True
+    dataset = CachedLatents(SynthFaces(image_size=32, num_identities=8, samples_per_identity=1), cache)
     pairs = PairDataset(dataset)
     assert set(CACHED_KEYS) <= set(pairs[0]["a"]) and not set(CACHED_KEYS) & set(pairs[0]["b"])
     batch = collate_pairs([pairs[i] for i in range(4)])
@@ -130,8 +145,8 @@ def test_a_cache_for_other_data_or_another_first_stage_is_refused(tmp_path, caps
         CachedLatents(SynthFaces(image_size=32, num_identities=6, samples_per_identity=4, seed=1), cache)
     with pytest.raises(UserError, match="another first stage"):
         cache.check_first_stage(tiny_model(*TOY_SD_VAE).first_stage)
-    assert first_stage_fingerprint(tiny_model(*TOY_SD_VAE, seed=1).first_stage) != \
-        first_stage_fingerprint(tiny_model(*TOY_SD_VAE, seed=0).first_stage)
+    assert weights_fingerprint(tiny_model(*TOY_SD_VAE, seed=1).first_stage) != \
+        weights_fingerprint(tiny_model(*TOY_SD_VAE, seed=0).first_stage)
 
     # Training with it: one line on stderr, exit 2, before any step.
     capsys.readouterr()
@@ -140,6 +155,22 @@ def test_a_cache_for_other_data_or_another_first_stage_is_refused(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("id2face train: error: latent cache") and "another first stage" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_identity_embeddings_of_another_encoder_are_not_served(tmp_path):
+    folder = tmp_path / "cache"
+    assert main(cache_args(folder)) == 0
+    cache = LatentCache(folder)
+    other = tiny_model("model.identity_encoder.params.width=8").identity_encoder
+    assert not cache.serve_identity_to(other) and "identity_embedding" not in cache[0]
+    assert cache.serve_identity_to(tiny_model().identity_encoder) and cache[0]["identity_embedding"].shape == (64,)
+    # A cache made before identity embeddings were cached: latents only, the step embeds.
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["identity_encoder_weights"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "identity.npy").unlink()
+    old = LatentCache(folder)
+    assert not old.serve_identity_to(tiny_model().identity_encoder) and set(old[0]) == {"latent", "masked_latent"}
 
 
 def test_unfinished_missing_and_existing_cache_folders(tmp_path, capsys):
@@ -174,3 +205,30 @@ def test_a_device_that_cannot_run_is_one_line_before_any_work(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"id2face cache-latents: error: --device {device}")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()
+
+
+def test_training_reads_the_identity_embeddings_its_encoder_made(tmp_path, monkeypatch):
+    """The LightningModule's setup turns the cached embeddings on: the steps never run the encoder."""
+    import lightning as L
+
+    from id2face.lit_module import ID2FaceModule
+
+    folder = tmp_path / "cache"
+    assert main(cache_args(folder)) == 0
+    cfg = load_config(["tiny"], [*SMALL_DATA, f"data.latent_cache={folder}"])
+    module = ID2FaceModule(cfg)
+    datamodule = FacePairDataModule(cfg.data)
+    monkeypatch.setattr(module.model.identity_encoder, "forward", lambda x: pytest.fail("a cached side was embedded"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule)
+    assert datamodule.latent_cache.serve_identity and trainer.global_step == 2
+
+    # Another identity encoder: one warning, and it embeds the images itself.
+    other = ID2FaceModule(load_config(["tiny"], [*SMALL_DATA, f"data.latent_cache={folder}",
+                                                 "model.identity_encoder.params.width=8"]))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="made by another identity encoder"):
+        trainer.fit(other, FacePairDataModule(cfg.data))
+    assert trainer.global_step == 1

@@ -1,17 +1,22 @@
-"""Precomputed first-stage latents: the frozen first stage's two encodes of every training image
-(the image, and the image with its identity region blanked) done once by ``id2face cache-latents``
-instead of in every training step. At SD-1.5 size they are 47 % of a step's FLOPs
-(``benchmarks/train_step.py --flops-only``).
+"""Precomputed frozen features: the frozen first stage's two encodes of every training image
+(the image, and the image with its identity region blanked) and the frozen identity encoder's
+embedding of it, done once by ``id2face cache-latents`` instead of in every training step. At
+SD-1.5 size the encodes are 47 % of a step's FLOPs (``benchmarks/train_step.py --flops-only``);
+the identity encoder is a few FLOPs but hundreds of small kernels (``--traffic``).
 
 A cache is a folder: ``latents.npy`` (N, 2, c, h, w) float16, row i = (latent, masked-image latent)
-of dataset item i, read memory-mapped; ``meta.json`` (written last, so a folder without it is an
-unfinished cache) records what the rows were made from: the dataset's items (count, image size,
-mask mode, identity labels, file paths) and the first stage (config and a hash of its weights).
-Training with ``data.latent_cache: DIR`` refuses a cache that does not match either.
+of dataset item i, and ``identity.npy`` (N, D) float32, its identity embedding (caches made before
+it existed lack it: the step then runs the encoder), both read memory-mapped; ``meta.json``
+(written last, so a folder without it is an unfinished cache) records what the rows were made
+from: the dataset's items (count, image size, mask mode, identity labels, file paths), the first
+stage and the identity encoder (configs and hashes of their weights). Training with
+``data.latent_cache: DIR`` refuses a cache made for other data or another first stage; cached
+identity embeddings are served only to the identity encoder that made them (``serve_identity``).
 
-Items of ``CachedLatents`` carry ``latent`` and ``masked_latent``; new pixels made from an item
-(``pairs.augmented_view``) drop them, and ``collate_pairs`` keeps a batch side's cached latents
-only when all its items have them, so the model encodes exactly the sides that lack them.
+Items of ``CachedLatents`` carry ``latent``, ``masked_latent`` and (when served)
+``identity_embedding``; new pixels made from an item (``pairs.augmented_view``) drop them, and
+``collate_pairs`` keeps a batch side's cached feature only when all its items have it, so the
+model computes exactly what a side lacks.
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ from torch.utils.data import DataLoader, default_collate
 from ..errors import UserError
 
 CACHE_FORMAT = "id2face-latent-cache/1"
-CACHED_KEYS = ("latent", "masked_latent")
-META_NAME, ROWS_NAME = "meta.json", "latents.npy"
+CACHED_KEYS = ("latent", "masked_latent", "identity_embedding")
+META_NAME, ROWS_NAME, IDENTITY_NAME = "meta.json", "latents.npy", "identity.npy"
 HOW_TO_MAKE = "make one with `id2face cache-latents CONFIG... -o DIR` (same data and model.first_stage as training)"
 
 
@@ -45,10 +50,10 @@ def items_fingerprint(dataset) -> str:
     return h.hexdigest()[:20]
 
 
-def first_stage_fingerprint(first_stage: torch.nn.Module) -> str:
-    """Hash of the first stage's class and weights (a random-init or another VAE gives another hash)."""
-    h = hashlib.sha256(type(first_stage).__name__.encode())
-    for name, tensor in sorted(first_stage.state_dict().items()):
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a frozen module's class and weights (a random-init or another VAE gives another hash)."""
+    h = hashlib.sha256(type(module).__name__.encode())
+    for name, tensor in sorted(module.state_dict().items()):
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:20]
@@ -69,7 +74,10 @@ class LatentCache:
             raise UserError(f"latent cache {meta_path} cannot be read: {err}") from None
         if self.meta.get("format") != CACHE_FORMAT:
             raise UserError(f"{meta_path} is not an {CACHE_FORMAT} cache (format {self.meta.get('format')!r})")
-        self._rows: np.ndarray | None = None  # opened per process: a pickled memmap would copy its data
+        # Opened per process: a pickled memmap would copy its data.
+        self._rows: np.ndarray | None = None
+        self._identity_rows: np.ndarray | None = None
+        self.serve_identity = False  # until serve_identity_to() has seen the encoder that made them
 
     def __len__(self) -> int:
         return int(self.meta["count"])
@@ -80,8 +88,18 @@ class LatentCache:
             self._rows = np.load(self.folder / ROWS_NAME, mmap_mode="r")
         return self._rows
 
+    @property
+    def identity_rows(self) -> np.ndarray:
+        if self._identity_rows is None:
+            self._identity_rows = np.load(self.folder / IDENTITY_NAME, mmap_mode="r")
+        return self._identity_rows
+
+    @property
+    def has_identity(self) -> bool:
+        return "identity_encoder_weights" in self.meta
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_rows": None}
+        return {**self.__dict__, "_rows": None, "_identity_rows": None}
 
     def check_dataset(self, dataset) -> None:
         made, given = self.meta["items"], items_fingerprint(dataset)
@@ -91,13 +109,23 @@ class LatentCache:
                             f"({len(dataset)} items at {getattr(dataset, 'image_size', '?')} px); {HOW_TO_MAKE}")
 
     def check_first_stage(self, first_stage: torch.nn.Module) -> None:
-        if self.meta["first_stage_weights"] != first_stage_fingerprint(first_stage):
+        if self.meta["first_stage_weights"] != weights_fingerprint(first_stage):
             raise UserError(f"latent cache {self.folder} was made with another first stage "
                             f"({self.meta['first_stage']}) than this model's; {HOW_TO_MAKE}")
 
+    def serve_identity_to(self, identity_encoder: torch.nn.Module) -> bool:
+        """Serve the cached identity embeddings from now on if ``identity_encoder`` made them;
+        returns whether it does (another encoder computes its own in the step: slower, not wrong)."""
+        self.serve_identity = self.has_identity and \
+            self.meta["identity_encoder_weights"] == weights_fingerprint(identity_encoder)
+        return self.serve_identity
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = torch.from_numpy(np.array(self.rows[index]))
-        return {"latent": row[0], "masked_latent": row[1]}
+        item = {"latent": row[0], "masked_latent": row[1]}
+        if self.serve_identity:
+            item["identity_embedding"] = torch.from_numpy(np.array(self.identity_rows[index]))
+        return item
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -121,22 +149,26 @@ class CachedLatents(torch.utils.data.Dataset):
 
 
 def collate_pairs(pairs: list[Mapping[str, Mapping[str, Any]]]) -> dict:
-    """``default_collate`` of pair items; a side keeps cached latents only if every item has them."""
+    """``default_collate`` of pair items; a side keeps a cached feature only if every item has it."""
     batch = {}
     for side in pairs[0]:
         items = [pair[side] for pair in pairs]
-        if not all(key in item for item in items for key in CACHED_KEYS):
-            items = [{k: v for k, v in item.items() if k not in CACHED_KEYS} for item in items]
+        partial = [key for key in CACHED_KEYS if any(key in item for item in items)
+                   and not all(key in item for item in items)]
+        if partial:
+            items = [{k: v for k, v in item.items() if k not in partial} for item in items]
         batch[side] = default_collate(items)
     return batch
 
 
 def write_latent_cache(dataset, first_stage: torch.nn.Module, encode: Callable, folder: str | os.PathLike,
                        description: Mapping[str, Any], batch_size: int = 32, num_workers: int = 0,
-                       device: str | torch.device = "cpu", progress: bool = True) -> Path:
+                       device: str | torch.device = "cpu", progress: bool = True,
+                       identity_encoder: torch.nn.Module | None = None, embed: Callable | None = None) -> Path:
     """Encode every item of ``dataset`` with ``encode(images, masks) -> (latents, masked_latents)``
-    into ``folder`` (which must not exist); ``description``: dataset and first-stage configs for
-    the record. Written under ``folder.partial`` and renamed when complete."""
+    and, given ``identity_encoder``, ``embed(images) -> (N, D)`` into ``folder`` (which must not
+    exist); ``description``: dataset, first-stage and identity-encoder configs for the record.
+    Written under ``folder.partial`` and renamed when complete."""
     folder = Path(folder).expanduser()
     if folder.exists():
         raise UserError(f"{folder} exists; latent caches are written to a new folder (remove it to remake)")
@@ -145,26 +177,38 @@ def write_latent_cache(dataset, first_stage: torch.nn.Module, encode: Callable, 
     partial.mkdir(parents=True)
     device = torch.device(device)
     first_stage.to(device)
+    if identity_encoder is not None:
+        identity_encoder.to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_images_and_masks)
-    rows = None
+    rows = identity_rows = None
     done = 0
     for batch in _progress(loader, progress):
         with torch.no_grad():
             images = batch["image"].to(device)
             latents, masked = encode(images, batch["mask"].to(device=device, dtype=images.dtype))
+            embeddings = embed(images).float().cpu().numpy() if identity_encoder is not None else None
         pair = torch.stack([latents, masked], dim=1).to(torch.float16).cpu().numpy()
         if rows is None:
             rows = np.lib.format.open_memmap(partial / ROWS_NAME, mode="w+", dtype=np.float16,
                                              shape=(len(dataset), *pair.shape[1:]))
+            if embeddings is not None:
+                identity_rows = np.lib.format.open_memmap(partial / IDENTITY_NAME, mode="w+", dtype=np.float32,
+                                                          shape=(len(dataset), *embeddings.shape[1:]))
         rows[done:done + len(pair)] = pair
+        if identity_rows is not None:
+            identity_rows[done:done + len(pair)] = embeddings
         done += len(pair)
-    rows.flush()
     meta = {"format": CACHE_FORMAT, "count": len(dataset), "latent_shape": list(rows.shape[2:]),
             "dtype": "float16", "items": items_fingerprint(dataset),
             "image_size": getattr(dataset, "image_size", None),
-            "first_stage_weights": first_stage_fingerprint(first_stage), **description}
-    del rows
+            "first_stage_weights": weights_fingerprint(first_stage), **description}
+    for array in (rows, identity_rows):
+        if array is not None:
+            array.flush()
+    if identity_rows is not None:
+        meta.update(identity_dim=int(identity_rows.shape[1]), identity_encoder_weights=weights_fingerprint(identity_encoder))
+    del rows, identity_rows
     (partial / META_NAME).write_text(json.dumps(meta, indent=1, default=str) + "\n")
     os.replace(partial, folder)
     return folder
