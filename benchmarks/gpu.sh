@@ -3,11 +3,14 @@
 # diffusers UNet, bf16) and anonymize throughput (25 DDIM steps, batch 64), FID feature extraction.
 # Prints each table; each script's last line is its JSON figures.
 #   bash benchmarks/gpu.sh                   # default parts, < 5 min: eager cached harmonizer sample fid
+#   bash benchmarks/gpu.sh cached cached_sdpa harmonizer   # ~3 min: the step's overhead and its suspects
 #   bash benchmarks/gpu.sh sample_compiled    # torch.compile parts: sampling < 240 s,
 #   bash benchmarks/gpu.sh cached_compiled    # training up to 450 s (two UNets, fwd + bwd)
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
-# Parts: eager (encodes in the step), cached (data.latent_cache: latents read from the batch),
-# harmonizer (one cross-attention layer per SD-1.5 level: decoupled processors vs stock),
+# Parts: eager (encodes in the step), cached (data.latent_cache: latents and identity embeddings
+# read from the batch; also timed back to back), cached_sdpa (the same with the harmonizer's
+# attention computed by two SDPA kernels and a lerp: model.harmonizer.params.attention=sdpa),
+# harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
 # sample_compiled (+ channels_last + compile of the UNet and the VAE), fid, switches (cached step
 # with plain AdamW, flash attention only, gradient checkpointing: ~3 min).
@@ -44,9 +47,11 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
 # Time caps keep the default parts under 5 minutes (a retry after an out-of-memory failure adds one).
 want eager && train 80 8 1 --bf16 --breakdown
 want cached && train 90 8 1 --bf16 --cached-latents --breakdown --back-to-back 4
+want cached_sdpa && train 90 8 1 --bf16 --cached-latents --back-to-back 4 \
+    --override model.harmonizer.params.attention=sdpa
 if want harmonizer; then
   echo; echo "== harmonizer cross-attention layer vs stock, SD-1.5 levels, batch $BATCH, bf16"
-  timeout 40 "$PY" benchmarks/harmonizer_attention.py --device cuda --bf16 --batch "$BATCH" --repeats 10 \
+  timeout 60 "$PY" benchmarks/harmonizer_attention.py --device cuda --bf16 --batch "$BATCH" --repeats 10 \
       || echo "== harmonizer_attention failed or timed out (exit $?)"
 fi
 if want sample; then

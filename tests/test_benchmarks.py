@@ -58,12 +58,18 @@ def test_sample_breakdown_adds_up_to_the_call(capsys):
 def test_harmonizer_attention_keeps_little_more_for_backward_than_stock_attention(capsys):
     figures, out = run_script("harmonizer_attention", ["--batch", "2", "--levels", "2", "3", "--repeats", "1"], capsys)
     rows = {(r["level"], r["processor"]): r for r in figures["rows"]}
-    assert set(rows) == {(level, name) for level in ("1280 x 256", "1280 x 64") for name in ("stock", "sum", "gated")}
-    assert all(r["ms"] > 0 for r in rows.values())
+    names = ("stock", "sum-weights", "sum-sdpa", "gated-weights", "gated-sdpa")
+    assert set(rows) == {(level, name) for level in ("1280 x 256", "1280 x 64") for name in names}
+    assert all(r["ms"] > 0 and r["kernels"] > 0 and r["bytes"] > 0 for r in rows.values())
     # The gate folded into the attention weights: no second attention output or full-width blend
     # is kept (two SDPA calls + a blend kept 1.29x stock here).
-    assert 1.0 < rows["1280 x 256", "gated"]["saved_over_stock"] < 1.15
-    assert rows["1280 x 256", "sum"]["saved_bytes"] < rows["1280 x 256", "gated"]["saved_bytes"]
+    level = "1280 x 256"
+    assert 1.0 < rows[level, "gated-weights"]["saved_over_stock"] < 1.15
+    assert rows[level, "sum-weights"]["saved_bytes"] < rows[level, "gated-weights"]["saved_bytes"]
+    # ... at the price of more kernels than two fused attentions and a lerp; each more than stock.
+    for harmonizer in ("sum", "gated"):
+        assert rows[level, "stock"]["kernels"] < rows[level, f"{harmonizer}-sdpa"]["kernels"] \
+            < rows[level, f"{harmonizer}-weights"]["kernels"]
 
 
 def test_sd15_sampling_flops_per_face_by_part(capsys):

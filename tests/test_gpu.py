@@ -113,9 +113,11 @@ def test_speed_switches_on_cuda_keep_the_bf16_outputs_and_gradients(switches, fr
     torch.testing.assert_close(grad1, grad0, rtol=5e-2, atol=5e-3)
 
 
-def test_gated_harmonizer_attention_in_bf16_on_cuda_follows_fp32():
-    """The decoupled processor's own matmuls and fp32 softmax under bf16 autocast (scores rounded
-    to bf16, as diffusers' non-SDPA processors do) stay within bf16 error of the fp32 layer."""
+@pytest.mark.parametrize("attention", ["weights", "sdpa"])
+def test_gated_harmonizer_attention_in_bf16_on_cuda_follows_fp32(attention):
+    """The decoupled processor under bf16 autocast (``weights``: its own matmuls and fp32 softmax,
+    scores rounded to bf16 as diffusers' non-SDPA processors do; ``sdpa``: two flash / efficient
+    attention kernels and a lerp) stays within bf16 error of the fp32 layer."""
     from diffusers.models.attention_processor import Attention
 
     from id2face.components.harmonizer import DecoupledCrossAttnProcessor, TimestepGate
@@ -124,7 +126,7 @@ def test_gated_harmonizer_attention_in_bf16_on_cuda_follows_fp32():
     attn = Attention(query_dim=320, cross_attention_dim=768, heads=8, dim_head=40).to(CUDA)
     gate = TimestepGate(320, 64, 64).to(CUDA)
     torch.nn.init.normal_(gate.mlp[-1].weight, std=0.5)
-    processor = DecoupledCrossAttnProcessor(4, gate=gate)
+    processor = DecoupledCrossAttnProcessor(4, gate=gate, attention=attention)
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(4, 1024, 320, generator=g).to(CUDA)
     context, temb = torch.randn(4, 20, 768, generator=g).to(CUDA), torch.randn(4, 64, generator=g).to(CUDA)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from id2face.components.harmonizer import TIMESTEP_KWARG, DecoupledCrossAttnProcessor, TimestepGate
+from id2face.components.harmonizer import ATTENTION_PATHS, TIMESTEP_KWARG, DecoupledCrossAttnProcessor, TimestepGate
 from id2face.registry import BACKBONES, HARMONIZERS
 
 CONTEXT_DIM, NUM_ID_TOKENS, NUM_ATTR_TOKENS = 32, 3, 5
@@ -72,7 +72,8 @@ def test_concat_equals_stock_attention():
         torch.testing.assert_close(installed(x, t, context, harmonizer.attention_kwargs(t)), stock(x, t, context))
 
 
-def test_sum_is_the_average_of_the_two_single_branch_attentions(attention_layer):
+@pytest.mark.parametrize("attention", ATTENTION_PATHS)
+def test_sum_is_the_average_of_the_two_single_branch_attentions(attention_layer, attention):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     attn = attention_layer
@@ -83,14 +84,15 @@ def test_sum_is_the_average_of_the_two_single_branch_attentions(attention_layer)
     with torch.no_grad():
         attn_id = stock(attn, hidden, context[:, :NUM_ID_TOKENS])
         attn_attr = stock(attn, hidden, context[:, NUM_ID_TOKENS:])
-        mixed = DecoupledCrossAttnProcessor(NUM_ID_TOKENS)(attn, hidden, context)
+        mixed = DecoupledCrossAttnProcessor(NUM_ID_TOKENS, attention=attention)(attn, hidden, context)
         full = stock(attn, hidden, context)
     torch.testing.assert_close(mixed, 0.5 * (attn_id + attn_attr), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(mixed, full, atol=1e-3)  # decoupled != one softmax over all tokens
 
 
+@pytest.mark.parametrize("attention", ATTENTION_PATHS)
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
-def test_decoupled_attention_honours_an_attention_mask_per_segment(attention_layer, mask_kind):
+def test_decoupled_attention_honours_an_attention_mask_per_segment(attention_layer, mask_kind, attention):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     attn, stock = attention_layer, AttnProcessor2_0()
@@ -104,8 +106,9 @@ def test_decoupled_attention_honours_an_attention_mask_per_segment(attention_lay
     with torch.no_grad():
         attn_id = stock(attn, hidden, context[:, :NUM_ID_TOKENS], attention_mask=mask[..., :NUM_ID_TOKENS])
         attn_attr = stock(attn, hidden, context[:, NUM_ID_TOKENS:], attention_mask=mask[..., NUM_ID_TOKENS:])
-        mixed = DecoupledCrossAttnProcessor(NUM_ID_TOKENS)(attn, hidden, context, attention_mask=mask)
-        unmasked = DecoupledCrossAttnProcessor(NUM_ID_TOKENS)(attn, hidden, context)
+        processor = DecoupledCrossAttnProcessor(NUM_ID_TOKENS, attention=attention)
+        mixed = processor(attn, hidden, context, attention_mask=mask)
+        unmasked = processor(attn, hidden, context)
     torch.testing.assert_close(mixed, 0.5 * (attn_id + attn_attr), atol=1e-5, rtol=1e-5)
     assert (mixed - unmasked).abs().max() > 1e-3
 
@@ -139,23 +142,24 @@ def test_gated_gate_is_in_unit_interval_and_depends_on_timestep_and_position():
         torch.testing.assert_close(g, torch.sigmoid(gate.mlp(hidden + gate.time_proj(temb)[:, None, :])))
 
 
-def test_gated_mixes_with_its_gate_and_starts_as_sum(attention_layer):
+@pytest.mark.parametrize("attention", ATTENTION_PATHS)
+def test_gated_mixes_with_its_gate_and_starts_as_sum(attention_layer, attention):
     attn = attention_layer
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 20, 48, generator=g)
     context = torch.randn(2, NUM_ID_TOKENS + NUM_ATTR_TOKENS, CONTEXT_DIM, generator=g)
     temb = torch.randn(2, 16, generator=g)
     gate = TimestepGate(48, 16, 8)
-    gated = DecoupledCrossAttnProcessor(NUM_ID_TOKENS, gate=gate)
-    sum_ = DecoupledCrossAttnProcessor(NUM_ID_TOKENS)
+    gated = DecoupledCrossAttnProcessor(NUM_ID_TOKENS, gate=gate, attention=attention)
+    sum_ = DecoupledCrossAttnProcessor(NUM_ID_TOKENS, attention=attention)
     with torch.no_grad():
         torch.testing.assert_close(gated(attn, hidden, context, harmonizer_temb=temb), sum_(attn, hidden, context))
         nn.init.normal_(gate.mlp[-1].weight, std=1.0)
         # g -> 1 gives pure identity attention: check the mixing weights themselves.
         gate.mlp[-1].bias.fill_(30.0)
-        only_id = DecoupledCrossAttnProcessor(NUM_ID_TOKENS, gate=gate)(attn, hidden, context, harmonizer_temb=temb)
+        only_id = gated(attn, hidden, context, harmonizer_temb=temb)
         gate.mlp[-1].bias.fill_(-30.0)
-        only_attr = DecoupledCrossAttnProcessor(NUM_ID_TOKENS, gate=gate)(attn, hidden, context, harmonizer_temb=temb)
+        only_attr = gated(attn, hidden, context, harmonizer_temb=temb)
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     with torch.no_grad():
@@ -208,3 +212,33 @@ def test_unknown_harmonizer_lists_the_valid_names():
 
     with pytest.raises(RegistryError, match="valid names: concat, gated, sum"):
         HARMONIZERS.build({"name": "nope", "params": {}})
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_the_two_attention_paths_give_the_same_outputs_and_gradients(attention_layer, autocast):
+    """``attention: sdpa`` is a speed switch: same values and gradients as the default path."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 20, 48, generator=g)
+    context = torch.randn(2, NUM_ID_TOKENS + NUM_ATTR_TOKENS, CONTEXT_DIM, generator=g)
+    temb = torch.randn(2, 16, generator=g)
+    torch.manual_seed(0)
+    gate = TimestepGate(48, 16, 8)
+    nn.init.normal_(gate.mlp[-1].weight, std=1.0)  # a trained gate: not 0.5 everywhere
+    results = {}
+    for attention in ATTENTION_PATHS:
+        inputs = [hidden.clone().requires_grad_(), context.clone().requires_grad_()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = DecoupledCrossAttnProcessor(NUM_ID_TOKENS, gate, attention)(attention_layer, *inputs,
+                                                                             harmonizer_temb=temb)
+        params = [*attention_layer.parameters(), *gate.parameters()]
+        grads = torch.autograd.grad(out.float().square().sum(), [*inputs, *params])
+        results[attention] = (out.float(), grads)
+    tolerance = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results["sdpa"][0], results["weights"][0], **tolerance)
+    for got, expected in zip(results["sdpa"][1], results["weights"][1]):
+        torch.testing.assert_close(got, expected, **tolerance)
+
+
+def test_an_unknown_attention_path_is_refused():
+    with pytest.raises(ValueError, match="attention must be one of weights, sdpa"):
+        HARMONIZERS.build({"name": "gated", "params": {"attention": "flash"}}).install(tiny_backbone().unet, 2)

@@ -48,21 +48,31 @@ class SelfAttnProcessor:
         return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+ATTENTION_PATHS = ("weights", "sdpa")
+
+
 class DecoupledCrossAttnProcessor:
     """Cross-attention to identity tokens (first ``num_id_tokens``) and attribute tokens separately,
     mixed per query position by a gate (``None``: fixed 0.5). Follows diffusers' AttnProcessor2_0;
     the two branches share the layer's key/value projections.
 
-    Computed as one attention with the gate folded into its weights:
-    ``g * softmax(s_id) v_id + (1 - g) * softmax(s_attr) v_attr = [g p_id, (1 - g) p_attr] v``, so
-    one score and one value matmul over all tokens, and the mixing runs on the (heads x tokens)
-    weights instead of on two full-width outputs (which two SDPA calls and a blend would write,
-    and keep for backward, at every query position).
+    ``g * softmax(s_id) v_id + (1 - g) * softmax(s_attr) v_attr``, computed one of two ways (same
+    values; which is faster is the device's call, ``benchmarks/harmonizer_attention.py``):
+
+    - ``weights``: one attention with the gate folded into its weights, ``[g p_id, (1 - g) p_attr] v``:
+      one score and one value matmul over all tokens, the mixing on the (heads x tokens) weights
+      rather than on two full-width outputs. Fewer bytes kept for backward (CPU: faster).
+    - ``sdpa``: two fused attention kernels (``F.scaled_dot_product_attention``, flash on a GPU)
+      and one ``lerp`` of their outputs: fewer, fused kernels (on the GPU a step of ours launches
+      1.6x the bare UNet's kernels; ``train_step.py --traffic``).
     """
 
-    def __init__(self, num_id_tokens: int, gate: nn.Module | None = None):
+    def __init__(self, num_id_tokens: int, gate: nn.Module | None = None, attention: str = "weights"):
+        if attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
         self.num_id_tokens = num_id_tokens
         self.gate = gate  # owned (and registered) by the harmonizer, referenced here
+        self.attention = attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  harmonizer_temb=None):
@@ -88,6 +98,12 @@ class DecoupledCrossAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
+        device_type = hidden_states.device.type
+        if self.gate is not None and torch.amp.is_autocast_available(device_type) \
+                and torch.is_autocast_enabled(device_type):
+            # Cast once for both readers (to_q and the gate): autocast would cast it for each, and
+            # cast both gradients back.
+            hidden_states = hidden_states.to(torch.get_autocast_dtype(device_type))
         query = attn.to_q(hidden_states)
         context = encoder_hidden_states
         if attn.norm_cross:
@@ -104,20 +120,10 @@ class DecoupledCrossAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # SDPA's default scale (what AttnProcessor2_0 uses), not attn.scale.
-        scores = (query @ key.transpose(-1, -2)) * head_dim ** -0.5  # (B, heads, Q, K + T)
-        if attention_mask is not None:
-            scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
-                      else scores + attention_mask)
-        # Softmax in fp32 (as SDPA's kernels accumulate), each segment over its own tokens.
-        p_id = scores[..., :k_id].softmax(-1, dtype=torch.float32)
-        p_attr = scores[..., k_id:].softmax(-1, dtype=torch.float32)
-        if self.gate is None:
-            weights = 0.5 * torch.cat([p_id, p_attr], dim=-1)
-        else:
-            g = self.gate(hidden_states, harmonizer_temb).float().unsqueeze(1)  # (B, 1, Q, 1): all heads
-            weights = torch.cat([g * p_id, (1 - g) * p_attr], dim=-1)
-        mixed = weights.to(value.dtype) @ value
+        # (B, 1, Q, 1): one gate value per query position, for all heads
+        g = None if self.gate is None else self.gate(hidden_states, harmonizer_temb).unsqueeze(1)
+        mix = self._mix_sdpa if self.attention == "sdpa" else self._mix_weights
+        mixed = mix(query, key, value, attention_mask, g)
         mixed = mixed.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](mixed))
 
@@ -126,6 +132,30 @@ class DecoupledCrossAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _mix_weights(self, query, key, value, attention_mask, g):
+        k_id = self.num_id_tokens
+        # SDPA's default scale (what AttnProcessor2_0 uses), not attn.scale.
+        scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5  # (B, heads, Q, K + T)
+        if attention_mask is not None:
+            scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                      else scores + attention_mask)
+        # Softmax in fp32 (as SDPA's kernels accumulate), each segment over its own tokens.
+        p_id = scores[..., :k_id].softmax(-1, dtype=torch.float32)
+        p_attr = scores[..., k_id:].softmax(-1, dtype=torch.float32)
+        if g is None:
+            weights = 0.5 * torch.cat([p_id, p_attr], dim=-1)
+        else:
+            g = g.float()
+            weights = torch.cat([g * p_id, (1 - g) * p_attr], dim=-1)
+        return weights.to(value.dtype) @ value
+
+    def _mix_sdpa(self, query, key, value, attention_mask, g):
+        k_id = self.num_id_tokens
+        masks = (None, None) if attention_mask is None else (attention_mask[..., :k_id], attention_mask[..., k_id:])
+        o_id = F.scaled_dot_product_attention(query, key[:, :, :k_id], value[:, :, :k_id], attn_mask=masks[0])
+        o_attr = F.scaled_dot_product_attention(query, key[:, :, k_id:], value[:, :, k_id:], attn_mask=masks[1])
+        return torch.lerp(o_attr, o_id, 0.5 if g is None else g.to(o_id.dtype))
 
 
 class TimestepGate(nn.Module):
@@ -191,20 +221,27 @@ class ConcatHarmonizer(Harmonizer):
 
 @HARMONIZERS.register("sum")
 class SumHarmonizer(Harmonizer):
-    """Decoupled attention with a fixed gate: ``0.5 * (attn_id + attn_attr)``."""
+    """Decoupled attention with a fixed gate: ``0.5 * (attn_id + attn_attr)``. ``attention``: how
+    it is computed (``DecoupledCrossAttnProcessor``; a speed switch, same values)."""
+
+    def __init__(self, attention: str = "weights"):
+        super().__init__()
+        self.attention = attention
 
     def cross_attention_processor(self, name, attn, num_id_tokens):
-        return DecoupledCrossAttnProcessor(num_id_tokens, gate=None)
+        return DecoupledCrossAttnProcessor(num_id_tokens, gate=None, attention=self.attention)
 
 
 @HARMONIZERS.register("gated")
 class GatedHarmonizer(Harmonizer):
-    """Decoupled attention with a learned spatial, timestep-aware gate per cross-attention layer."""
+    """Decoupled attention with a learned spatial, timestep-aware gate per cross-attention layer;
+    ``attention`` as in ``SumHarmonizer``."""
 
-    def __init__(self, gate_hidden: int = 64, time_embed_dim: int = 64):
+    def __init__(self, gate_hidden: int = 64, time_embed_dim: int = 64, attention: str = "weights"):
         super().__init__()
         self.gate_hidden = gate_hidden
         self.time_embed_dim = time_embed_dim
+        self.attention = attention
         self.gates = nn.ModuleDict()
 
     def install(self, unet: nn.Module, num_id_tokens: int) -> None:
@@ -217,7 +254,7 @@ class GatedHarmonizer(Harmonizer):
     def cross_attention_processor(self, name, attn, num_id_tokens):
         key = name.removesuffix(".processor").replace(".", "_")
         self.gates[key] = TimestepGate(attn.to_q.in_features, self.time_embed_dim, self.gate_hidden)
-        return DecoupledCrossAttnProcessor(num_id_tokens, gate=self.gates[key])
+        return DecoupledCrossAttnProcessor(num_id_tokens, gate=self.gates[key], attention=self.attention)
 
     def attention_kwargs(self, timesteps: torch.Tensor) -> dict:
         from diffusers.models.embeddings import get_timestep_embedding
