@@ -233,8 +233,11 @@ class ID2Face(nn.Module):
         images = torch.cat([a["image"], b["image"]])
         masks = torch.cat([a["mask"], b["mask"]]).to(images.dtype)
 
-        e_a, e_b = self._training_identity_embeddings((a, b)).chunk(2)
-        lat_a, lat_b = self.id_vae(e_a), self.id_vae(e_b)
+        embeddings = self._training_identity_embeddings((a, b))
+        e_a, e_b = embeddings.chunk(2)
+        # Both sides in one pass (half the small kernels of two); its loss is their mean.
+        latent = self.id_vae(embeddings)
+        lat_a, lat_b = latent.chunk(2)
         attr = self.attribute_encoder(images, masks)
         attr_a, attr_b = attr.chunk(2)
         aligned = self.alignment(lat_a, lat_b, e_a, e_b, attr_a, attr_b)
@@ -263,15 +266,13 @@ class ID2Face(nn.Module):
         diffusion_a, diffusion_b = per_sample[:n].mean(), per_sample[n:].mean()
         diffusion = per_sample.mean()
 
-        id_vae_loss = 0.5 * (lat_a.loss + lat_b.loss)
+        id_vae_loss = latent.loss
         w = self.loss_weights
         loss = w["diffusion"] * diffusion + w["id_vae"] * id_vae_loss + w["alignment"] * aligned.loss
         out = {"loss": loss, "diffusion": diffusion.detach(), "diffusion_a": diffusion_a.detach(),
                "diffusion_b": diffusion_b.detach(), "id_vae": id_vae_loss.detach(),
                "alignment": aligned.loss.detach()}
-        for prefix, logs in (("id_vae", {k: 0.5 * (v + lat_b.logs[k]) for k, v in lat_a.logs.items()
-                                         if k in lat_b.logs}),
-                             ("alignment", aligned.logs)):
+        for prefix, logs in (("id_vae", latent.logs), ("alignment", aligned.logs)):
             out.update({f"{prefix}/{k}": v.detach() for k, v in logs.items()})
         return out
 

@@ -82,6 +82,18 @@ def test_id_vae_contract(name):
     if any(p.requires_grad for p in vae.parameters()):  # trainable variants learn from their loss
         vae.train()(e).loss.backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+    # The training step runs both sides of a pair in one pass and splits it: the same per-sample
+    # latents as one pass per side, and the mean of their losses.
+    vae.eval()
+    other = unit(N, D, 2)
+    halves = vae(torch.cat([e, other])).chunk(2)
+    for half, alone in zip(halves, (vae(e), vae(other))):
+        for field in ("z", "mu", "logvar", "e_hat"):
+            got, expected = getattr(half, field), getattr(alone, field)
+            assert (got is None) == (expected is None)
+            if got is not None:
+                torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(halves[0].loss, 0.5 * (vae(e).loss + vae(other).loss))
 
 
 def test_none_id_vae_passes_the_embedding_through():

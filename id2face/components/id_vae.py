@@ -34,6 +34,13 @@ class IdLatent:
     loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def chunk(self, chunks: int) -> tuple["IdLatent", ...]:
+        """Per-sample fields split along the batch (as ``Tensor.chunk``); ``loss`` and ``logs``
+        stay the whole batch's in every part."""
+        parts = [x.chunk(chunks) if x is not None else [None] * chunks
+                 for x in (self.z, self.mu, self.logvar, self.e_hat)]
+        return tuple(IdLatent(z, mu, logvar, e_hat, self.loss, self.logs) for z, mu, logvar, e_hat in zip(*parts))
+
 
 def cosine_reconstruction(e_hat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Mean ``1 - cos(e_hat, e)``: 0 for a perfect reconstruction of the direction, up to 2."""
