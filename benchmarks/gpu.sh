@@ -11,6 +11,7 @@
 # read from the batch; also timed back to back), cached_sdpa (the same with the harmonizer's
 # attention computed by two SDPA kernels and a lerp: model.harmonizer.params.attention=sdpa),
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
+# sample_vae_bf16 (the sample part's first row with the SD VAE's weights and norms in bf16),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
 # sample_compiled (+ channels_last + compile of the UNet and the VAE), fid, switches (cached step
 # with plain AdamW, flash attention only, gradient checkpointing: ~3 min).
@@ -58,6 +59,12 @@ if want sample; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
   timeout 100 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
       --samplers ddim --cfg --repeats 1 --breakdown || echo "== sample failed or timed out (exit $?)"
+fi
+if want sample_vae_bf16; then
+  echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, the SD VAE in bf16 (model.first_stage.params.dtype)"
+  timeout 60 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
+      --samplers ddim --repeats 1 --breakdown --override model.first_stage.params.dtype=bfloat16 \
+      || echo "== sample failed or timed out (exit $?)"
 fi
 if want sample_compiled; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile (UNet, VAE)"

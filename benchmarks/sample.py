@@ -2,7 +2,7 @@
 
     python benchmarks/sample.py --profile tiny|sd15 [--steps 10 25] [--batch 1 8]
         [--samplers ddim dpm_solver] [--cfg] [--repeats N] [--device cpu|cuda] [--bf16]
-        [--channels-last] [--compile] [--threads T] [--breakdown] [--flops-only]
+        [--channels-last] [--compile] [--threads T] [--breakdown] [--flops-only] [--traffic]
 
 One anonymize call = identity encoder + identity VAE + identity mapping + attribute encoder +
 masked-image encode + N sampler steps + first-stage decode + mask composite (paste-back inside
@@ -13,7 +13,9 @@ runs the UNet on the batch; ``--cfg`` adds ``cfg`` (identity dropped as the
 unconditional branch), which doubles the UNet batch (``negative`` guidance costs the same).
 Each configuration runs once untimed, then ``--repeats`` times; the table gives the median
 seconds per call and faces/s. Last line: one JSON object, ``faces_per_s`` = the best
-configuration's figure, ``grid`` = every configuration.
+configuration's figure, ``grid`` = every configuration. ``--flops-only`` / ``--traffic``: no
+timing; FLOPs per face by part (meta device), or eager kernels, bytes and their roofline bound by
+part (fake tensors, ``_traffic.py``): the fastest any eager run of the call could be.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import itertools
 import sys
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,6 +52,13 @@ def parse_args(argv=None):
     parser.add_argument("--flops-only", action="store_true",
                         help="no timing: FLOPs per face of one anonymization by part (meta device, any size), and "
                              "the TFLOP/s a faces/s figure needs")
+    parser.add_argument("--traffic", action="store_true",
+                        help="no timing: eager kernels, bytes and their roofline bound of one anonymization of "
+                             "the first --batch faces by part, on fake tensors (any machine; --bf16: CUDA's autocast)")
+    parser.add_argument("--peak-flops", type=float, default=C.DEFAULT_PEAK_FLOPS,
+                        help="--traffic: device peak FLOP/s (default 989e12, H100 bf16 dense)")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="--traffic: device memory bandwidth, bytes/s (default 3.35e12, H100 HBM3)")
     parser.add_argument("--breakdown", action="store_true",
                         help="one more call of the last configuration timed by part (encoders, first-stage "
                              "encode/decode, UNet)")
@@ -62,6 +72,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.flops_only:
         return flops_only(args)
+    if args.traffic:
+        return traffic_only(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.resolve_device(args.device)
@@ -122,29 +134,36 @@ def main(argv=None) -> int:
     return 0
 
 
+def call_parts(model, cfg, n: int, size: int, device: torch.device) -> dict[str, tuple[Callable, int]]:
+    """The parts of one anonymization of ``n`` faces as (call, times per anonymization), on
+    ``device`` tensors: the sampler loop itself cannot run on meta or fake tensors (its scheduler
+    reads timesteps on the host), so the UNet is one evaluation, counted x steps."""
+    images, masks = C.face_batch(n, size, torch.device("cpu"))
+    images, masks = images.to(device), masks.to(device)
+    latents = model.first_stage.encode(images)
+    tokens = model.identity_tokens.num_tokens + model.attribute_encoder(images, masks).shape[1]
+    context = torch.randn(n, tokens, int(cfg.model.context_dim), device=device)
+    timesteps = torch.zeros(n, dtype=torch.long, device=device)
+    return {
+        "identity encoder + identity VAE": (lambda: model.identity_latent(images), 1),
+        "attribute encoder": (lambda: model.attribute_encoder(images, masks), 1),
+        "first stage encode (masked image)": (lambda: model.first_stage.encode(images), 1),
+        "UNet": (lambda: model.denoise(latents, timesteps, latents, latents[:, :1], context), 0),
+        "first stage decode": (lambda: model.first_stage.decode(latents), 1),
+    }
+
+
 def flops_only(args) -> int:
-    """FLOPs per face of one anonymization at the first ``--steps``, by part, counted on meta tensors
-    (the sampler loop itself cannot run on meta: one UNet evaluation x steps x guidance copies)."""
+    """FLOPs per face of one anonymization at the first ``--steps``, by part, counted on meta tensors."""
     device = torch.device("meta")
     with device:
         model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
     model.eval()
     n, steps, size = 2, args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
-    images, masks = (torch.empty(n, 3, size, size, device=device), torch.empty(n, 1, size, size, device=device))
     # Not under no_grad: FlopCounterMode's module tracker trips over parameters without a graph.
     # Forward only is counted either way (nothing calls backward).
-    latents = model.first_stage.encode(images)
-    tokens = model.identity_tokens.num_tokens + model.attribute_encoder(images, masks).shape[1]
-    context = torch.empty(n, tokens, int(cfg.model.context_dim), device=device)
-    timesteps = torch.zeros(n, dtype=torch.long, device=device)
-    parts = {
-        "identity encoder + identity VAE": C.count_flops(lambda: model.identity_latent(images)),
-        "attribute encoder": C.count_flops(lambda: model.attribute_encoder(images, masks)),
-        "first stage encode (masked image)": C.count_flops(lambda: model.first_stage.encode(images)),
-        f"UNet x {steps} steps": steps * C.count_flops(
-            lambda: model.denoise(latents, timesteps, latents, latents[:, :1], context)),
-        "first stage decode": C.count_flops(lambda: model.first_stage.decode(latents)),
-    }
+    parts = {(f"UNet x {steps} steps" if name == "UNet" else name): (times or steps) * C.count_flops(fn)
+             for name, (fn, times) in call_parts(model, cfg, n, size, device).items()}
     per_face = {k: v / n for k, v in parts.items()}
     total = sum(per_face.values())
     target = 20.0
@@ -157,6 +176,42 @@ def flops_only(args) -> int:
     C.print_json({"benchmark": "sample_flops", "profile": args.profile, "steps": steps,
                   "flops_per_face": total, "flops_per_face_by_part": per_face,
                   "tflop_per_s_for_20_faces_per_s": target * total / 1e12})
+    return 0
+
+
+def traffic_only(args) -> int:
+    """Eager kernels, bytes and the per-op roofline bound of one anonymization of ``--batch`` faces
+    at the first ``--steps``, by part, counted on fake tensors (``_traffic.py``)."""
+    import _traffic as T
+
+    bandwidth = args.bandwidth or T.DEFAULT_BANDWIDTH
+    with torch.device("meta"):
+        model, cfg = C.build_model(args.profile, torch.device("meta"), args.override, seed=args.seed)
+    model.to_empty(device="cpu").eval()  # uninitialised storage: fake tensors never read it
+    n, steps, size = args.batch[0], args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
+    device = torch.device("cpu")
+    with T.fake_cpu(), torch.no_grad():
+        parts = {}
+        for name, (fn, times) in call_parts(model, cfg, n, size, device).items():
+            def autocast_fn(fn=fn):
+                with C.autocast(device, args.bf16):
+                    fn()
+            parts[f"UNet x {steps} steps" if name == "UNet" else name] = (T.count_traffic(
+                autocast_fn, args.peak_flops, bandwidth), times or steps)
+    total_s = sum(t.roofline_s * times for t, times in parts.values())
+    print(f"one anonymization of {n} faces counted on fake tensors, profile {args.profile} ({size} px), {steps} steps, "
+          f"no guidance, bf16={args.bf16}; roofline: per aten op max(FLOPs / {args.peak_flops:.3g}, "
+          f"bytes / {bandwidth:.3g} B/s), summed")
+    C.print_table(["part", "kernels", "GB", "TFLOP", "roofline ms", "share"],
+                  [[k, t.kernels * times, f"{t.bytes * times / 1e9:.1f}", f"{t.flops * times / 1e12:.2f}",
+                    f"{1e3 * t.roofline_s * times:.1f}", f"{100 * t.roofline_s * times / total_s:.1f}%"]
+                   for k, (t, times) in parts.items()] + [["total", "", "", "", f"{1e3 * total_s:.1f}", "100%"]])
+    print(f"eager bound: {n / total_s:.1f} faces/s (no eager run of these kernels can be faster on this device)")
+    C.print_json({"benchmark": "sample_traffic", "profile": args.profile, "steps": steps, "batch": n,
+                  "bf16": args.bf16, "peak_flops": args.peak_flops, "bandwidth": bandwidth,
+                  "overrides": list(args.override), "roofline_s": total_s, "faces_per_s_bound": n / total_s,
+                  "parts": {k: {"kernels": t.kernels * times, "bytes": t.bytes * times, "flops": t.flops * times,
+                                "roofline_s": t.roofline_s * times} for k, (t, times) in parts.items()}})
     return 0
 
 

@@ -290,3 +290,28 @@ def test_sd_vae_speed_switches_keep_latents_images_and_parameter_names(switch, f
     torch.testing.assert_close(dec1, dec0, rtol=1e-4, atol=1e-5)
     assert names1 == names0
     assert stage.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sd_vae_in_bf16_runs_whole_in_bf16_and_returns_the_callers_dtype():
+    torch.manual_seed(3)
+    reference = FIRST_STAGES.build({"name": "sd_vae", "params": FIRST_STAGE_PARAMS["sd_vae"]})
+    torch.manual_seed(3)
+    stage = FIRST_STAGES.build({"name": "sd_vae", "params": {**FIRST_STAGE_PARAMS["sd_vae"], "dtype": "bfloat16"}})
+    assert {p.dtype for p in stage.parameters()} == {torch.bfloat16}
+    x = images(seed=4)
+    with torch.no_grad():
+        latents, expected_latents = stage.encode(x), reference.encode(x)
+        decoded, expected = stage.decode(expected_latents), reference.decode(expected_latents)
+        # autocast is off inside: an enclosing one changes nothing (norms stay bf16, no fp32 casts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(stage.decode(expected_latents), decoded, rtol=0, atol=0)
+    assert latents.dtype == decoded.dtype == torch.float32
+    scale = expected.abs().max()
+    assert (decoded - expected).abs().max() < 0.05 * scale  # bf16: ~3 significant digits per layer
+    assert (latents - expected_latents).abs().max() < 0.05 * expected_latents.abs().max()
+    assert not torch.equal(decoded, expected)  # it did run in bf16
+
+
+def test_sd_vae_dtype_must_be_a_float_dtype():
+    with pytest.raises(UserError, match="dtype: 'int8'; valid: null, float32, bfloat16, float16"):
+        FIRST_STAGES.build({"name": "sd_vae", "params": {**FIRST_STAGE_PARAMS["sd_vae"], "dtype": "int8"}})

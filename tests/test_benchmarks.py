@@ -130,3 +130,19 @@ def test_sd15_step_traffic_on_fake_tensors(capsys):
     assert 0.1 < bare["roofline_s"] < 0.359
     assert figures["roofline_ratio_full_over_bare"] == pytest.approx(full["roofline_s"] / bare["roofline_s"])
     assert "roofline ms" in out
+
+
+def test_sd15_sampling_traffic_and_the_bf16_vae(capsys):
+    """The eager bound of one SD-1.5 anonymization by part, and what the bf16 VAE saves of it."""
+    argv = ["--profile", "sd15", "--traffic", "--bf16", "--steps", "25", "--batch", "2"]
+    default, out = run_script("sample", argv, capsys)
+    bf16_vae, _ = run_script("sample", [*argv, "--override", "model.first_stage.params.dtype=bfloat16"], capsys)
+    parts = default["parts"]
+    assert sum(p["roofline_s"] for p in parts.values()) == pytest.approx(default["roofline_s"])
+    assert default["faces_per_s_bound"] == pytest.approx(2 / default["roofline_s"])
+    assert 0.75 < parts["UNet x 25 steps"]["roofline_s"] / default["roofline_s"] < 0.9
+    for part in ("first stage decode", "first stage encode (masked image)"):
+        assert bf16_vae["parts"][part]["flops"] == parts[part]["flops"]
+        assert bf16_vae["parts"][part]["bytes"] < 0.6 * parts[part]["bytes"]  # no fp32 norms, no casts
+    assert bf16_vae["faces_per_s_bound"] > default["faces_per_s_bound"]
+    assert "eager bound" in out

@@ -43,6 +43,9 @@ SD_WEIGHTS_SOURCE = (
 )
 
 
+VAE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class FrozenModule(nn.Module):
     """A module without trainable weights that stays in eval mode whatever its parent does."""
 
@@ -84,11 +87,20 @@ class SDVAEFirstStage(FrozenModule):
     encoder and decoder in place). At 512 px one decode is ~3 UNet steps of arithmetic (2.5 vs
     0.8 TFLOP) and one encode ~1.4 (FlopCounterMode): 15 % of an anonymization at 25 steps, and
     half the training step when latents are not cached.
+
+    ``dtype`` (null | float32 | bfloat16 | float16): the VAE's weights and its whole computation in
+    that dtype, autocast off inside (callers get their own dtype back). null: fp32 weights, the
+    caller's autocast decides, which on a GPU runs the convolutions in bf16 but the GroupNorms and
+    SiLUs in fp32, with casts between: at 512 px those are memory-bound, and bfloat16 moves 0.53x
+    the bytes of a decode (``benchmarks/sample.py --traffic``). Not the same numbers (bf16 norms;
+    a latent cache records the VAE's dtype); float16 can overflow in SD VAEs' decoders.
     """
 
     def __init__(self, path: str | None = None, random_init: bool = False, config: dict | None = None,
-                 channels_last: bool = False, compile: bool = False):
+                 channels_last: bool = False, compile: bool = False, dtype: str | None = None):
         super().__init__()
+        if dtype not in VAE_DTYPES:
+            raise UserError(f"first_stage sd_vae dtype: {dtype!r}; valid: null, {', '.join(filter(None, VAE_DTYPES))}")
         from diffusers import AutoencoderKL
 
         if random_init:
@@ -104,20 +116,38 @@ class SDVAEFirstStage(FrozenModule):
         self.latent_channels = int(self.vae.config.latent_channels)
         self.downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.freeze()
+        self.compute_dtype = VAE_DTYPES[dtype]
+        if self.compute_dtype is not None:
+            # nn.Module.to: diffusers' own `to` warns about casting a loaded model (it has no
+            # modules it keeps in fp32).
+            nn.Module.to(self.vae, self.compute_dtype)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.vae.to(memory_format=self.memory_format)
         if compile:
             self.vae.encoder.compile()
             self.vae.decoder.compile()
 
+    def _in_dtype(self, x: torch.Tensor) -> tuple[torch.Tensor, contextlib.AbstractContextManager]:
+        """``x`` in the VAE's compute dtype, and the context to run it in (autocast off)."""
+        if self.compute_dtype is None:
+            return x, contextlib.nullcontext()
+        device_type = x.device.type
+        context = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                   else contextlib.nullcontext())
+        return x.to(self.compute_dtype), context
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        # The posterior mean: the masked-image condition must not be noisier than the image itself.
-        latents = self.vae.encode(images.contiguous(memory_format=self.memory_format)).latent_dist.mode()
+        x, context = self._in_dtype(images.contiguous(memory_format=self.memory_format))
+        with context:
+            # The posterior mean: the masked-image condition must not be noisier than the image itself.
+            latents = self.vae.encode(x).latent_dist.mode().to(images.dtype)
         return ((latents - self.shift_factor) * self.scaling_factor).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = (latents / self.scaling_factor + self.shift_factor).contiguous(memory_format=self.memory_format)
-        return self.vae.decode(latents).sample.contiguous()
+        scaled = (latents / self.scaling_factor + self.shift_factor).contiguous(memory_format=self.memory_format)
+        x, context = self._in_dtype(scaled)
+        with context:
+            return self.vae.decode(x).sample.to(latents.dtype).contiguous()
 
 
 # ------------------------------------------------------------------------------------ backbone
