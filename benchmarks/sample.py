@@ -63,6 +63,8 @@ def parse_args(argv=None):
                         help="one more call of the last configuration timed by part (encoders, first-stage "
                              "encode/decode, UNet)")
     args = parser.parse_args(argv)
+    if args.traffic and (args.flops_only or args.compile or args.breakdown):
+        parser.error("--traffic counts eager kernels on fake tensors: no --flops-only, --compile or --breakdown with it")
     if min(args.steps) < 1 or min(args.batch) < 1 or args.repeats < 1:
         parser.error("--steps, --batch and --repeats must be >= 1")
     return args

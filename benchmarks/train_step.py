@@ -80,6 +80,9 @@ def parse_args(argv=None):
                         help="device memory bandwidth in bytes/s for --traffic (default 3.35e12, H100 HBM3)")
     parser.add_argument("--top", type=int, default=12, help="--traffic: ops listed where full and bare differ")
     args = parser.parse_args(argv)
+    if args.traffic and (args.flops_only or args.compile or args.breakdown or args.back_to_back):
+        parser.error("--traffic counts one eager step of each on fake tensors: no --flops-only, --compile, "
+                     "--breakdown or --back-to-back with it")
     if args.breakdown and args.compile:
         parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
                      "break down an eager run")

@@ -32,12 +32,11 @@ def stopgrad_alignment(online: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(online, target.detach())
 
 
-def _unbiased_hsic(gram_x: torch.Tensor, gram_y: torch.Tensor) -> torch.Tensor:
-    """Song et al. (2012) U-statistic for HSIC: unbiased for ``||Cov(x, y)||_F^2`` with linear
-    kernels (N >= 4), so its expectation is 0 for independent inputs at any batch size."""
-    n = gram_x.shape[0]
-    kx = gram_x - torch.diag_embed(torch.diagonal(gram_x))
-    ky = gram_y - torch.diag_embed(torch.diagonal(gram_y))
+def _unbiased_hsic(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    """Song et al. (2012) U-statistic for HSIC of two Gram matrices with zeroed diagonals: unbiased
+    for ``||Cov(x, y)||_F^2`` with linear kernels (N >= 4), so its expectation is 0 for
+    independent inputs at any batch size."""
+    n = kx.shape[0]
     total = (kx * ky).sum() + kx.sum() * ky.sum() / ((n - 1) * (n - 2)) - 2 * (kx.sum(0) * ky.sum(0)).sum() / (n - 2)
     return total / (n * (n - 3))
 
@@ -57,9 +56,10 @@ def debiased_linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) ->
     with torch.autocast(device_type=x.device.type, enabled=False):  # bf16 Gram sums would be noise
         x = x.float() - x.float().mean(0, keepdim=True)  # a common shift leaves the estimate unchanged;
         y = y.float() - y.float().mean(0, keepdim=True)  # centring only helps fp32 accuracy
-        gram_x, gram_y = x @ x.T, y @ y.T
-        scale = (_unbiased_hsic(gram_x, gram_x) * _unbiased_hsic(gram_y, gram_y)).clamp_min(eps).sqrt()
-        return _unbiased_hsic(gram_x, gram_y) / scale
+        off_diagonal = 1 - torch.eye(x.shape[0], device=x.device)
+        kx, ky = (x @ x.T) * off_diagonal, (y @ y.T) * off_diagonal  # each once, for all three estimates
+        scale = (_unbiased_hsic(kx, kx) * _unbiased_hsic(ky, ky)).clamp_min(eps).sqrt()
+        return _unbiased_hsic(kx, ky) / scale
 
 
 def attribute_identity_decorrelation(attr_a: torch.Tensor, attr_b: torch.Tensor,
