@@ -91,21 +91,13 @@ class Traffic:
 
     by_op: dict[str, OpCost] = field(default_factory=lambda: defaultdict(OpCost))
 
-    @property
-    def kernels(self) -> int:
-        return sum(c.kernels for c in self.by_op.values())
+    def _total(self, name: str):
+        return sum(getattr(cost, name) for cost in self.by_op.values())
 
-    @property
-    def flops(self) -> int:
-        return sum(c.flops for c in self.by_op.values())
-
-    @property
-    def bytes(self) -> int:
-        return sum(c.bytes for c in self.by_op.values())
-
-    @property
-    def roofline_s(self) -> float:
-        return sum(c.roofline_s for c in self.by_op.values())
+    kernels = property(lambda self: self._total("kernels"))
+    flops = property(lambda self: self._total("flops"))
+    bytes = property(lambda self: self._total("bytes"))
+    roofline_s = property(lambda self: self._total("roofline_s"))
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -147,9 +139,3 @@ def fake_cpu():
 
     return FakeTensorMode(allow_non_fake_inputs=True)
 
-
-def roofline_rows(traffic: Traffic, images: int, top: int = 0) -> list[list[str]]:
-    """Table rows (op, kernels, GFLOP/img, GB, roofline ms) of the ``top`` ops by roofline time."""
-    ops = sorted(traffic.by_op.items(), key=lambda kv: -kv[1].roofline_s)[:top or None]
-    return [[name, str(c.kernels), f"{c.flops / images / 1e9:.1f}", f"{c.bytes / 1e9:.2f}",
-             f"{1e3 * c.roofline_s:.1f}"] for name, c in ops]
