@@ -91,7 +91,7 @@ class SDVAEFirstStage(FrozenModule):
     ``dtype`` (null | float32 | bfloat16 | float16): the VAE's weights and its whole computation in
     that dtype, autocast off inside (callers get their own dtype back). null: fp32 weights, the
     caller's autocast decides, which on a GPU runs the convolutions in bf16 but the GroupNorms and
-    SiLUs in fp32, with casts between: at 512 px those are memory-bound, and bfloat16 moves 0.53x
+    SiLUs in fp32, with casts between: at 512 px those are memory-bound, and bfloat16 moves 0.47x
     the bytes of a decode (``benchmarks/sample.py --traffic``). Not the same numbers (bf16 norms;
     a latent cache records the VAE's dtype); float16 can overflow in SD VAEs' decoders.
     """
@@ -127,27 +127,25 @@ class SDVAEFirstStage(FrozenModule):
             self.vae.encoder.compile()
             self.vae.decoder.compile()
 
-    def _in_dtype(self, x: torch.Tensor) -> tuple[torch.Tensor, contextlib.AbstractContextManager]:
-        """``x`` in the VAE's compute dtype, and the context to run it in (autocast off)."""
+    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)``; with a ``dtype``, in that dtype with autocast off, returned in ``x``'s dtype."""
         if self.compute_dtype is None:
-            return x, contextlib.nullcontext()
+            return fn(x)
         device_type = x.device.type
         context = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
                    else contextlib.nullcontext())
-        return x.to(self.compute_dtype), context
+        with context:
+            return fn(x.to(self.compute_dtype)).to(x.dtype)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x, context = self._in_dtype(images.contiguous(memory_format=self.memory_format))
-        with context:
-            # The posterior mean: the masked-image condition must not be noisier than the image itself.
-            latents = self.vae.encode(x).latent_dist.mode().to(images.dtype)
+        # The posterior mean: the masked-image condition must not be noisier than the image itself.
+        latents = self._run(lambda x: self.vae.encode(x).latent_dist.mode(),
+                            images.contiguous(memory_format=self.memory_format))
         return ((latents - self.shift_factor) * self.scaling_factor).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        scaled = (latents / self.scaling_factor + self.shift_factor).contiguous(memory_format=self.memory_format)
-        x, context = self._in_dtype(scaled)
-        with context:
-            return self.vae.decode(x).sample.to(latents.dtype).contiguous()
+        latents = (latents / self.scaling_factor + self.shift_factor).contiguous(memory_format=self.memory_format)
+        return self._run(lambda x: self.vae.decode(x).sample, latents).contiguous()
 
 
 # ------------------------------------------------------------------------------------ backbone
