@@ -27,6 +27,16 @@ SD15_OVERRIDES = (
     "model.first_stage.params.random_init=true",
 )
 PROFILE_IMAGE_SIZE = {"tiny": 32, "sd15": 512}
+# H100 SXM HBM3 (spec sheet): the memory side of the --traffic roofline.
+DEFAULT_BANDWIDTH = 3.35e12
+
+
+def add_device_arguments(parser, peak_flops_help: str) -> None:
+    """``--peak-flops`` and ``--bandwidth``: the device a figure is taken against (MFU, roofline)."""
+    parser.add_argument("--peak-flops", type=float, default=DEFAULT_PEAK_FLOPS,
+                        help=f"{peak_flops_help} (default 989e12, H100 bf16 dense)")
+    parser.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH,
+                        help="--traffic: device memory bandwidth, bytes/s (default 3.35e12, H100 HBM3)")
 
 
 def profile_config(profile: str, overrides: list[str] | tuple[str, ...] = ()):

@@ -28,9 +28,6 @@ from torch.utils._pytree import tree_leaves
 
 aten = torch.ops.aten
 
-# H100 SXM HBM3 (spec sheet); the FLOP peak is _common.DEFAULT_PEAK_FLOPS.
-DEFAULT_BANDWIDTH = 3.35e12
-
 # Functions CUDA's autocast runs in fp32 whatever their input dtype (a subset of its fp32 list:
 # the ones these models call on activations).
 CUDA_AUTOCAST_FP32 = frozenset({
@@ -124,7 +121,7 @@ class TrafficCounter(TorchDispatchMode):
         return out
 
 
-def count_traffic(fn: Callable[[], object], peak_flops: float, bandwidth: float = DEFAULT_BANDWIDTH) -> Traffic:
+def count_traffic(fn: Callable[[], object], peak_flops: float, bandwidth: float) -> Traffic:
     """Counts ``fn()``, which must run on fake tensors (see ``fake_cpu``) so that nothing is computed."""
     counter = TrafficCounter(peak_flops, bandwidth)
     with counter, CudaAutocastFp32():

@@ -74,7 +74,7 @@ def layer_traffic(name: str, width: int, queries: int, batch: int, bf16: bool):
                 out = processor(attn, normed(hidden), context, **kwargs)
             torch.autograd.grad(out.float().square().mean(), [hidden, context, *params])
 
-        return T.count_traffic(step, C.DEFAULT_PEAK_FLOPS)
+        return T.count_traffic(step, C.DEFAULT_PEAK_FLOPS, C.DEFAULT_BANDWIDTH)
 
 
 def measure(name: str, width: int, queries: int, batch: int, device: torch.device, bf16: bool,

@@ -55,10 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--traffic", action="store_true",
                         help="no timing: eager kernels, bytes and their roofline bound of one anonymization of "
                              "the first --batch faces by part, on fake tensors (any machine; --bf16: CUDA's autocast)")
-    parser.add_argument("--peak-flops", type=float, default=C.DEFAULT_PEAK_FLOPS,
-                        help="--traffic: device peak FLOP/s (default 989e12, H100 bf16 dense)")
-    parser.add_argument("--bandwidth", type=float, default=None,
-                        help="--traffic: device memory bandwidth, bytes/s (default 3.35e12, H100 HBM3)")
+    C.add_device_arguments(parser, "--traffic: device peak FLOP/s")
     parser.add_argument("--breakdown", action="store_true",
                         help="one more call of the last configuration timed by part (encoders, first-stage "
                              "encode/decode, UNet)")
@@ -186,7 +183,6 @@ def traffic_only(args) -> int:
     at the first ``--steps``, by part, counted on fake tensors (``_traffic.py``)."""
     import _traffic as T
 
-    bandwidth = args.bandwidth or T.DEFAULT_BANDWIDTH
     with torch.device("meta"):
         model, cfg = C.build_model(args.profile, torch.device("meta"), args.override, seed=args.seed)
     model.to_empty(device="cpu").eval()  # uninitialised storage: fake tensors never read it
@@ -199,18 +195,18 @@ def traffic_only(args) -> int:
                 with C.autocast(device, args.bf16):
                     fn()
             parts[f"UNet x {steps} steps" if name == "UNet" else name] = (T.count_traffic(
-                autocast_fn, args.peak_flops, bandwidth), times or steps)
+                autocast_fn, args.peak_flops, args.bandwidth), times or steps)
     total_s = sum(t.roofline_s * times for t, times in parts.values())
     print(f"one anonymization of {n} faces counted on fake tensors, profile {args.profile} ({size} px), {steps} steps, "
           f"no guidance, bf16={args.bf16}; roofline: per aten op max(FLOPs / {args.peak_flops:.3g}, "
-          f"bytes / {bandwidth:.3g} B/s), summed")
+          f"bytes / {args.bandwidth:.3g} B/s), summed")
     C.print_table(["part", "kernels", "GB", "TFLOP", "roofline ms", "share"],
                   [[k, t.kernels * times, f"{t.bytes * times / 1e9:.1f}", f"{t.flops * times / 1e12:.2f}",
                     f"{1e3 * t.roofline_s * times:.1f}", f"{100 * t.roofline_s * times / total_s:.1f}%"]
                    for k, (t, times) in parts.items()] + [["total", "", "", "", f"{1e3 * total_s:.1f}", "100%"]])
     print(f"eager bound: {n / total_s:.1f} faces/s (no eager run of these kernels can be faster on this device)")
     C.print_json({"benchmark": "sample_traffic", "profile": args.profile, "steps": steps, "batch": n,
-                  "bf16": args.bf16, "peak_flops": args.peak_flops, "bandwidth": bandwidth,
+                  "bf16": args.bf16, "peak_flops": args.peak_flops, "bandwidth": args.bandwidth,
                   "overrides": list(args.override), "roofline_s": total_s, "faces_per_s_bound": n / total_s,
                   "parts": {k: {"kernels": t.kernels * times, "bytes": t.bytes * times, "flops": t.flops * times,
                                 "roofline_s": t.roofline_s * times} for k, (t, times) in parts.items()}})

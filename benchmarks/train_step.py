@@ -62,8 +62,7 @@ def parse_args(argv=None):
                         help="the full step reads float16 first-stage latents and identity embeddings from its "
                              "batch (data.latent_cache), as the bare step gets its latents, instead of encoding "
                              "both images and embedding them")
-    parser.add_argument("--peak-flops", type=float, default=C.DEFAULT_PEAK_FLOPS,
-                        help="device peak FLOP/s for MFU (default 989e12, H100 bf16 dense)")
+    C.add_device_arguments(parser, "device peak FLOP/s for MFU and --traffic")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
@@ -76,8 +75,6 @@ def parse_args(argv=None):
     parser.add_argument("--traffic", action="store_true",
                         help="no timing: count one step of each on fake tensors (any machine): eager kernels, "
                              "bytes moved, FLOPs, per-op roofline bound on --peak-flops / --bandwidth")
-    parser.add_argument("--bandwidth", type=float, default=None,
-                        help="device memory bandwidth in bytes/s for --traffic (default 3.35e12, H100 HBM3)")
     parser.add_argument("--top", type=int, default=12, help="--traffic: ops listed where full and bare differ")
     args = parser.parse_args(argv)
     if args.traffic and (args.flops_only or args.compile or args.breakdown or args.back_to_back):
@@ -158,7 +155,6 @@ def traffic_only(args) -> int:
     """Kernels, bytes and FLOPs of one steady-state training step of each model on fake tensors."""
     import _traffic as T
 
-    bandwidth = args.bandwidth or T.DEFAULT_BANDWIDTH
     model, cfg, bare = build_on_meta(args)
     # Real CPU modules with uninitialised storage (values are never read under fake tensors).
     model.to_empty(device="cpu").train()
@@ -201,12 +197,12 @@ def traffic_only(args) -> int:
         traffic = {}
         for name, step in steps.items():
             step()  # the optimizer's first step allocates its state: count a later one
-            traffic[name] = T.count_traffic(step, args.peak_flops, bandwidth)
+            traffic[name] = T.count_traffic(step, args.peak_flops, args.bandwidth)
 
     full, bare_t = traffic["full"], traffic["bare"]
     print(f"one training step counted on fake tensors, profile {args.profile}: {images_per_step} images, "
           f"bf16={args.bf16} cached_latents={args.cached_latents} fused_adamw={not args.no_fused}; roofline: "
-          f"per aten op max(FLOPs / {args.peak_flops:.3g}, bytes / {bandwidth:.3g} B/s), summed")
+          f"per aten op max(FLOPs / {args.peak_flops:.3g}, bytes / {args.bandwidth:.3g} B/s), summed")
     rows = [[name, str(t.kernels), f"{t.bytes / 1e9:.1f}", f"{t.flops / images_per_step / 1e9:.1f}",
              f"{1e3 * t.roofline_s:.1f}"] for name, t in traffic.items()]
     rows.append(["full / bare", f"{full.kernels / bare_t.kernels:.3f}", f"{full.bytes / bare_t.bytes:.3f}",
@@ -225,7 +221,7 @@ def traffic_only(args) -> int:
     C.print_json({
         "benchmark": "train_step_traffic", "profile": args.profile, "batch_images": images_per_step,
         "bf16": args.bf16, "cached_latents": args.cached_latents, "peak_flops": args.peak_flops,
-        "bandwidth": bandwidth, "overrides": list(args.override),
+        "bandwidth": args.bandwidth, "overrides": list(args.override),
         **{name: {"kernels": t.kernels, "bytes": t.bytes, "flops": t.flops, "roofline_s": t.roofline_s}
            for name, t in traffic.items()},
         "kernel_ratio_full_over_bare": full.kernels / bare_t.kernels,
