@@ -114,3 +114,50 @@ def test_compiled_kernels_are_cached_beside_the_runs(tmp_path, monkeypatch, fres
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((root / ".torchinductor").resolve())
     cached = [p for p in (root / ".torchinductor").rglob("*") if p.is_file()]
     assert len(cached) > 10 and any("fxgraph" in str(p) for p in cached)
+
+
+def test_training_loop_reads_device_values_only_at_logging_steps(tmp_path):
+    """Issue #8: a value read back to the host (``.item()``, ``bool(t)``, ``nonzero``) waits for the GPU
+    queue to drain. The whole Lightning loop (progress bar, gradient clipping, EMA, our callbacks)
+    may read back only at ``trainer.log_every_n_steps``; on this CPU every read is visible to a
+    dispatch mode. AdamW's own reads are of its step counters, host tensors unless it is fused."""
+    import traceback
+
+    import lightning as L
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads_back = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                  torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
+                  torch.ops.aten.masked_select.default}
+    reads: dict[int, list[str]] = {}
+    global_step = [-1]
+
+    class RecordReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in reads_back:
+                # Innermost first, past torch's wrappers (the whole step runs inside optimizer.step's
+                # closure: only a read made by torch.optim's own code is the optimizer's).
+                stack = [f for f in traceback.extract_stack()[-2::-1]
+                         if not any(w in f.filename for w in ("_python_dispatch", "_dynamo", "torch/_compile.py",
+                                                              "torch/_tensor.py"))]
+                if "/torch/optim/" not in stack[0].filename:
+                    reads.setdefault(global_step[0], []).append(" <- ".join(f"{f.filename}:{f.lineno}" for f in stack[:6]))
+            return func(*args, **(kwargs or {}))
+
+    mode = RecordReads()
+
+    class DuringTraining(L.Callback):
+        # From the first batch on: the data loader's sampler draws its seed from a host generator.
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if global_step[0] < 0:
+                mode.__enter__()
+            global_step[0] = trainer.global_step
+
+        def on_train_end(self, trainer, pl_module):
+            mode.__exit__(None, None, None)
+
+    fit(load_config(["tiny"], [f"run.root={tmp_path}", "trainer.max_steps=8", *FAST, "trainer.log_every_n_steps=4",
+                               "trainer.enable_progress_bar=true", "trainer.gradient_clip_val=1.0"]),
+        callbacks=[DuringTraining()])
+    assert global_step[0] == 7
+    assert sorted(reads) == [3, 7], "\n".join(f"step {s}: {w}" for s, where in reads.items() for w in where[:3])
