@@ -45,3 +45,13 @@ def autocast(precision: str, device):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def autocast_off(device_type: str):
+    """Autocast disabled for code that must run in its inputs' dtype; nothing to disable on a device
+    without autocast (``meta``: the benchmarks' shape-only and host-overhead runs)."""
+    import torch
+
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import autocast_off
 from ..registry import ALIGNMENTS
 from .id_vae import IdLatent
 
@@ -53,7 +54,7 @@ def debiased_linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) ->
     """
     if x.shape[0] < 4:
         return x.new_zeros((), dtype=torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):  # bf16 Gram sums would be noise
+    with autocast_off(x.device.type):  # bf16 Gram sums would be noise
         x = x.float() - x.float().mean(0, keepdim=True)  # a common shift leaves the estimate unchanged;
         y = y.float() - y.float().mean(0, keepdim=True)  # centring only helps fp32 accuracy
         off_diagonal = 1 - torch.eye(x.shape[0], device=x.device)

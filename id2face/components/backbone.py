@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import MissingWeightsError, UserError
+from ..precision import autocast_off
 from ..registry import BACKBONES, FIRST_STAGES, SAMPLERS, SCHEDULERS
 
 # SD-1.5's `vae/config.json` (AutoencoderKL); `random_init` builds it without weights.
@@ -131,10 +132,7 @@ class SDVAEFirstStage(FrozenModule):
         """``fn(x)``; with a ``dtype``, in that dtype with autocast off, returned in ``x``'s dtype."""
         if self.compute_dtype is None:
             return fn(x)
-        device_type = x.device.type
-        context = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
-                   else contextlib.nullcontext())
-        with context:
+        with autocast_off(x.device.type):
             return fn(x.to(self.compute_dtype)).to(x.dtype)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
