@@ -97,6 +97,12 @@ class Traffic:
     roofline_s = property(lambda self: self._total("roofline_s"))
 
 
+def _writes_inputs(func) -> bool:
+    """Whether ``func`` writes into an argument: in-place ops that return nothing (the fused
+    optimizers' ``_fused_adamw_``) still read and write their tensors."""
+    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+
+
 class TrafficCounter(TorchDispatchMode):
     def __init__(self, peak_flops: float, bandwidth: float):
         super().__init__()
@@ -111,7 +117,7 @@ class TrafficCounter(TorchDispatchMode):
         if func.namespace != "aten" or func.is_view or packet in _NO_TRAFFIC:
             return out
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not outputs:  # size / device / scalar queries
+        if not outputs and not _writes_inputs(func):  # size / device / scalar queries
             return out
         tensors = {id(t): t for t in [*tree_leaves((args, kwargs)), *outputs] if isinstance(t, torch.Tensor)}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
