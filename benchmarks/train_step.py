@@ -76,15 +76,24 @@ def parse_args(argv=None):
                         help="no timing: count one step of each on fake tensors (any machine): eager kernels, "
                              "bytes moved, FLOPs, per-op roofline bound on --peak-flops / --bandwidth")
     parser.add_argument("--top", type=int, default=12, help="--traffic: ops listed where full and bare differ")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="no GPU: time the host's side of one eager step of each (Python, dispatcher, "
+                             "autograd: what issuing the kernels costs) on this CPU, per phase, on a narrow copy "
+                             "of the profile (same ops, small widths; sd15), cached latents, at --batch (default "
+                             "4) and twice that")
+    parser.add_argument("--reps", type=int, default=10, help="--host-overhead: timed steps of each (median)")
     args = parser.parse_args(argv)
+    if args.host_overhead and (args.traffic or args.flops_only or args.compile or args.breakdown or args.back_to_back):
+        parser.error("--host-overhead times eager steps on this CPU: no --traffic, --flops-only, --compile, "
+                     "--breakdown or --back-to-back with it")
     if args.traffic and (args.flops_only or args.compile or args.breakdown or args.back_to_back):
         parser.error("--traffic counts one eager step of each on fake tensors: no --flops-only, --compile, "
                      "--breakdown or --back-to-back with it")
     if args.breakdown and args.compile:
         parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
                      "break down an eager run")
-    if args.batch is None:
-        args.batch = 16 if args.profile == "tiny" else 32
+    if args.batch is None:  # --host-overhead: the fewest images with every op (the alignment's needs 4)
+        args.batch = 4 if args.host_overhead else 16 if args.profile == "tiny" else 32
     if args.batch < 2 or args.batch % 2:
         parser.error("--batch must be an even number >= 2 (pairs x 2 directions)")
     return args
@@ -231,12 +240,58 @@ def traffic_only(args) -> int:
     return 0
 
 
+def host_overhead_only(args) -> int:
+    """Host seconds per phase of one eager step of each model, on a narrow copy, on this CPU: at
+    ``--batch`` and twice that, and their extrapolation to no arithmetic (``2 t(B) - t(2B)``: the
+    CPU's arithmetic grows with the batch, issuing the kernels does not)."""
+    import _host as H
+
+    torch.set_num_threads(args.threads or 1)  # the host issues kernels from one thread
+    batches = (args.batch, 2 * args.batch)
+    steps = {b: H.narrow_steps(args.profile, b, args.bf16, args.override, seed=args.seed) for b in batches}
+    kernels = {name: H.kernels_by_phase(step) for name, step in steps[args.batch].items()}
+    seconds = {b: {name: H.host_phases(step, args.reps) for name, step in steps[b].items()} for b in batches}
+    dispatch = {name: {phase: max(2 * seconds[batches[0]][name][phase] - seconds[batches[1]][name][phase], 0.0)
+                       for phase in kernels[name]} for name in kernels}
+    print(f"host time of one eager training step, profile {args.profile} narrowed to its structure "
+          f"({H.NARROW_IMAGE_SIZE[args.profile]} px, narrow widths), bf16={args.bf16}, cached latents, fused "
+          f"AdamW; {C.machine_description(torch.device('cpu'))}, {torch.get_num_threads()} thread(s), median of "
+          f"{args.reps}; 'issue': extrapolated to no arithmetic")
+    b1, b2 = batches
+    rows = []
+    for name in kernels:
+        phases = [p for p in H.PHASES if p in kernels[name]]
+        for phase in [*phases, "step"]:
+            chosen = phases if phase == "step" else [phase]
+            n = sum(kernels[name][p] for p in chosen)
+            t1, t2 = (sum(seconds[b][name][p] for p in chosen) for b in batches)
+            issue = sum(dispatch[name][p] for p in chosen)
+            rows.append([name, phase, str(n), f"{1e3 * t1:.1f}", f"{1e3 * t2:.1f}", f"{1e3 * issue:.1f}",
+                         f"{1e6 * issue / max(n, 1):.1f}"])
+    C.print_table(["step", "phase", "kernels", f"host ms, {b1} img", f"host ms, {b2} img", "issue ms",
+                   "issue us / kernel"], rows)
+    issue_full, issue_bare = sum(dispatch["full"].values()), sum(dispatch["bare"].values())
+    print(f"issue ms full - bare: {1e3 * (issue_full - issue_bare):+.1f}; before the UNet's first kernel (a GPU "
+          f"with an empty queue idles meanwhile): {1e3 * dispatch['full']['conditioning']:.1f}")
+    C.print_json({"benchmark": "train_step_host", "profile": args.profile, "batches": list(batches),
+                  "bf16": args.bf16, "overrides": list(args.override), "threads": torch.get_num_threads(),
+                  "reps": args.reps, "device": C.machine_description(torch.device("cpu")),
+                  **{name: {"kernels": sum(kernels[name].values()), "kernels_by_phase": kernels[name],
+                            "host_s_by_phase": {str(b): seconds[b][name] for b in batches},
+                            "issue_s_by_phase": dispatch[name], "issue_s": sum(dispatch[name].values())}
+                     for name in kernels},
+                  "issue_s_full_minus_bare": issue_full - issue_bare})
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.flops_only:
         return flops_only(args)
     if args.traffic:
         return traffic_only(args)
+    if args.host_overhead:
+        return host_overhead_only(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.resolve_device(args.device)

@@ -119,6 +119,22 @@ def test_traffic_counter_counts_a_layer_as_cuda_autocast_runs_it():
     assert traffic.kernels == sum(c.kernels for c in traffic.by_op.values()) == 5
 
 
+def test_traffic_counter_counts_the_fused_optimizer_which_returns_nothing():
+    torch = pytest.importorskip("torch")
+    T = load_traffic_module()
+    with T.fake_cpu():
+        params = [torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(10, 10))]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        optimizer.step()  # allocates the moments
+        traffic = T.count_traffic(optimizer.step, peak_flops=1e12, bandwidth=1e9)
+    fused = traffic.by_op["_fused_adamw_"]
+    # one kernel over parameters, gradients and both moments (fp32), and the step counters
+    assert fused.kernels == 1
+    assert fused.bytes == 4 * 4 * 1100 + 2 * 4
+
+
 def test_sd15_step_traffic_on_fake_tensors(capsys):
     """The whole SD-1.5-size step of both models, counted without memory or compute."""
     figures, out = run_script("train_step", ["--profile", "sd15", "--traffic", "--bf16", "--cached-latents"], capsys)
@@ -146,3 +162,48 @@ def test_sd15_sampling_traffic_and_the_bf16_vae(capsys):
         assert bf16_vae["parts"][part]["bytes"] < 0.6 * parts[part]["bytes"]  # no fp32 norms, no casts
     assert bf16_vae["faces_per_s_bound"] > default["faces_per_s_bound"]
     assert "eager bound" in out
+
+
+def load_host_module():
+    sys.path.insert(0, str(BENCHMARKS))  # _host imports its siblings (_common, _traffic) by name
+    try:
+        spec = importlib.util.spec_from_file_location("bench_host", BENCHMARKS / "_host.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_host_marks_add_up_phases():
+    H = load_host_module()
+    ticks = iter([0.0, 1.0, 3.0, 3.5, 6.0])
+    marks = H.Marks(lambda: next(ticks))
+    marks("forward"), marks("backward"), marks("forward"), marks("optimizer"), marks(None)
+    assert marks.spans == {"forward": 1.5, "backward": 2.0, "optimizer": 2.5}
+
+
+def test_sd15_step_host_overhead_by_phase(capsys):
+    """The host's side of the SD-1.5 step, on its narrow copy: every phase timed and counted."""
+    figures, out = run_script("train_step", ["--profile", "sd15", "--host-overhead", "--reps", "1"], capsys)
+    full, bare = figures["full"], figures["bare"]
+    assert set(full["kernels_by_phase"]) == {"conditioning", "unet forward + loss", "backward", "optimizer"}
+    assert set(bare["kernels_by_phase"]) == {"unet forward + loss", "backward", "optimizer"}
+    assert figures["batches"] == [4, 8]
+    for step in (full, bare):
+        assert step["kernels"] == sum(step["kernels_by_phase"].values())
+        assert step["issue_s"] == pytest.approx(sum(step["issue_s_by_phase"].values()))
+        for phase, t4 in step["host_s_by_phase"]["4"].items():
+            assert 0 < t4 and 0 <= step["issue_s_by_phase"][phase] <= 2 * t4
+    assert full["kernels"] > bare["kernels"] and full["kernels_by_phase"]["conditioning"] > 50
+    assert "before the UNet's first kernel" in out
+
+
+@pytest.mark.slow
+def test_the_narrow_sd15_copy_issues_the_full_width_steps_kernels(capsys):
+    """The premise of --host-overhead: cutting widths changes no op (fp32, so the two autocast
+    policies do not differ; ~30 s: the full-width step on fake tensors)."""
+    narrow, _ = run_script("train_step", ["--profile", "sd15", "--host-overhead", "--reps", "1"], capsys)
+    fake, _ = run_script("train_step", ["--profile", "sd15", "--traffic", "--cached-latents", "--batch", "4"], capsys)
+    assert narrow["full"]["kernels"] == fake["full"]["kernels"]
+    assert narrow["bare"]["kernels"] == fake["bare"]["kernels"]
