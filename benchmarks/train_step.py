@@ -131,9 +131,9 @@ def flops_only(args) -> int:
 
     device = torch.device("meta")
     model, cfg, bare = build_on_meta(args)
-    # One pair: per-image FLOPs do not depend on the batch, except the alignment's N x N batch
-    # statistics (negligible; skipped below N = 4), whose fp32 autocast guard cannot run on meta.
-    n = 2
+    # Two pairs: per-image FLOPs do not depend on the batch, except the alignment's N x N batch
+    # statistics (negligible; computed from N = 4 images on).
+    n = 4
     batch = C.pair_batch(n // 2, C.PROFILE_IMAGE_SIZE[args.profile], device)
     if args.cached_latents:
         batch = with_cached_latents(model, batch)
