@@ -2,7 +2,7 @@
 
     python benchmarks/anonymize_throughput.py [--photos 12] [--faces-per-photo 4] [--batch-sizes 1 4 16]
         [--steps N] [--checkpoint CKPT] [--device cpu|cuda] [--precision auto|32-true|bf16-mixed|16-mixed]
-        [--compile] [--threads 1]
+        [--compile] [--vae-dtype float32|bfloat16|float16] [--threads 1]
 
 Writes N photos (640 x 480 skimage backgrounds, each with K SynthFaces faces of 112-128 px that
 MTCNN detects), then runs the whole file pipeline (`anonymize_files`: decode, MTCNN, alignment,
@@ -76,6 +76,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", help="sampling precision, as `id2face anonymize --precision`")
     parser.add_argument("--compile", action="store_true", help="speed switches, as `id2face anonymize --compile`")
+    parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"),
+                        help="an SD VAE checkpoint's first stage in this dtype, as `id2face anonymize --vae-dtype`")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,7 +94,7 @@ def main() -> int:
         make_photos(photos, args.photos, args.faces_per_photo)
         make_photos(warm, 1, args.faces_per_photo, seed=1)
         checkpoint = Path(args.checkpoint) if args.checkpoint else untrained_checkpoint(tmp / "tiny.ckpt")
-        model, cfg, info = load_model(checkpoint, args.device, compile=args.compile)
+        model, cfg, info = load_model(checkpoint, args.device, compile=args.compile, first_stage_dtype=args.vae_dtype)
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
@@ -128,7 +130,7 @@ def main() -> int:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}"
     print(f"anonymize throughput: {args.photos} photos 640x480 x {args.faces_per_photo} SynthFaces faces; model "
           f"{checkpoint.name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
-          f"{', compiled' if args.compile else ''}; "
+          f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}; "
           f"device {args.device} ({device}), "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")
     print(f"MTCNN detection alone: {detect_seconds:.2f} s for {args.photos} photos "
@@ -141,6 +143,7 @@ def main() -> int:
     best = max(rows, key=lambda r: r["faces_per_s"])
     print(json.dumps({"benchmark": "anonymize_throughput", "device": args.device, "threads": args.threads,
                       "steps": steps, "image_size": size, "precision": precision, "compile": args.compile,
+                      "vae_dtype": args.vae_dtype,
                       "faces_per_s": best["faces_per_s"],
                       "best_batch_size": best["batch_size"],
                       "detect_photos_per_s": round(args.photos / detect_seconds, 3),

@@ -183,20 +183,31 @@ def _drop_stale(parent: dict, key: str, reference) -> list[str]:
     return [f"{child}.{rest}" if rest else child for child in list(node) for rest in _drop_stale(node, child, ref)]
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False):
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False,
+               first_stage_dtype: str | None = None):
     """The ``ID2Face`` of a training checkpoint with its EMA weights (the ones ``ID2FaceModule``
     samples with), in eval mode on ``device``; returns ``(model, cfg, info)``. ``compile``: the
     speed switches on (channels_last + torch.compile of the UNet and an SD VAE first stage),
-    whatever the checkpoint trained with; they change how the model runs, not its weights."""
+    whatever the checkpoint trained with; ``first_stage_dtype``: an SD VAE's weights and arithmetic
+    in that dtype (``model.first_stage.params.dtype``). Both change how the model runs, not its
+    weights."""
     import warnings
 
     from .config import merge_layer, parse_overrides
     from .lit_module import ID2FaceModule
     from .model import speed_switch_overrides
+    from .registry import MODEL_ROLES
 
     cfg, state, source = read_checkpoint_config(checkpoint)
     if compile:
         cfg = merge_layer(cfg, parse_overrides(speed_switch_overrides(cfg.model)), "--compile")
+    if first_stage_dtype is not None:
+        name = cfg.model.first_stage.name
+        if not MODEL_ROLES["first_stage"].declares(name, "dtype"):
+            raise UserError(f"the checkpoint's first stage ({name}) has no dtype of its own: it runs in the "
+                            f"sampling precision (only sd_vae takes one)")
+        cfg = merge_layer(cfg, parse_overrides([f"model.first_stage.params.dtype={first_stage_dtype}"]),
+                          "--vae-dtype")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
         module = ID2FaceModule(cfg)
@@ -213,7 +224,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
                 live.copy_(average)
     model = module.model.to(device).eval()
     info = {"checkpoint": str(checkpoint), "config_source": source, "ema_weights": averaged > 0,
-            "ema_updates": averaged, "compiled": bool(compile)}
+            "ema_updates": averaged, "compiled": bool(compile), "first_stage_dtype": first_stage_dtype}
     return model, cfg, info
 
 
@@ -1037,7 +1048,8 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
 
     summary = summarize(jobs, sidecars, skipped, seconds, faces_this_run, anonymizer)
     summary["settings"] = settings
-    summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled")}
+    summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled",
+                                                 "first_stage_dtype")}
     write_atomic(target / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 

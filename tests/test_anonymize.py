@@ -339,6 +339,46 @@ def test_compile_switches_the_loaded_model_without_touching_its_weights(checkpoi
     assert all(torch.equal(v, eager[k]) for k, v in model.state_dict().items())
 
 
+def test_vae_dtype_runs_an_sd_vae_in_it_and_a_pixel_first_stage_refuses_it(tmp_path, checkpoint, capsys):
+    from omegaconf import OmegaConf
+
+    from id2face.config import load_config
+    from id2face.lit_module import ID2FaceModule
+
+    toy_vae = ["model.first_stage.name=sd_vae", "model.first_stage.params.random_init=true",
+               "model.first_stage.params.config={block_out_channels: [8, 16], layers_per_block: 1, "
+               "down_block_types: [DownEncoderBlock2D, DownEncoderBlock2D], norm_num_groups: 4, "
+               "up_block_types: [UpDecoderBlock2D, UpDecoderBlock2D]}"]
+    torch.manual_seed(0)
+    cfg = load_config(["tiny"], toy_vae)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = ID2FaceModule(cfg)
+    path = tmp_path / "sd_vae.ckpt"
+    torch.save({"state_dict": module.state_dict(),
+                "hyper_parameters": {"config": OmegaConf.to_container(cfg, resolve=True)}}, path)
+    reference, _, _ = load_model(path)
+    model, _, info = load_model(path, first_stage_dtype="bfloat16")
+    assert info["first_stage_dtype"] == "bfloat16"
+    assert {p.dtype for p in model.first_stage.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.backbone.parameters()} == {torch.float32}
+    from torch.utils.data import default_collate
+
+    batch = default_collate([render_sample(i, 0, 32) for i in range(2)])
+    faces = [m.anonymize(batch["image"], batch["mask"], generator=torch.Generator().manual_seed(0),
+                         num_inference_steps=3) for m in (reference, model)]
+    assert faces[1].dtype == torch.float32
+    assert 0 < (faces[0] - faces[1]).abs().max() < 0.1  # bf16 rounding in the VAE, nothing else
+
+    photo = tmp_path / "face.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    assert main(["anonymize", "--checkpoint", str(checkpoint), "-i", str(photo), "-o", str(tmp_path / "out"),
+                 "--vae-dtype", "bfloat16", "--device", "cpu", "--audit-recognizer", "none", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "first stage (pixel) has no dtype" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):
     """~30 s: one CPU compile of the tiny UNet's forward."""
