@@ -176,6 +176,32 @@ def saved_for_backward(fn: Callable[[], object]) -> int:
     return sum(storages.values())
 
 
+def kernel_times(fn: Callable[[], object], device: torch.device) -> dict[str, tuple[int, float]]:
+    """``{name: (calls, seconds)}`` of one call of ``fn`` under ``torch.profiler``. CUDA: each GPU
+    kernel's device time (what the step spends on the GPU, by kernel); CPU: each aten op's self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    times = {}
+    for event in prof.key_averages():
+        if cuda and event.device_type == DeviceType.CUDA:
+            seconds = getattr(event, "self_device_time_total", None)
+            seconds = (event.self_cuda_time_total if seconds is None else seconds) / 1e6
+        elif not cuda and event.key.startswith("aten::"):
+            seconds = event.self_cpu_time_total / 1e6
+        else:
+            continue
+        if seconds > 0:
+            times[event.key] = (int(event.count), seconds)
+    return times
+
+
 def host_syncs(fn: Callable[[], object]) -> list[str]:
     """Where one call of ``fn`` made the host wait for the GPU (``torch.cuda.set_sync_debug_mode``);
     not the "prototype feature" notice the first switch to "warn" prints."""

@@ -69,6 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--breakdown", action="store_true",
                         help="after the timed steps, one step of each timed by part (components, cross-attention "
                              "layers, backward, optimizer)")
+    parser.add_argument("--kernel-table", type=int, default=0, metavar="N",
+                        help="after the timed steps, profile one step of each (torch.profiler) and list the N "
+                             "GPU kernels (CPU: aten ops) whose time differs most between full and bare")
     parser.add_argument("--flops-only", action="store_true",
                         help="no timing: build both on the meta device and print FLOPs per image by role "
                              "(works for sd15 on any machine)")
@@ -403,6 +406,7 @@ def main(argv=None) -> int:
                 back_to_back[name].append(C.timed(lambda: [steps[name]() for _ in range(k)], device) / k)
 
     breakdown = step_breakdown(model, bare, steps, device) if args.breakdown else None
+    kernels = {name: C.kernel_times(fn, device) for name, fn in steps.items()} if args.kernel_table else None
 
     figures = {
         "benchmark": "train_step", "profile": args.profile, "device": C.machine_description(device),
@@ -462,8 +466,28 @@ def main(argv=None) -> int:
     if breakdown is not None:
         figures["breakdown_s"] = breakdown
         print_breakdown(breakdown)
+    if kernels is not None:
+        figures["kernel_table"] = print_kernel_table(kernels, args.kernel_table, device)
     C.print_json(figures)
     return 0
+
+
+def print_kernel_table(kernels: dict[str, dict[str, tuple[int, float]]], top: int, device) -> dict:
+    """The ``top`` kernels (CPU: aten ops) by |full - bare| time of one profiled step; returns the
+    totals and those rows for the JSON."""
+    full, bare = kernels["full"], kernels["bare"]
+    delta = {k: full.get(k, (0, 0.0))[1] - bare.get(k, (0, 0.0))[1] for k in set(full) | set(bare)}
+    rows = sorted(delta, key=lambda k: -abs(delta[k]))[:top]
+    total = {name: sum(t for _, t in times.values()) for name, times in kernels.items()}
+    what = "GPU kernels" if device.type == "cuda" else "aten ops (self CPU time)"
+    print(f"{what} of one profiled step: full {1e3 * total['full']:.1f} ms, bare {1e3 * total['bare']:.1f} ms; "
+          f"the {len(rows)} that differ most")
+    C.print_table(["kernel", "calls full / bare", "ms full / bare", "ms full - bare"],
+                  [[k[:90], f"{full.get(k, (0, 0))[0]} / {bare.get(k, (0, 0))[0]}",
+                    f"{1e3 * full.get(k, (0, 0.0))[1]:.2f} / {1e3 * bare.get(k, (0, 0.0))[1]:.2f}",
+                    f"{1e3 * delta[k]:+.2f}"] for k in rows])
+    return {"total_s": total, "top": [{"kernel": k, "calls": [full.get(k, (0, 0))[0], bare.get(k, (0, 0))[0]],
+                                       "s": [full.get(k, (0, 0.0))[1], bare.get(k, (0, 0.0))[1]]} for k in rows]}
 
 
 def step_breakdown(model, bare, steps, device) -> dict[str, dict[str, float]]:

@@ -21,8 +21,8 @@ def run_script(name, argv, capsys) -> tuple[dict, str]:
 
 def test_train_step_with_cached_latents_and_breakdown(capsys):
     figures, out = run_script("train_step", ["--profile", "tiny", "--device", "cpu", "--batch", "4", "--steps", "1",
-                                             "--warmup", "1", "--cached-latents", "--breakdown", "--back-to-back", "1"],
-                              capsys)
+                                             "--warmup", "1", "--cached-latents", "--breakdown", "--back-to-back", "1",
+                                             "--kernel-table", "5"], capsys)
     assert figures["cached_latents"] and figures["ratio_full_over_bare"] > 0
     assert figures["ratio_full_over_bare_back_to_back"] == pytest.approx(
         figures["full"]["back_to_back_step_s"] / figures["bare"]["back_to_back_step_s"])
@@ -34,6 +34,11 @@ def test_train_step_with_cached_latents_and_breakdown(capsys):
     assert sum(full[c] for c in components) <= full["forward"]  # spans inside the forward span
     assert full["cross-attention layers"] < full["backbone"] and 0 < bare["cross-attention layers"] < bare["forward"]
     assert "cross-attention layers" in out
+    table = figures["kernel_table"]
+    assert len(table["top"]) == 5 and all(row["kernel"].startswith("aten::") for row in table["top"])
+    for row in table["top"]:
+        assert all(0 <= t <= total for t, total in zip(row["s"], (table["total_s"]["full"], table["total_s"]["bare"])))
+    assert any(row["calls"][1] == 0 for row in table["top"])  # ops only ours runs (the harmonizer's softmax)
 
 
 def test_sd15_flop_counts_with_and_without_the_latent_cache(capsys):

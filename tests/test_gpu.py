@@ -57,16 +57,25 @@ def test_ema_update_waits_on_the_host_nowhere():
     assert int(module.ema.n_averaged) == 2
 
 
-def _load_host_syncs():
-    # The benchmarks count syncs with the same function (benchmarks/_common.py, not a package module).
+def _load_bench_common():
+    # The benchmarks' helpers (benchmarks/_common.py, not a package module).
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"
     spec = importlib.util.spec_from_file_location("bench_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.host_syncs
+    return module
 
 
-host_syncs = _load_host_syncs()
+bench_common = _load_bench_common()
+host_syncs = bench_common.host_syncs
+
+
+def test_kernel_times_lists_gpu_kernels_not_host_ops():
+    """`train_step.py --kernel-table` reads GPU kernels' device time from torch.profiler."""
+    a = torch.randn(2048, 2048, device=CUDA)
+    times = bench_common.kernel_times(lambda: (a @ a).relu_(), CUDA)
+    assert times and not any(name.startswith("aten::") for name in times)
+    assert all(calls >= 1 and 0 < seconds < 1 for calls, seconds in times.values())
 
 
 def test_anonymize_on_cuda_gives_the_cpu_faces():
