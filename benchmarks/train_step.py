@@ -86,12 +86,13 @@ def parse_args(argv=None):
                              "4) and twice that")
     parser.add_argument("--reps", type=int, default=10, help="--host-overhead: timed steps of each (median)")
     args = parser.parse_args(argv)
-    if args.host_overhead and (args.traffic or args.flops_only or args.compile or args.breakdown or args.back_to_back):
+    if args.host_overhead and (args.traffic or args.flops_only or args.compile or args.breakdown or args.back_to_back
+                               or args.kernel_table):
         parser.error("--host-overhead times eager steps on this CPU: no --traffic, --flops-only, --compile, "
-                     "--breakdown or --back-to-back with it")
-    if args.traffic and (args.flops_only or args.compile or args.breakdown or args.back_to_back):
+                     "--breakdown, --back-to-back or --kernel-table with it")
+    if args.traffic and (args.flops_only or args.compile or args.breakdown or args.back_to_back or args.kernel_table):
         parser.error("--traffic counts one eager step of each on fake tensors: no --flops-only, --compile, "
-                     "--breakdown or --back-to-back with it")
+                     "--breakdown, --back-to-back or --kernel-table with it")
     if args.breakdown and args.compile:
         parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
                      "break down an eager run")
@@ -225,7 +226,7 @@ def traffic_only(args) -> int:
     zero = T.OpCost()
     delta = {n: (full.by_op.get(n, zero), bare_t.by_op.get(n, zero)) for n in names}
     top = sorted(delta, key=lambda n: -abs(delta[n][0].roofline_s - delta[n][1].roofline_s))[:args.top]
-    print(f"aten ops where full and bare differ most (by roofline time)")
+    print("aten ops where full and bare differ most (by roofline time)")
     C.print_table(["op", "kernels full / bare", "GB full / bare", "roofline ms full - bare"],
                   [[n, f"{delta[n][0].kernels} / {delta[n][1].kernels}",
                     f"{delta[n][0].bytes / 1e9:.2f} / {delta[n][1].bytes / 1e9:.2f}",
@@ -254,8 +255,8 @@ def host_overhead_only(args) -> int:
     steps = {b: H.narrow_steps(args.profile, b, args.bf16, args.override, seed=args.seed) for b in batches}
     kernels = {name: H.kernels_by_phase(step) for name, step in steps[args.batch].items()}
     seconds = {b: {name: H.host_phases(step, args.reps) for name, step in steps[b].items()} for b in batches}
-    dispatch = {name: {phase: max(2 * seconds[batches[0]][name][phase] - seconds[batches[1]][name][phase], 0.0)
-                       for phase in kernels[name]} for name in kernels}
+    issue_s = {name: {phase: max(2 * seconds[batches[0]][name][phase] - seconds[batches[1]][name][phase], 0.0)
+                      for phase in kernels[name]} for name in kernels}
     print(f"host time of one eager training step, profile {args.profile} narrowed to its structure "
           f"({H.NARROW_IMAGE_SIZE[args.profile]} px, narrow widths), bf16={args.bf16}, cached latents, fused "
           f"AdamW; {C.machine_description(torch.device('cpu'))}, {torch.get_num_threads()} thread(s), median of "
@@ -268,20 +269,20 @@ def host_overhead_only(args) -> int:
             chosen = phases if phase == "step" else [phase]
             n = sum(kernels[name][p] for p in chosen)
             t1, t2 = (sum(seconds[b][name][p] for p in chosen) for b in batches)
-            issue = sum(dispatch[name][p] for p in chosen)
+            issue = sum(issue_s[name][p] for p in chosen)
             rows.append([name, phase, str(n), f"{1e3 * t1:.1f}", f"{1e3 * t2:.1f}", f"{1e3 * issue:.1f}",
                          f"{1e6 * issue / max(n, 1):.1f}"])
     C.print_table(["step", "phase", "kernels", f"host ms, {b1} img", f"host ms, {b2} img", "issue ms",
                    "issue us / kernel"], rows)
-    issue_full, issue_bare = sum(dispatch["full"].values()), sum(dispatch["bare"].values())
+    issue_full, issue_bare = sum(issue_s["full"].values()), sum(issue_s["bare"].values())
     print(f"issue ms full - bare: {1e3 * (issue_full - issue_bare):+.1f}; before the UNet's first kernel (a GPU "
-          f"with an empty queue idles meanwhile): {1e3 * dispatch['full']['conditioning']:.1f}")
+          f"with an empty queue idles meanwhile): {1e3 * issue_s['full']['conditioning']:.1f}")
     C.print_json({"benchmark": "train_step_host", "profile": args.profile, "batches": list(batches),
                   "bf16": args.bf16, "overrides": list(args.override), "threads": torch.get_num_threads(),
                   "reps": args.reps, "device": C.machine_description(torch.device("cpu")),
                   **{name: {"kernels": sum(kernels[name].values()), "kernels_by_phase": kernels[name],
                             "host_s_by_phase": {str(b): seconds[b][name] for b in batches},
-                            "issue_s_by_phase": dispatch[name], "issue_s": sum(dispatch[name].values())}
+                            "issue_s_by_phase": issue_s[name], "issue_s": sum(issue_s[name].values())}
                      for name in kernels},
                   "issue_s_full_minus_bare": issue_full - issue_bare})
     return 0
@@ -475,19 +476,22 @@ def main(argv=None) -> int:
 def print_kernel_table(kernels: dict[str, dict[str, tuple[int, float]]], top: int, device) -> dict:
     """The ``top`` kernels (CPU: aten ops) by |full - bare| time of one profiled step; returns the
     totals and those rows for the JSON."""
-    full, bare = kernels["full"], kernels["bare"]
-    delta = {k: full.get(k, (0, 0.0))[1] - bare.get(k, (0, 0.0))[1] for k in set(full) | set(bare)}
+    def of(name, kernel):  # (calls, seconds); a kernel only one of the steps runs is (0, 0) in the other
+        return kernels[name].get(kernel, (0, 0.0))
+
+    names = set(kernels["full"]) | set(kernels["bare"])
+    delta = {k: of("full", k)[1] - of("bare", k)[1] for k in names}
     rows = sorted(delta, key=lambda k: -abs(delta[k]))[:top]
     total = {name: sum(t for _, t in times.values()) for name, times in kernels.items()}
     what = "GPU kernels" if device.type == "cuda" else "aten ops (self CPU time)"
     print(f"{what} of one profiled step: full {1e3 * total['full']:.1f} ms, bare {1e3 * total['bare']:.1f} ms; "
           f"the {len(rows)} that differ most")
     C.print_table(["kernel", "calls full / bare", "ms full / bare", "ms full - bare"],
-                  [[k[:90], f"{full.get(k, (0, 0))[0]} / {bare.get(k, (0, 0))[0]}",
-                    f"{1e3 * full.get(k, (0, 0.0))[1]:.2f} / {1e3 * bare.get(k, (0, 0.0))[1]:.2f}",
-                    f"{1e3 * delta[k]:+.2f}"] for k in rows])
-    return {"total_s": total, "top": [{"kernel": k, "calls": [full.get(k, (0, 0))[0], bare.get(k, (0, 0))[0]],
-                                       "s": [full.get(k, (0, 0.0))[1], bare.get(k, (0, 0.0))[1]]} for k in rows]}
+                  [[k[:90], f"{of('full', k)[0]} / {of('bare', k)[0]}",
+                    f"{1e3 * of('full', k)[1]:.2f} / {1e3 * of('bare', k)[1]:.2f}", f"{1e3 * delta[k]:+.2f}"]
+                   for k in rows])
+    return {"total_s": total, "top": [{"kernel": k, "calls": [of("full", k)[0], of("bare", k)[0]],
+                                       "s": [of("full", k)[1], of("bare", k)[1]]} for k in rows]}
 
 
 def step_breakdown(model, bare, steps, device) -> dict[str, dict[str, float]]:
