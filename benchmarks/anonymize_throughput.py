@@ -2,13 +2,15 @@
 
     python benchmarks/anonymize_throughput.py [--photos 12] [--faces-per-photo 4] [--batch-sizes 1 4 16]
         [--steps N] [--checkpoint CKPT] [--device cpu|cuda] [--precision auto|32-true|bf16-mixed|16-mixed]
-        [--compile] [--vae-dtype float32|bfloat16|float16] [--threads 1]
+        [--compile] [--vae-dtype float32|bfloat16|float16] [--threads 1] [--io-workers 0 4]
+        [--photo-format png|jpg] [--photo-size 640 480]
 
-Writes N photos (640 x 480 skimage backgrounds, each with K SynthFaces faces of 112-128 px that
-MTCNN detects), then runs the whole file pipeline (`anonymize_files`: decode, MTCNN, alignment,
-batched sampling, paste-back, atomic writes, sidecars; no audit recognizer) once per batch size
-into a fresh folder, after one warm-up photo. Detection alone is timed too (the part batching
-cannot speed up). Without --checkpoint the tiny profile's model is built untrained and saved as a
+Writes N photos (skimage backgrounds, 640 x 480 unless --photo-size, each with K SynthFaces faces
+of 112-128 px that MTCNN detects), then runs the whole file pipeline (`anonymize_files`: decode,
+MTCNN, alignment, batched sampling, paste-back, atomic writes, sidecars; no audit recognizer) once
+per batch size and number of I/O threads (`--io-workers`, as `id2face anonymize --io-workers`)
+into a fresh folder, after one warm-up photo. Detection alone and file decode + encode alone are
+timed too (the parts batching cannot speed up; I/O threads overlap the second with the model). Without --checkpoint the tiny profile's model is built untrained and saved as a
 checkpoint: its speed does not depend on the weights. Prints a table and a final JSON line.
 """
 from __future__ import annotations
@@ -30,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from id2face.anonymize import (AnonymizeSettings, Anonymizer, anonymize_files, load_model,  # noqa: E402
-                               training_template)
+from id2face.anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,  # noqa: E402
+                               load_model, training_template)
 from id2face.precision import resolve_precision  # noqa: E402
 
 
-def make_photos(folder: Path, count: int, faces: int, seed: int = 0) -> None:
+def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 480), fmt: str = "png") -> None:
     from skimage import data
 
     from id2face.data.synthfaces import render_sample
@@ -44,14 +46,14 @@ def make_photos(folder: Path, count: int, faces: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for index in range(count):
         photo = np.asarray(Image.fromarray(backgrounds[index % len(backgrounds)]).convert("RGB")
-                           .resize((640, 480), Image.BILINEAR)).copy()
+                           .resize(tuple(size), Image.BILINEAR)).copy()
         for slot in range(faces):  # a 4 x 2 grid of slots, faces in the first K
-            size = int(rng.integers(112, 129))
-            x = 20 + (slot % 4) * 155 + int(rng.integers(0, 150 - size + 1))
+            side = int(rng.integers(112, 129))
+            x = 20 + (slot % 4) * 155 + int(rng.integers(0, 150 - side + 1))
             y = 20 + (slot // 4) * 230 + int(rng.integers(0, 100))
-            item = render_sample((index * faces + slot) % 8, 0, size)  # sample 0 of identities 0-7: MTCNN finds them
-            photo[y:y + size, x:x + size] = np.rint((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5)
-        Image.fromarray(photo).save(folder / f"group{index:03d}.png")
+            item = render_sample((index * faces + slot) % 8, 0, side)  # sample 0 of identities 0-7: MTCNN finds them
+            photo[y:y + side, x:x + side] = np.rint((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5)
+        Image.fromarray(photo).save(folder / f"group{index:03d}.{fmt}", **({"quality": 92} if fmt == "jpg" else {}))
 
 
 def untrained_checkpoint(path: Path) -> Path:
@@ -79,7 +81,14 @@ def main() -> int:
     parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"),
                         help="an SD VAE checkpoint's first stage in this dtype, as `id2face anonymize --vae-dtype`")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--io-workers", type=int, nargs="+", default=[0, DEFAULT_IO_WORKERS],
+                        help=f"file I/O threads, each a run (default: 0 and {DEFAULT_IO_WORKERS})")
+    parser.add_argument("--photo-format", choices=("png", "jpg"), default="png")
+    parser.add_argument("--photo-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"),
+                        help="photo size (>= 640 x 480; e.g. 4032 3024, a 12 MP phone photo)")
     args = parser.parse_args()
+    if args.photo_size[0] < 640 or args.photo_size[1] < 480:
+        parser.error("--photo-size must be at least 640 480 (the faces are placed on a 640 x 480 grid)")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
 
@@ -91,8 +100,8 @@ def main() -> int:
         photos, warm = tmp / "photos", tmp / "warm"
         photos.mkdir()
         warm.mkdir()
-        make_photos(photos, args.photos, args.faces_per_photo)
-        make_photos(warm, 1, args.faces_per_photo, seed=1)
+        make_photos(photos, args.photos, args.faces_per_photo, size=args.photo_size, fmt=args.photo_format)
+        make_photos(warm, 1, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
         checkpoint = Path(args.checkpoint) if args.checkpoint else untrained_checkpoint(tmp / "tiny.ckpt")
         model, cfg, info = load_model(checkpoint, args.device, compile=args.compile, first_stage_dtype=args.vae_dtype)
         size = int(cfg.data.image_size)
@@ -100,52 +109,64 @@ def main() -> int:
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
         detector = FaceDetector(device=args.device)
 
+        from id2face.anonymize import write_photo
         from id2face.data.imageio import read_image
 
-        pixels = [read_image(p).pixels for p in sorted(photos.glob("*.png"))]
+        started = time.perf_counter()
+        pixels = [read_image(p).pixels for p in sorted(photos.glob(f"*.{args.photo_format}"))]
+        for index, p in enumerate(pixels):
+            write_photo(p, tmp / f"io{index}.{args.photo_format}")
+        io_seconds = time.perf_counter() - started
         detector(pixels[0])
         started = time.perf_counter()
         detected = sum(int((detector(p)[1] >= 0.8).sum()) for p in pixels)
         detect_seconds = time.perf_counter() - started
 
-        for batch in args.batch_sizes:
+        for batch, workers in ((b, w) for b in args.batch_sizes for w in args.io_workers):
             settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision)
             anonymizer = Anonymizer(model, size, template, settings, detector=detector, device=args.device)
-            anonymize_files([warm], tmp / f"warm{batch}", anonymizer, info=info, progress=False)
+            anonymize_files([warm], tmp / f"warm{batch}-{workers}", anonymizer, info=info, progress=False,
+                            io_workers=workers)
             load = os.getloadavg()[0]
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            summary = anonymize_files([photos], tmp / f"out{batch}", anonymizer, info=info, progress=False)
+            summary = anonymize_files([photos], tmp / f"out{batch}-{workers}", anonymizer, info=info, progress=False,
+                                      io_workers=workers)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             wall = time.perf_counter() - started
             faces = summary["faces"]["total"]
-            rows.append({"batch_size": batch, "photos": summary["images"]["written"], "faces": faces,
+            rows.append({"batch_size": batch, "io_workers": workers, "photos": summary["images"]["written"],
+                         "faces": faces,
                          "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
                          "faces_per_s": round(faces / wall, 3), "photos_per_s": round(args.photos / wall, 3),
                          "load_average_1min": round(load, 2)})
 
     steps = args.steps or int(cfg.model.sampler.params.num_inference_steps)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}"
-    print(f"anonymize throughput: {args.photos} photos 640x480 x {args.faces_per_photo} SynthFaces faces; model "
+    print(f"anonymize throughput: {args.photos} photos {args.photo_size[0]}x{args.photo_size[1]} "
+          f"{args.photo_format} x {args.faces_per_photo} SynthFaces faces; model "
           f"{checkpoint.name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
           f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}; "
           f"device {args.device} ({device}), "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")
     print(f"MTCNN detection alone: {detect_seconds:.2f} s for {args.photos} photos "
           f"({args.photos / detect_seconds:.2f} photos/s, {detected} faces)")
-    print(f"{'batch':>5} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} {'faces/s':>8} "
+    print(f"file decode + encode alone, one thread: {io_seconds:.2f} s for {args.photos} photos")
+    print(f"{'batch':>5} {'io':>3} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} {'faces/s':>8} "
           f"{'photos/s':>8} {'load':>5}")
     for r in rows:
-        print(f"{r['batch_size']:>5} {r['photos']:>6} {r['faces']:>5} {r['anonymized']:>10} {r['seconds']:>8.2f} "
-              f"{r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}")
+        print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['photos']:>6} {r['faces']:>5} {r['anonymized']:>10} "
+              f"{r['seconds']:>8.2f} {r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}")
     best = max(rows, key=lambda r: r["faces_per_s"])
     print(json.dumps({"benchmark": "anonymize_throughput", "device": args.device, "threads": args.threads,
                       "steps": steps, "image_size": size, "precision": precision, "compile": args.compile,
                       "vae_dtype": args.vae_dtype,
                       "faces_per_s": best["faces_per_s"],
-                      "best_batch_size": best["batch_size"],
+                      "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
+                      "photo_size": args.photo_size, "photo_format": args.photo_format,
+                      "io_seconds_one_thread": round(io_seconds, 3),
                       "detect_photos_per_s": round(args.photos / detect_seconds, 3),
                       "rows": rows}))
     return 0

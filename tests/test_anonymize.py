@@ -226,6 +226,55 @@ def test_scenes_every_face_replaced_nothing_else_touched_and_audited(tmp_path, l
     assert again["faces"]["anonymized"] == 5 and outputs == {p: sha(p) for p in out.rglob("*.png")}
 
 
+def test_io_threads_write_what_one_thread_writes_and_report_a_failed_write(tmp_path, loaded, monkeypatch):
+    """Photos decoded and written by threads beside the model: the same files and sidecars as in
+    one thread, warnings in input order, and a write that fails (here: the disk) is the photo's
+    status, not a crash, with its traceback in the error log."""
+    import threading
+    import time as clock
+
+    import id2face.anonymize as anonymize_module
+
+    detector = GroundTruthDetector()
+    source = tmp_path / "in"
+    source.mkdir()
+    for index, background in enumerate((skimage_data.coffee(), skimage_data.chelsea(), skimage_data.astronaut())):
+        scene, _ = compose(detector, background, [(index, 0, 30 + 20 * index, 40), (index + 5, 1, 300, 120)])
+        Image.fromarray(scene).save(source / f"p{index}.png")
+    (source / "p1b.png").write_text("not a picture")
+    write_photo = anonymize_module.write_photo
+
+    writers = []
+
+    def slow_then_failing_write(pixels, path):
+        writers.append(threading.current_thread().name)
+        if path.name == "p2.png":
+            raise OSError(28, "No space left on device")
+        clock.sleep(0.3 if path.name == "p0.png" else 0.0)  # the first write finishes last
+        write_photo(pixels, path)
+
+    monkeypatch.setattr(anonymize_module, "write_photo", slow_then_failing_write)
+    runs = {}
+    for workers in (0, 3):
+        warned, writers[:] = [], []
+        summary = anonymize_files([source], tmp_path / f"out{workers}", anonymizer(loaded, detector=detector),
+                                  progress=False, warn=warned.append, io_workers=workers)
+        out = tmp_path / f"out{workers}"
+        files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+                 if p.is_file() and p.name not in (SUMMARY_NAME, "anonymize_errors.log")}
+        runs[workers] = (summary, warned, files, (out / "anonymize_errors.log").read_text())
+        assert len(writers) == 3 and all(name.startswith("id2face-io") == (workers > 0) for name in writers)
+    (one, warned_one, files_one, log_one), (threaded, warned, files, log) = runs[0], runs[3]
+    assert files == files_one and set(files) == {"p0.png", "p0.png.json", "p1.png", "p1.png.json", "p1b.png.json",
+                                                 "p2.png.json"}
+    assert len(warned) == 2 and "p1b.png: not_an_image" in warned[0] and "p2.png: write_error" in warned[1]
+    assert warned == warned_one
+    sidecar = json.loads(files["p2.png.json"])
+    assert sidecar["output"] is None and "No space left on device" in sidecar["message"]
+    assert "p2.png: write" in log and "OSError" in log and "OSError" in log_one
+    assert threaded["statuses"] == one["statuses"] == {"anonymized": 2, "not_an_image": 1, "write_error": 1}
+
+
 @pytest.mark.parametrize("failure", ["raise", "nan", "unchanged", "blur"])
 def test_fail_closed_covers_every_face_the_model_cannot_anonymize(loaded, failure, monkeypatch):
     detector = GroundTruthDetector()
@@ -558,6 +607,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
         (["-i", str(photos / "a.png"), "-o", str(photos / "a.png")], "is the input"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--batch-size", "0"], "--batch-size"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--key", ""], "--key is empty"),
+        (["-i", str(photos), "-o", str(tmp_path / "o"), "--io-workers", "-1"], "--io-workers must be >= 0"),
     ]
     for extra, message in cases:
         assert main(["anonymize", "--checkpoint", str(checkpoint), *extra]) == 2

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an SD VAE first stage's weights and arithmetic in this dtype, whatever --precision "
                              "(bfloat16: about half the memory traffic of its encode and decode; default: the "
                              "checkpoint's)")
+    parser.add_argument("--io-workers", type=int, default=None, metavar="N",
+                        help="threads that decode the next photos and write the finished ones while the model "
+                             "runs (default: min(4, CPUs); 0: all in one thread)")
     parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
     parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
     parser.add_argument("--min-face-size", type=int, default=20,
@@ -103,8 +106,8 @@ def _read_key(args):
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from ..anonymize import (AnonymizeSettings, Anonymizer, anonymize_files, build_audit_recognizer, check_paths,
-                             exit_code, load_model, plan_jobs, training_template)
+    from ..anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,
+                             build_audit_recognizer, check_paths, exit_code, load_model, plan_jobs, training_template)
     from ..data.prepare import FaceDetector
     from ..errors import UserError
     from ..precision import resolve_precision
@@ -115,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     settings.check()
     if args.min_face_size < 4 or args.detect_max_side < 32:
         raise UserError("--min-face-size must be >= 4 and --detect-max-side >= 32")
+    if args.io_workers is not None and args.io_workers < 0:
+        raise UserError(f"--io-workers must be >= 0, got {args.io_workers}")
     roots, target = check_paths(args.input, args.output)
     plan_jobs(roots, target, args.output_format)  # refuse bad inputs before loading anything heavy
     device = str(resolve_device(args.device))
@@ -150,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, cluster_by=cluster_by,
                             device=device)
     summary = anonymize_files(args.input, args.output, anonymizer, info=info, output_format=args.output_format,
-                              progress=not args.quiet)
+                              progress=not args.quiet,
+                              io_workers=DEFAULT_IO_WORKERS if args.io_workers is None else args.io_workers)
     images, faces = summary["images"], summary["faces"]
     worst = summary["worst_residual"]
     verdict = ""

@@ -76,7 +76,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         raise ImageReadError("unreadable", f"cannot access file: {err.strerror or err}") from None
 
     with warnings.catch_warnings():
-        # We enforce our own pixel cap below; PIL's warning would only repeat it.
+        # We enforce our own pixel cap below; PIL's warning would only repeat it. (Readers in
+        # threads, as `anonymize`'s: at worst their races leave this one filter installed.)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(path)
