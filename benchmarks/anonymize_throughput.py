@@ -1,7 +1,8 @@
 """Throughput of `id2face anonymize` (faces/s) against --batch-size, on SynthFaces group photos.
 
     python benchmarks/anonymize_throughput.py [--photos 12] [--faces-per-photo 4] [--batch-sizes 1 4 16]
-        [--steps N] [--checkpoint CKPT] [--device cpu|cuda] [--precision auto|32-true|bf16-mixed|16-mixed]
+        [--steps N] [--checkpoint CKPT | --profile tiny|sd15] [--device cpu|cuda]
+        [--precision auto|32-true|bf16-mixed|16-mixed]
         [--compile] [--vae-dtype float32|bfloat16|float16] [--threads 1] [--io-workers 0 4]
         [--photo-format png|jpg] [--photo-size 640 480]
 
@@ -10,8 +11,9 @@ of 112-128 px that MTCNN detects), then runs the whole file pipeline (`anonymize
 MTCNN, alignment, batched sampling, paste-back, atomic writes, sidecars; no audit recognizer) once
 per batch size and number of I/O threads (`--io-workers`, as `id2face anonymize --io-workers`)
 into a fresh folder, after one warm-up photo. Detection alone and file decode + encode alone are
-timed too (the parts batching cannot speed up; I/O threads overlap the second with the model). Without --checkpoint the tiny profile's model is built untrained and saved as a
-checkpoint: its speed does not depend on the weights. Prints a table and a final JSON line.
+timed too (the parts batching cannot speed up; I/O threads overlap the second with the model).
+Without --checkpoint the --profile model (tiny, or sd15: the SD-1.5-sized paper config at 512 px)
+is built untrained: its speed does not depend on the weights. Prints a table and a final JSON line.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, a sibling of this script
 
 import torch  # noqa: E402
 
@@ -37,12 +40,23 @@ from id2face.anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer
 from id2face.precision import resolve_precision  # noqa: E402
 
 
-def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 480), fmt: str = "png") -> None:
-    from skimage import data
+def _backgrounds() -> list[np.ndarray]:
+    """skimage's sample photos; where scikit-image is not installed (a bare GPU machine), smooth
+    random colour fields of the same size (file sizes and decode times differ somewhat)."""
+    try:
+        from skimage import data
+    except ImportError:
+        rng = np.random.default_rng(0)
+        return [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((640, 480),
+                                                                                                   Image.BICUBIC))
+                for _ in range(4)]
+    return [data.coffee(), data.chelsea(), data.astronaut()[300:], data.rocket()]
 
+
+def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 480), fmt: str = "png") -> None:
     from id2face.data.synthfaces import render_sample
 
-    backgrounds = [data.coffee(), data.chelsea(), data.astronaut()[300:], data.rocket()]
+    backgrounds = _backgrounds()
     rng = np.random.default_rng(seed)
     for index in range(count):
         photo = np.asarray(Image.fromarray(backgrounds[index % len(backgrounds)]).convert("RGB")
@@ -56,25 +70,34 @@ def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 
         Image.fromarray(photo).save(folder / f"group{index:03d}.{fmt}", **({"quality": 92} if fmt == "jpg" else {}))
 
 
-def untrained_checkpoint(path: Path) -> Path:
-    from omegaconf import OmegaConf
+def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | None):
+    """(model, cfg, info) of a profile's model with its initial weights, built here, as ``load_model``
+    builds a checkpoint's (its speed does not depend on the weights): ``tiny``, or ``sd15`` (the
+    SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint)."""
+    import _common as C
 
-    from id2face.config import load_config
-    from id2face.lit_module import ID2FaceModule
+    from id2face.model import ID2Face, speed_switch_overrides
 
-    module = ID2FaceModule(load_config(["tiny"]))
-    torch.save({"state_dict": module.state_dict(),
-                "hyper_parameters": {"config": OmegaConf.to_container(module.config, resolve=True)}}, path)
-    return path
+    cfg = C.profile_config(profile)
+    overrides = [*(speed_switch_overrides(cfg.model) if compile else []),
+                 *([f"model.first_stage.params.dtype={vae_dtype}"] if vae_dtype else [])]
+    cfg = C.profile_config(profile, overrides)
+    torch.manual_seed(0)
+    model = ID2Face.from_config(cfg.model).to(device).eval()
+    info = {"checkpoint": None, "config_source": f"untrained {profile} profile", "ema_weights": False,
+            "compiled": compile, "first_stage_dtype": vae_dtype}
+    return model, cfg, info
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=12)
     parser.add_argument("--faces-per-photo", type=int, default=4, choices=range(1, 9))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's; tiny: 10)")
-    parser.add_argument("--checkpoint", help="an `id2face train` checkpoint (default: the untrained tiny model)")
+    parser.add_argument("--checkpoint", help="an `id2face train` checkpoint (default: an untrained --profile model)")
+    parser.add_argument("--profile", choices=("tiny", "sd15"), default="tiny",
+                        help="without --checkpoint: the untrained model measured (sd15: 512 px, SD-1.5 size)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", help="sampling precision, as `id2face anonymize --precision`")
     parser.add_argument("--compile", action="store_true", help="speed switches, as `id2face anonymize --compile`")
@@ -86,7 +109,7 @@ def main() -> int:
     parser.add_argument("--photo-format", choices=("png", "jpg"), default="png")
     parser.add_argument("--photo-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"),
                         help="photo size (>= 640 x 480; e.g. 4032 3024, a 12 MP phone photo)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.photo_size[0] < 640 or args.photo_size[1] < 480:
         parser.error("--photo-size must be at least 640 480 (the faces are placed on a 640 x 480 grid)")
     torch.set_num_threads(args.threads)
@@ -102,8 +125,12 @@ def main() -> int:
         warm.mkdir()
         make_photos(photos, args.photos, args.faces_per_photo, size=args.photo_size, fmt=args.photo_format)
         make_photos(warm, 1, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
-        checkpoint = Path(args.checkpoint) if args.checkpoint else untrained_checkpoint(tmp / "tiny.ckpt")
-        model, cfg, info = load_model(checkpoint, args.device, compile=args.compile, first_stage_dtype=args.vae_dtype)
+        if args.checkpoint:
+            model, cfg, info = load_model(args.checkpoint, args.device, compile=args.compile,
+                                          first_stage_dtype=args.vae_dtype)
+        else:
+            model, cfg, info = untrained_model(args.profile, args.device, args.compile, args.vae_dtype)
+        model_name = Path(args.checkpoint).name if args.checkpoint else f"untrained {args.profile}"
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
@@ -147,7 +174,7 @@ def main() -> int:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}"
     print(f"anonymize throughput: {args.photos} photos {args.photo_size[0]}x{args.photo_size[1]} "
           f"{args.photo_format} x {args.faces_per_photo} SynthFaces faces; model "
-          f"{checkpoint.name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
+          f"{model_name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
           f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}; "
           f"device {args.device} ({device}), "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")

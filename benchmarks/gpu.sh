@@ -14,7 +14,9 @@
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
 # sample_vae_bf16 (the sample part's first row with the SD VAE's weights and norms in bf16),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
-# sample_compiled (+ channels_last + compile of the UNet and the VAE), fid, switches (cached step
+# sample_compiled (+ channels_last + compile of the UNet and the VAE), anonymize (the whole file
+# pipeline end to end: MTCNN, alignment, sampling, paste-back, 12 MP JPEGs decoded and written
+# with and without I/O threads; ~2 min), fid, switches (cached step
 # with plain AdamW, flash attention only, gradient checkpointing: ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +68,12 @@ if want sample_vae_bf16; then
   timeout 60 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
       --samplers ddim --repeats 1 --breakdown --override model.first_stage.params.dtype=bfloat16 \
       || echo "== sample failed or timed out (exit $?)"
+fi
+if want anonymize; then  # the issue's end-to-end figure: files in, files out
+  echo; echo "== anonymize end to end, untrained sd15 at 512 px, 25 DDIM steps, bf16: 32 photos 12 MP JPEG x 4 faces"
+  timeout 180 "$PY" benchmarks/anonymize_throughput.py --profile sd15 --device cuda --precision bf16-mixed \
+      --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 0 4 --threads 4 \
+      --photo-size 4032 3024 --photo-format jpg || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want sample_compiled; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile (UNet, VAE)"

@@ -41,6 +41,19 @@ def test_train_step_with_cached_latents_and_breakdown(capsys):
     assert any(row["calls"][1] == 0 for row in table["top"])  # ops only ours runs (the harmonizer's softmax)
 
 
+def test_anonymize_throughput_with_and_without_io_threads(capsys):
+    """The whole file pipeline on JPEG photos, once per I/O setting: same faces, all anonymized."""
+    figures, out = run_script("anonymize_throughput", ["--photos", "2", "--faces-per-photo", "2", "--batch-sizes", "4",
+                                                       "--steps", "2", "--io-workers", "0", "2",
+                                                       "--photo-format", "jpg", "--photo-size", "800", "600"], capsys)
+    rows = figures["rows"]
+    assert [row["io_workers"] for row in rows] == [0, 2]
+    assert all(row["faces"] == row["anonymized"] == 4 and row["photos"] == 2 for row in rows)
+    assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
+    assert figures["faces_per_s"] == max(row["faces_per_s"] for row in rows)
+    assert "file decode + encode alone" in out
+
+
 def test_sd15_flop_counts_with_and_without_the_latent_cache(capsys):
     """Meta device: the SD-1.5-size step's FLOPs without building anything real."""
     encoded, _ = run_script("train_step", ["--profile", "sd15", "--flops-only"], capsys)
