@@ -4,14 +4,15 @@
         [--steps N] [--checkpoint CKPT | --profile tiny|sd15] [--device cpu|cuda]
         [--precision auto|32-true|bf16-mixed|16-mixed]
         [--compile] [--vae-dtype float32|bfloat16|float16] [--threads 1] [--io-workers 0 4]
-        [--photo-format png|jpg] [--photo-size 640 480]
+        [--photo-format png|jpg] [--photo-size 640 480] [--audit-recognizer none|dlib|encoder|...]
 
 Writes N photos (skimage backgrounds, 640 x 480 unless --photo-size, each with K SynthFaces faces
 of 112-128 px that MTCNN detects), then runs the whole file pipeline (`anonymize_files`: decode,
-MTCNN, alignment, batched sampling, paste-back, atomic writes, sidecars; no audit recognizer) once
-per batch size and number of I/O threads (`--io-workers`, as `id2face anonymize --io-workers`)
-into a fresh folder, after one warm-up photo. Detection alone and file decode + encode alone are
-timed too (the parts batching cannot speed up; I/O threads overlap the second with the model).
+MTCNN, alignment, batched sampling, paste-back, atomic writes, sidecars; the audit recognizer of
+--audit-recognizer, none by default) once per batch size and number of I/O threads
+(`--io-workers`, as `id2face anonymize --io-workers`) into a fresh folder, after one warm-up photo.
+Detection alone and file decode + encode alone are timed too (the parts batching cannot speed up;
+I/O threads overlap the second with the model).
 Without --checkpoint the --profile model (tiny, or sd15: the SD-1.5-sized paper config at 512 px)
 is built untrained: its speed does not depend on the weights. Prints a table and a final JSON line.
 """
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, a sibling o
 import torch  # noqa: E402
 
 from id2face.anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,  # noqa: E402
-                               load_model, training_template)
+                               build_audit_recognizer, load_model, training_template)
 from id2face.precision import resolve_precision  # noqa: E402
 
 
@@ -106,6 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--io-workers", type=int, nargs="+", default=[0, DEFAULT_IO_WORKERS],
                         help=f"file I/O threads, each a run (default: 0 and {DEFAULT_IO_WORKERS})")
+    parser.add_argument("--audit-recognizer", default="none", metavar="NAME",
+                        help="the residual-identity judge, as `id2face anonymize --audit-recognizer` (default none; "
+                             "the command's own default is dlib where installed)")
     parser.add_argument("--photo-format", choices=("png", "jpg"), default="png")
     parser.add_argument("--photo-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"),
                         help="photo size (>= 640 x 480; e.g. 4032 3024, a 12 MP phone photo)")
@@ -135,6 +139,8 @@ def main(argv=None) -> int:
         template, info["template"] = training_template(cfg, size)
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
         detector = FaceDetector(device=args.device)
+        audit = build_audit_recognizer(args.audit_recognizer, cfg)
+        audit = audit.to(args.device) if audit is not None else None
 
         from id2face.anonymize import write_photo
         from id2face.data.imageio import read_image
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
 
         for batch, workers in ((b, w) for b in args.batch_sizes for w in args.io_workers):
             settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision)
-            anonymizer = Anonymizer(model, size, template, settings, detector=detector, device=args.device)
+            anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, device=args.device)
             anonymize_files([warm], tmp / f"warm{batch}-{workers}", anonymizer, info=info, progress=False,
                             io_workers=workers)
             load = os.getloadavg()[0]
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     steps = args.steps or int(cfg.model.sampler.params.num_inference_steps)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}"
     print(f"anonymize throughput: {args.photos} photos {args.photo_size[0]}x{args.photo_size[1]} "
-          f"{args.photo_format} x {args.faces_per_photo} SynthFaces faces; model "
+          f"{args.photo_format} x {args.faces_per_photo} SynthFaces faces, audit {args.audit_recognizer}; model "
           f"{model_name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
           f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}; "
           f"device {args.device} ({device}), "
@@ -193,6 +199,7 @@ def main(argv=None) -> int:
                       "faces_per_s": best["faces_per_s"],
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
                       "photo_size": args.photo_size, "photo_format": args.photo_format,
+                      "audit_recognizer": args.audit_recognizer,
                       "io_seconds_one_thread": round(io_seconds, 3),
                       "detect_photos_per_s": round(args.photos / detect_seconds, 3),
                       "rows": rows}))
