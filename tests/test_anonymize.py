@@ -670,3 +670,13 @@ def test_cli_subprocess_reports_unreadable_inputs_and_continues(tmp_path, checkp
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     expected = f"id2face anonymize: error: input {tmp_path / 'nowhere'} does not exist"
     assert missing.stderr.strip().splitlines() == [expected]
+
+
+def test_a_gpu_run_audited_by_dlib_is_told_what_sets_its_pace(dlib):
+    from id2face.commands.anonymize import audit_pace_note
+    from id2face.metrics.recognizers import build_recognizer
+
+    assert "--audit-recognizer encoder" in audit_pace_note(dlib, "cuda:0")
+    assert audit_pace_note(dlib, "cpu") is None  # there everything shares the CPU anyway
+    encoder = build_recognizer({"name": "encoder", "params": {"encoder": "tiny"}})
+    assert audit_pace_note(encoder, "cuda") is None and audit_pace_note(None, "cuda") is None

@@ -103,6 +103,17 @@ def _read_key(args):
     return key
 
 
+def audit_pace_note(audit, device: str) -> str | None:
+    """A line for a GPU run whose audit judge computes on the CPU (dlib: two crops a face, ~0.1 s
+    each on one core): at GPU rates it sets the pace (BENCHMARKS.md)."""
+    from ..metrics.recognizers import DlibRecognizer
+
+    if isinstance(audit, DlibRecognizer) and str(device).startswith("cuda"):
+        return ("id2face anonymize: the dlib audit runs on the CPU (two crops a face) and may set the pace; "
+                "--audit-recognizer encoder (on the GPU) or none for throughput")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -146,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
         audit = build_audit_recognizer(audit_arg, cfg)
     if audit is not None:
         audit = audit.to(device)
+        note = audit_pace_note(audit, device)
+        if note and not args.quiet:
+            print(note, file=sys.stderr)
     cluster_arg = _parse_node(args.cluster_by)
     cluster_by = None if cluster_arg == "encoder" else build_audit_recognizer(cluster_arg, cfg)
     if cluster_by is not None:
