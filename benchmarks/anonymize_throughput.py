@@ -77,12 +77,10 @@ def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | N
     SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint)."""
     import _common as C
 
-    from id2face.model import ID2Face, speed_switch_overrides
+    from id2face.anonymize import inference_overrides
+    from id2face.model import ID2Face
 
-    cfg = C.profile_config(profile)
-    overrides = [*(speed_switch_overrides(cfg.model) if compile else []),
-                 *([f"model.first_stage.params.dtype={vae_dtype}"] if vae_dtype else [])]
-    cfg = C.profile_config(profile, overrides)
+    cfg = C.profile_config(profile, inference_overrides(C.profile_config(profile).model, compile, vae_dtype))
     torch.manual_seed(0)
     model = ID2Face.from_config(cfg.model).to(device).eval()
     info = {"checkpoint": None, "config_source": f"untrained {profile} profile", "ema_weights": False,

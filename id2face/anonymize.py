@@ -187,6 +187,23 @@ def _drop_stale(parent: dict, key: str, reference) -> list[str]:
     return [f"{child}.{rest}" if rest else child for child in list(node) for rest in _drop_stale(node, child, ref)]
 
 
+def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str | None = None) -> list[str]:
+    """``key=value`` overrides that change how a model runs, not its weights: the speed switches
+    (``compile``) and an SD VAE's dtype; a first stage without a dtype of its own is a UserError."""
+    from .model import speed_switch_overrides
+    from .registry import MODEL_ROLES
+
+    overrides = speed_switch_overrides(model_cfg) if compile else []
+    if first_stage_dtype is not None:
+        node = model_cfg["first_stage"]
+        name = node if isinstance(node, str) else node["name"]
+        if not MODEL_ROLES["first_stage"].declares(name, "dtype"):
+            raise UserError(f"the checkpoint's first stage ({name}) has no dtype of its own: it runs in the "
+                            f"sampling precision (only sd_vae takes one)")
+        overrides.append(f"model.first_stage.params.dtype={first_stage_dtype}")
+    return overrides
+
+
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False,
                first_stage_dtype: str | None = None):
     """The ``ID2Face`` of a training checkpoint with its EMA weights (the ones ``ID2FaceModule``
@@ -199,19 +216,11 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
 
     from .config import merge_layer, parse_overrides
     from .lit_module import ID2FaceModule
-    from .model import speed_switch_overrides
-    from .registry import MODEL_ROLES
 
     cfg, state, source = read_checkpoint_config(checkpoint)
-    if compile:
-        cfg = merge_layer(cfg, parse_overrides(speed_switch_overrides(cfg.model)), "--compile")
-    if first_stage_dtype is not None:
-        name = cfg.model.first_stage.name
-        if not MODEL_ROLES["first_stage"].declares(name, "dtype"):
-            raise UserError(f"the checkpoint's first stage ({name}) has no dtype of its own: it runs in the "
-                            f"sampling precision (only sd_vae takes one)")
-        cfg = merge_layer(cfg, parse_overrides([f"model.first_stage.params.dtype={first_stage_dtype}"]),
-                          "--vae-dtype")
+    overrides = inference_overrides(cfg.model, compile, first_stage_dtype)
+    if overrides:
+        cfg = merge_layer(cfg, parse_overrides(overrides), "--compile / --vae-dtype")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
         module = ID2FaceModule(cfg)
