@@ -199,19 +199,20 @@ def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str
         name = node if isinstance(node, str) else node["name"]
         if not MODEL_ROLES["first_stage"].declares(name, "dtype"):
             raise UserError(f"the checkpoint's first stage ({name}) has no dtype of its own: it runs in the "
-                            f"sampling precision (only sd_vae takes one)")
+                            f"sampling precision (only the autoencoders sd_vae and taesd take one)")
         overrides.append(f"model.first_stage.params.dtype={first_stage_dtype}")
     return overrides
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False,
-               first_stage_dtype: str | None = None):
+               first_stage_dtype: str | None = None, tiny_decoder: str | Path | None = None):
     """The ``ID2Face`` of a training checkpoint with its EMA weights (the ones ``ID2FaceModule``
     samples with), in eval mode on ``device``; returns ``(model, cfg, info)``. ``compile``: the
     speed switches on (channels_last + torch.compile of the UNet and an SD VAE first stage),
     whatever the checkpoint trained with; ``first_stage_dtype``: an SD VAE's weights and arithmetic
-    in that dtype (``model.first_stage.params.dtype``). Both change how the model runs, not its
-    weights."""
+    in that dtype (``model.first_stage.params.dtype``); ``tiny_decoder``: a local AutoencoderTiny
+    folder that decodes instead of the checkpoint's first stage (``DecoderSwap``; the same dtype
+    and speed switches). All change how the model runs, not its trained weights."""
     import warnings
 
     from .config import merge_layer, parse_overrides
@@ -235,10 +236,28 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
             for live, average in zip(module.model.trainable_modules().parameters(), module.ema.module.parameters(),
                                      strict=True):
                 live.copy_(average)
-    model = module.model.to(device).eval()
+    model = module.model
+    if tiny_decoder is not None:
+        model.first_stage = with_tiny_decoder(model.first_stage, tiny_decoder, channels_last=compile, compile=compile,
+                                              dtype=first_stage_dtype)
+    model = model.to(device).eval()
     info = {"checkpoint": str(checkpoint), "config_source": source, "ema_weights": averaged > 0,
-            "ema_updates": averaged, "compiled": bool(compile), "first_stage_dtype": first_stage_dtype}
+            "ema_updates": averaged, "compiled": bool(compile), "first_stage_dtype": first_stage_dtype,
+            "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder)}
     return model, cfg, info
+
+
+def with_tiny_decoder(first_stage, path: str | Path | None, *, channels_last: bool = False, compile: bool = False,
+                      dtype: str | None = None, random_init: bool = False):
+    """``first_stage`` that decodes with the tiny autoencoder at ``path`` (``random_init``: an
+    untrained one of TAESD's architecture, for benchmarks); UserError if its latents are not that
+    first stage's."""
+    from .components.backbone import DecoderSwap, TinyVAEFirstStage
+
+    decoder = TinyVAEFirstStage(path=None if path is None else str(path), random_init=random_init,
+                                channels_last=channels_last, compile=compile, dtype=dtype)
+    decoder.registered_name = "taesd"
+    return DecoderSwap(first_stage, decoder)
 
 
 def training_template(cfg, size: int, face_scale: float | None = None) -> tuple[np.ndarray, str]:
@@ -1124,7 +1143,7 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
     summary = summarize(jobs, sidecars, skipped, seconds, faces_this_run, anonymizer)
     summary["settings"] = settings
     summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled",
-                                                 "first_stage_dtype")}
+                                                 "first_stage_dtype", "tiny_decoder")}
     write_atomic(target / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 

@@ -388,7 +388,9 @@ def test_compile_switches_the_loaded_model_without_touching_its_weights(checkpoi
     assert all(torch.equal(v, eager[k]) for k, v in model.state_dict().items())
 
 
-def test_vae_dtype_runs_an_sd_vae_in_it_and_a_pixel_first_stage_refuses_it(tmp_path, checkpoint, capsys):
+@pytest.fixture(scope="module")
+def sd_vae_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny-profile checkpoint whose first stage is a toy-width SD VAE (downscale 2)."""
     from omegaconf import OmegaConf
 
     from id2face.config import load_config
@@ -403,19 +405,29 @@ def test_vae_dtype_runs_an_sd_vae_in_it_and_a_pixel_first_stage_refuses_it(tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = ID2FaceModule(cfg)
-    path = tmp_path / "sd_vae.ckpt"
+    path = tmp_path_factory.mktemp("sd_vae") / "sd_vae.ckpt"
     torch.save({"state_dict": module.state_dict(),
                 "hyper_parameters": {"config": OmegaConf.to_container(cfg, resolve=True)}}, path)
+    return path
+
+
+def anonymize_two_faces(*models) -> list[torch.Tensor]:
+    from torch.utils.data import default_collate
+
+    batch = default_collate([render_sample(i, 0, 32) for i in range(2)])
+    return [m.anonymize(batch["image"], batch["mask"], generator=torch.Generator().manual_seed(0),
+                        num_inference_steps=3) for m in models]
+
+
+def test_vae_dtype_runs_an_sd_vae_in_it_and_a_pixel_first_stage_refuses_it(tmp_path, checkpoint, sd_vae_checkpoint,
+                                                                            capsys):
+    path = sd_vae_checkpoint
     reference, _, _ = load_model(path)
     model, _, info = load_model(path, first_stage_dtype="bfloat16")
     assert info["first_stage_dtype"] == "bfloat16"
     assert {p.dtype for p in model.first_stage.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.backbone.parameters()} == {torch.float32}
-    from torch.utils.data import default_collate
-
-    batch = default_collate([render_sample(i, 0, 32) for i in range(2)])
-    faces = [m.anonymize(batch["image"], batch["mask"], generator=torch.Generator().manual_seed(0),
-                         num_inference_steps=3) for m in (reference, model)]
+    faces = anonymize_two_faces(reference, model)
     assert faces[1].dtype == torch.float32
     assert 0 < (faces[0] - faces[1]).abs().max() < 0.1  # bf16 rounding in the VAE, nothing else
 
@@ -429,6 +441,40 @@ def test_vae_dtype_runs_an_sd_vae_in_it_and_a_pixel_first_stage_refuses_it(tmp_p
 
 
 @pytest.mark.slow
+def test_tiny_decoder_decodes_instead_of_the_checkpoints_vae(tmp_path, checkpoint, sd_vae_checkpoint, capsys):
+    from id2face.components.backbone import DecoderSwap, TinyVAEFirstStage
+
+    torch.manual_seed(1)
+    tiny = TinyVAEFirstStage(random_init=True, config=dict(
+        encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8], num_encoder_blocks=[1, 1],
+        num_decoder_blocks=[1, 1]))
+    tiny.vae.save_pretrained(tmp_path / "taesd")
+    reference, _, _ = load_model(sd_vae_checkpoint)
+    model, _, info = load_model(sd_vae_checkpoint, tiny_decoder=tmp_path / "taesd")
+    assert isinstance(model.first_stage, DecoderSwap) and info["tiny_decoder"] == str(tmp_path / "taesd")
+    # the trained weights are the checkpoint's; only the decoder is new
+    expected = reference.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items()
+               if not k.startswith("first_stage."))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = model.first_stage.encode(images)
+        torch.testing.assert_close(latents, reference.first_stage.encode(images))
+        torch.testing.assert_close(model.first_stage.decode(latents), tiny.decode(latents))
+    faces = anonymize_two_faces(reference, model)
+    assert faces[1].shape == faces[0].shape and not torch.allclose(faces[1], faces[0])
+
+    photo = tmp_path / "face.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    for ckpt, folder, message in [(sd_vae_checkpoint, tmp_path / "missing", "AutoencoderTiny) weights not found"),
+                                  (checkpoint, tmp_path / "taesd", "latent channels (4) differs")]:
+        assert main(["anonymize", "--checkpoint", str(ckpt), "-i", str(photo), "-o", str(tmp_path / "out"),
+                     "--tiny-decoder", str(folder), "--device", "cpu", "--audit-recognizer", "none", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):
     """~30 s: one CPU compile of the tiny UNet's forward."""
     detector = GroundTruthDetector()

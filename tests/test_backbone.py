@@ -2,14 +2,19 @@
 import pytest
 import torch
 
-from id2face.components.backbone import PREDICTION_TYPES, SD_VAE_CONFIG
+from id2face.components.backbone import PREDICTION_TYPES, SD_VAE_CONFIG, DecoderSwap
 from id2face.errors import MissingWeightsError, UserError
 from id2face.registry import BACKBONES, FIRST_STAGES, SAMPLERS, SCHEDULERS
 
 # The SD-1.5 VAE's structure at toy width: same code path, CPU-cheap.
 TINY_VAE = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
                 up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4)
-FIRST_STAGE_PARAMS = {"pixel": {}, "sd_vae": {"random_init": True, "config": TINY_VAE}}
+# TAESD's structure at toy width, downscale 2 like TINY_VAE: it can decode TINY_VAE's latents.
+TINY_TAESD = dict(encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8], num_encoder_blocks=[1, 1],
+                  num_decoder_blocks=[1, 1])
+FIRST_STAGE_PARAMS = {"pixel": {}, "sd_vae": {"random_init": True, "config": TINY_VAE},
+                      "taesd": {"random_init": True, "config": TINY_TAESD}}
+AUTOENCODERS = ("sd_vae", "taesd")
 TINY_UNET = dict(sample_size=16, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=1, attention_head_dim=8)
 
@@ -58,6 +63,51 @@ def test_sd_vae_scales_latents_and_round_trips_through_a_local_dir(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(x), stage.encode(x))
         torch.testing.assert_close(loaded.decode(stage.encode(x)), stage.decode(stage.encode(x)))
+
+
+def test_taesd_latents_are_its_own_and_round_trip_through_a_local_dir(tmp_path):
+    stage = FIRST_STAGES.build({"name": "taesd", "params": FIRST_STAGE_PARAMS["taesd"]})
+    assert (stage.scaling_factor, stage.shift_factor, stage.downscale) == (1.0, 0.0, 2)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(stage.encode(x), stage.vae.encode(x).latents)  # already in SD's scaled space
+        torch.testing.assert_close(stage.decode(stage.encode(x)), stage.vae.decode(stage.vae.encode(x).latents).sample)
+    stage.vae.save_pretrained(tmp_path / "taesd")
+    loaded = FIRST_STAGES.build({"name": "taesd", "params": {"path": str(tmp_path / "taesd")}})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(stage.encode(x)), stage.decode(stage.encode(x)))
+    # the released TAESD's architecture: 8x downscale, 4 latent channels, ~1.2M parameters each way
+    full = FIRST_STAGES.build({"name": "taesd", "params": {"random_init": True}})
+    assert (full.downscale, full.latent_channels) == (8, 4)
+    assert 1.1e6 < sum(p.numel() for p in full.vae.decoder.parameters()) < 1.3e6
+
+
+def test_taesd_without_weights_names_the_path_and_the_source(tmp_path):
+    with pytest.raises(MissingWeightsError, match="nowhere") as err:
+        FIRST_STAGES.build({"name": "taesd", "params": {"path": str(tmp_path / "nowhere")}})
+    assert "AutoencoderTiny" in str(err.value) and "madebyollin/taesd" in str(err.value)
+    with pytest.raises(UserError, match="`config` only applies with `random_init: true`"):
+        FIRST_STAGES.build({"name": "taesd", "params": {"path": str(tmp_path), "config": TINY_TAESD}})
+
+
+def test_decoder_swap_encodes_with_one_stage_and_decodes_with_the_other():
+    torch.manual_seed(0)
+    vae = FIRST_STAGES.build({"name": "sd_vae", "params": FIRST_STAGE_PARAMS["sd_vae"]})
+    tiny = FIRST_STAGES.build({"name": "taesd", "params": FIRST_STAGE_PARAMS["taesd"]})
+    swap = DecoderSwap(vae, tiny)
+    x = images()
+    with torch.no_grad():
+        latents = swap.encode(x)
+        torch.testing.assert_close(latents, vae.encode(x))
+        torch.testing.assert_close(swap.decode(latents), tiny.decode(latents))
+        assert not torch.allclose(swap.decode(latents), vae.decode(latents))
+    assert (swap.latent_channels, swap.downscale) == (4, 2)
+    swap.train()
+    assert not any(m.training for m in swap.modules()) and not any(p.requires_grad for p in swap.parameters())
+    with pytest.raises(UserError, match=r"decoder's latent channels \(4\) differs from the first stage's \(3\)"):
+        DecoderSwap(FIRST_STAGES.build("pixel"), tiny)
+    with pytest.raises(UserError, match=r"decoder's downscale \(8\) differs from the first stage's \(2\)"):
+        DecoderSwap(vae, FIRST_STAGES.build({"name": "taesd", "params": {"random_init": True}}))
 
 
 def test_sd_vae_without_weights_names_the_path_and_the_source(tmp_path):
@@ -275,11 +325,12 @@ def test_unknown_sdpa_backend_names_the_valid_ones():
 
 @pytest.mark.parametrize("switch", [{"channels_last": True},
                                     pytest.param({"channels_last": True, "compile": True}, marks=pytest.mark.slow)])
-def test_sd_vae_speed_switches_keep_latents_images_and_parameter_names(switch, fresh_dynamo):
+@pytest.mark.parametrize("name", AUTOENCODERS)
+def test_autoencoder_speed_switches_keep_latents_images_and_parameter_names(name, switch, fresh_dynamo):
     results = []
     for params in ({}, switch):
         torch.manual_seed(3)
-        stage = FIRST_STAGES.build({"name": "sd_vae", "params": {**FIRST_STAGE_PARAMS["sd_vae"], **params}})
+        stage = FIRST_STAGES.build({"name": name, "params": {**FIRST_STAGE_PARAMS[name], **params}})
         with torch.no_grad():
             latents = stage.encode(images(seed=4))
             decoded = stage.decode(latents)
@@ -289,14 +340,16 @@ def test_sd_vae_speed_switches_keep_latents_images_and_parameter_names(switch, f
     torch.testing.assert_close(lat1, lat0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dec1, dec0, rtol=1e-4, atol=1e-5)
     assert names1 == names0
-    assert stage.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    first_conv = next(m for m in stage.vae.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_sd_vae_in_bf16_runs_whole_in_bf16_and_returns_the_callers_dtype():
+@pytest.mark.parametrize("name", AUTOENCODERS)
+def test_autoencoder_in_bf16_runs_whole_in_bf16_and_returns_the_callers_dtype(name):
     torch.manual_seed(3)
-    reference = FIRST_STAGES.build({"name": "sd_vae", "params": FIRST_STAGE_PARAMS["sd_vae"]})
+    reference = FIRST_STAGES.build({"name": name, "params": FIRST_STAGE_PARAMS[name]})
     torch.manual_seed(3)
-    stage = FIRST_STAGES.build({"name": "sd_vae", "params": {**FIRST_STAGE_PARAMS["sd_vae"], "dtype": "bfloat16"}})
+    stage = FIRST_STAGES.build({"name": name, "params": {**FIRST_STAGE_PARAMS[name], "dtype": "bfloat16"}})
     assert {p.dtype for p in stage.parameters()} == {torch.bfloat16}
     x = images(seed=4)
     with torch.no_grad():
@@ -312,6 +365,7 @@ def test_sd_vae_in_bf16_runs_whole_in_bf16_and_returns_the_callers_dtype():
     assert not torch.equal(decoded, expected)  # it did run in bf16
 
 
-def test_sd_vae_dtype_must_be_a_float_dtype():
-    with pytest.raises(UserError, match="dtype: 'int8'; valid: null, float32, bfloat16, float16"):
-        FIRST_STAGES.build({"name": "sd_vae", "params": {**FIRST_STAGE_PARAMS["sd_vae"], "dtype": "int8"}})
+@pytest.mark.parametrize("name", AUTOENCODERS)
+def test_autoencoder_dtype_must_be_a_float_dtype(name):
+    with pytest.raises(UserError, match=f"first_stage {name} dtype: 'int8'; valid: null, float32, bfloat16, float16"):
+        FIRST_STAGES.build({"name": name, "params": {**FIRST_STAGE_PARAMS[name], "dtype": "int8"}})

@@ -42,6 +42,11 @@ SD_WEIGHTS_SOURCE = (
     "a Stable Diffusion 1.5 checkpoint in diffusers layout (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 "
     "from the Hugging Face hub, downloaded beforehand); point the config at its `{}/` folder"
 )
+TINY_VAE_WEIGHTS_SOURCE = (
+    "a tiny autoencoder in diffusers layout (AutoencoderTiny: madebyollin/taesd for Stable Diffusion 1.x/2.x "
+    "latents, madebyollin/taesdxl for SDXL's, from the Hugging Face hub, downloaded beforehand); point the "
+    "config at its folder"
+)
 
 
 VAE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,46 +81,24 @@ class PixelFirstStage(FrozenModule):
         return latents
 
 
-@FIRST_STAGES.register("sd_vae")
-class SDVAEFirstStage(FrozenModule):
-    """Frozen Stable Diffusion AutoencoderKL; latents are scaled by ``scaling_factor``.
+class AutoencoderFirstStage(FrozenModule):
+    """Base of the frozen diffusers autoencoders (``self.vae``): latents are
+    ``(raw - shift_factor) * scaling_factor`` with the autoencoder's own config values.
 
-    ``path``: a local diffusers AutoencoderKL folder (SD's ``vae/``). ``random_init: true`` builds
-    the SD-1.5 architecture (``SD_VAE_CONFIG`` updated with ``config``) with random weights, for
-    tests and shape checks only.
-
-    Speed switches, as the backbone's (same numbers): ``channels_last`` and ``compile`` (of the
-    encoder and decoder in place). At 512 px one decode is ~3 UNet steps of arithmetic (2.5 vs
-    0.8 TFLOP) and one encode ~1.4 (FlopCounterMode): 15 % of an anonymization at 25 steps, and
-    half the training step when latents are not cached.
-
-    ``dtype`` (null | float32 | bfloat16 | float16): the VAE's weights and its whole computation in
-    that dtype, autocast off inside (callers get their own dtype back). null: fp32 weights, the
-    caller's autocast decides, which on a GPU runs the convolutions in bf16 but the GroupNorms and
-    SiLUs in fp32, with casts between: at 512 px those are memory-bound, and bfloat16 moves 0.47x
-    the bytes of a decode (``benchmarks/sample.py --traffic``). Not the same numbers (bf16 norms;
-    a latent cache records the VAE's dtype); float16 can overflow in SD VAEs' decoders.
+    Speed switches (same numbers): ``channels_last`` and ``compile`` (of the encoder and decoder in
+    place). ``dtype`` (null | float32 | bfloat16 | float16): the autoencoder's weights and its whole
+    computation in that dtype, autocast off inside (callers get their own dtype back); null: fp32
+    weights, the caller's autocast decides.
     """
 
-    def __init__(self, path: str | None = None, random_init: bool = False, config: dict | None = None,
-                 channels_last: bool = False, compile: bool = False, dtype: str | None = None):
-        super().__init__()
+    def _setup(self, name: str, vae: nn.Module, channels_last: bool, compile: bool, dtype: str | None) -> None:
         if dtype not in VAE_DTYPES:
-            raise UserError(f"first_stage sd_vae dtype: {dtype!r}; valid: null, {', '.join(filter(None, VAE_DTYPES))}")
-        from diffusers import AutoencoderKL
-
-        if random_init:
-            self.vae = AutoencoderKL(**{**SD_VAE_CONFIG, **(config or {})})
-        else:
-            if config:
-                raise UserError("first_stage sd_vae: `config` only applies with `random_init: true`")
-            if path is None or not (Path(path) / "config.json").is_file():
-                raise MissingWeightsError("SD VAE (AutoencoderKL)", path, SD_WEIGHTS_SOURCE.format("vae"))
-            self.vae = AutoencoderKL.from_pretrained(path)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
-        self.latent_channels = int(self.vae.config.latent_channels)
-        self.downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            raise UserError(f"first_stage {name} dtype: {dtype!r}; valid: null, "
+                            f"{', '.join(filter(None, VAE_DTYPES))}")
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.latent_channels = int(vae.config.latent_channels)
         self.freeze()
         self.compute_dtype = VAE_DTYPES[dtype]
         if self.compute_dtype is not None:
@@ -135,15 +118,116 @@ class SDVAEFirstStage(FrozenModule):
         with autocast_off(x.device.type):
             return fn(x.to(self.compute_dtype)).to(x.dtype)
 
+    def _raw_latents(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        # The posterior mean: the masked-image condition must not be noisier than the image itself.
-        latents = self._run(lambda x: self.vae.encode(x).latent_dist.mode(),
-                            images.contiguous(memory_format=self.memory_format))
+        latents = self._run(self._raw_latents, images.contiguous(memory_format=self.memory_format))
         return ((latents - self.shift_factor) * self.scaling_factor).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         latents = (latents / self.scaling_factor + self.shift_factor).contiguous(memory_format=self.memory_format)
         return self._run(lambda x: self.vae.decode(x).sample, latents).contiguous()
+
+
+def _diffusers_autoencoder(cls, what: str, path: str | None, random_init: bool, config: dict | None,
+                           defaults: dict, source: str) -> nn.Module:
+    if random_init:
+        return cls(**{**defaults, **(config or {})})
+    if config:
+        raise UserError(f"{what}: `config` only applies with `random_init: true`")
+    if path is None or not (Path(path) / "config.json").is_file():
+        raise MissingWeightsError(what, path, source)
+    return cls.from_pretrained(path)
+
+
+@FIRST_STAGES.register("sd_vae")
+class SDVAEFirstStage(AutoencoderFirstStage):
+    """Frozen Stable Diffusion AutoencoderKL; latents are scaled by ``scaling_factor``.
+
+    ``path``: a local diffusers AutoencoderKL folder (SD's ``vae/``). ``random_init: true`` builds
+    the SD-1.5 architecture (``SD_VAE_CONFIG`` updated with ``config``) with random weights, for
+    tests and shape checks only.
+
+    Speed switches ``channels_last``, ``compile``, ``dtype``: ``AutoencoderFirstStage``. At 512 px
+    one decode is ~3 UNet steps of arithmetic (2.5 vs 0.8 TFLOP) and one encode ~1.4
+    (FlopCounterMode): 15 % of an anonymization at 25 steps, and half the training step when
+    latents are not cached. Under a caller's autocast a GPU runs the convolutions in bf16 but the
+    GroupNorms and SiLUs in fp32, with casts between: at 512 px those are memory-bound, and
+    ``dtype: bfloat16`` moves 0.47x the bytes of a decode (``benchmarks/sample.py --traffic``). Not
+    the same numbers (bf16 norms; a latent cache records the VAE's dtype); float16 can overflow in
+    SD VAEs' decoders.
+    """
+
+    def __init__(self, path: str | None = None, random_init: bool = False, config: dict | None = None,
+                 channels_last: bool = False, compile: bool = False, dtype: str | None = None):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        vae = _diffusers_autoencoder(AutoencoderKL, "SD VAE (AutoencoderKL)", path, random_init, config,
+                                     SD_VAE_CONFIG, SD_WEIGHTS_SOURCE.format("vae"))
+        self._setup("sd_vae", vae, channels_last, compile, dtype)
+        self.downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _raw_latents(self, images: torch.Tensor) -> torch.Tensor:
+        # The posterior mean: the masked-image condition must not be noisier than the image itself.
+        return self.vae.encode(images).latent_dist.mode()
+
+
+@FIRST_STAGES.register("taesd")
+class TinyVAEFirstStage(AutoencoderFirstStage):
+    """Frozen tiny autoencoder (diffusers AutoencoderTiny, "TAESD"): a distilled stand-in for the SD
+    VAE whose latents are (approximately) the SD VAE's scaled latents, at ~1/10 of the encode's and
+    ~1/18 of the decode's arithmetic at 512 px (122 / 141 GFLOP vs 1117 / 2514). Softer detail.
+
+    As a first stage of its own (train and sample on its latents), or, more usefully, as the decoder
+    of a model trained with ``sd_vae`` (``DecoderSwap``, ``id2face anonymize --tiny-decoder DIR``).
+    ``path``: a local AutoencoderTiny folder; ``random_init: true`` builds the TAESD architecture
+    (diffusers' defaults updated with ``config``) with random weights, for tests and benchmarks only.
+    Speed switches as ``AutoencoderFirstStage``.
+    """
+
+    def __init__(self, path: str | None = None, random_init: bool = False, config: dict | None = None,
+                 channels_last: bool = False, compile: bool = False, dtype: str | None = None):
+        super().__init__()
+        from diffusers import AutoencoderTiny
+
+        vae = _diffusers_autoencoder(AutoencoderTiny, "tiny autoencoder (AutoencoderTiny)", path, random_init,
+                                     config, {}, TINY_VAE_WEIGHTS_SOURCE)
+        self._setup("taesd", vae, channels_last, compile, dtype)
+        self.downscale = int(self.vae.config.upsampling_scaling_factor) ** (
+            len(self.vae.config.decoder_block_out_channels) - 1)
+
+    def _raw_latents(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latents
+
+
+class DecoderSwap(FrozenModule):
+    """A first stage that encodes with ``encoder_stage`` and decodes with ``decoder_stage``: a fast
+    decoder (``taesd``) for a model trained on another first stage's latents (``sd_vae``), chosen at
+    sampling time. Both must share the latent space (a UserError for different channels or
+    downscale; the scaling is on the user: TAESD decodes SD 1.x/2.x latents, TAESDXL SDXL's)."""
+
+    def __init__(self, encoder_stage: nn.Module, decoder_stage: nn.Module):
+        super().__init__()
+        for attribute in ("latent_channels", "downscale"):
+            mine, theirs = getattr(encoder_stage, attribute), getattr(decoder_stage, attribute)
+            if mine != theirs:
+                raise UserError(f"the decoder's {attribute.replace('_', ' ')} ({theirs}) differs from the first "
+                                f"stage's ({mine}): it cannot decode these latents")
+        self.encoder_stage = encoder_stage
+        self.decoder_stage = decoder_stage
+        self.latent_channels = encoder_stage.latent_channels
+        self.downscale = encoder_stage.downscale
+        self.registered_name = (f"{getattr(encoder_stage, 'registered_name', '?')} + "
+                                f"{getattr(decoder_stage, 'registered_name', '?')} decoder")
+        self.freeze()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder_stage.encode(images)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder_stage.decode(latents)
 
 
 # ------------------------------------------------------------------------------------ backbone
