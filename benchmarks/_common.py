@@ -60,10 +60,20 @@ def build_model(profile: str, device: torch.device, overrides=(), seed: int = 0)
 
 
 def first_stage_description(model) -> str:
-    name = getattr(model.first_stage, "registered_name", type(model.first_stage).__name__)
-    if name == "sd_vae":
-        return "sd_vae (SD-1.5 AutoencoderKL, random init)"
-    return name
+    stage = getattr(model.first_stage, "encoder_stage", model.first_stage)  # a DecoderSwap encodes with it
+    name = getattr(stage, "registered_name", type(stage).__name__)
+    return "sd_vae (SD-1.5 AutoencoderKL, random init)" if name == "sd_vae" else name
+
+
+def first_stage_with_decoder(first_stage, decoder: str, channels_last: bool = False, compile: bool = False):
+    """``first_stage`` itself (``own``), or one that decodes with an untrained TAESD-architecture
+    autoencoder (``taesd``), as ``anonymize --tiny-decoder`` does with trained weights (the cost is
+    the same; the pictures are not)."""
+    if decoder == "own":
+        return first_stage
+    from id2face.anonymize import with_tiny_decoder
+
+    return with_tiny_decoder(first_stage, None, channels_last=channels_last, compile=compile, random_init=True)
 
 
 def face_batch(n: int, size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

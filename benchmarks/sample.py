@@ -2,7 +2,7 @@
 
     python benchmarks/sample.py --profile tiny|sd15 [--steps 10 25] [--batch 1 8]
         [--samplers ddim dpm_solver] [--cfg] [--repeats N] [--device cpu|cuda] [--bf16]
-        [--channels-last] [--compile] [--threads T] [--breakdown] [--flops-only] [--traffic]
+        [--channels-last] [--compile] [--threads T] [--decoders own taesd] [--breakdown] [--flops-only] [--traffic]
 
 One anonymize call = identity encoder + identity VAE + identity mapping + attribute encoder +
 masked-image encode + N sampler steps + first-stage decode + mask composite (paste-back inside
@@ -32,6 +32,8 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
+DECODERS = ("own", "taesd")
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -56,12 +58,20 @@ def parse_args(argv=None):
                         help="no timing: eager kernels, bytes and their roofline bound of one anonymization of "
                              "the first --batch faces by part, on fake tensors (any machine; --bf16: CUDA's autocast)")
     C.add_device_arguments(parser, "--traffic: device peak FLOP/s")
+    parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=["own"],
+                        help="who decodes the latents, each a row of the grid: own (the first stage), taesd "
+                             "(TAESD's architecture, untrained: the cost of `id2face anonymize --tiny-decoder`; "
+                             "sd15 only). --flops-only / --traffic take one")
     parser.add_argument("--breakdown", action="store_true",
                         help="one more call of the last configuration timed by part (encoders, first-stage "
                              "encode/decode, UNet)")
     args = parser.parse_args(argv)
     if args.traffic and (args.flops_only or args.compile or args.breakdown):
         parser.error("--traffic counts eager kernels on fake tensors: no --flops-only, --compile or --breakdown with it")
+    if "taesd" in args.decoders and args.profile != "sd15":
+        parser.error("--decoders taesd decodes SD VAE latents: --profile sd15 (tiny samples in pixels)")
+    if (args.flops_only or args.traffic) and len(args.decoders) > 1:
+        parser.error("--flops-only / --traffic count one call: give one --decoders")
     if min(args.steps) < 1 or min(args.batch) < 1 or args.repeats < 1:
         parser.error("--steps, --batch and --repeats must be >= 1")
     return args
@@ -84,6 +94,9 @@ def main(argv=None) -> int:
     switches = speed_switch_overrides(C.profile_config(args.profile, args.override).model, chosen)
     model, cfg = C.build_model(args.profile, device, [*args.override, *switches], seed=args.seed)
     model.eval()
+    # One model, one (compiled) UNet: the decoders swap in around it.
+    first_stages = {name: C.first_stage_with_decoder(model.first_stage, name, args.channels_last, args.compile)
+                    .to(device) for name in args.decoders}
     size = C.PROFILE_IMAGE_SIZE[args.profile]
     samplers = {name: SAMPLERS.build({"name": name, "params": {}}, train_scheduler=model.scheduler).to(device)
                 for name in args.samplers}
@@ -92,8 +105,9 @@ def main(argv=None) -> int:
         guidances["cfg"] = GUIDANCES.build({"name": "cfg", "params": {}})
 
     grid, rows = [], []
-    for batch, steps, sampler, guidance in itertools.product(args.batch, args.steps, samplers, guidances):
-        model.sampler, model.guidance = samplers[sampler], guidances[guidance]
+    for decoder, batch, steps, sampler, guidance in itertools.product(args.decoders, args.batch, args.steps, samplers,
+                                                                       guidances):
+        model.first_stage, model.sampler, model.guidance = first_stages[decoder], samplers[sampler], guidances[guidance]
         images, masks = C.face_batch(batch, size, device, seed=args.seed)
 
         def call():
@@ -104,28 +118,30 @@ def main(argv=None) -> int:
         call()  # warm-up: allocator, cuDNN autotuning, compilation for this shape
         seconds = C.median([C.timed(call, device) for _ in range(args.repeats)])
         unet_batch = batch * (2 if guidance != "none" else 1)
-        entry = {"batch": batch, "steps": steps, "sampler": sampler, "guidance": guidance,
+        entry = {"decoder": decoder, "batch": batch, "steps": steps, "sampler": sampler, "guidance": guidance,
                  "unet_batch": unet_batch, "s_per_call": seconds, "faces_per_s": batch / seconds,
                  "unet_evals_per_s": unet_batch * steps / seconds}
         grid.append(entry)
-        rows.append([batch, steps, sampler, guidance, unet_batch, f"{seconds:.3f}", f"{batch / seconds:.2f}",
+        rows.append([decoder, batch, steps, sampler, guidance, unet_batch, f"{seconds:.3f}", f"{batch / seconds:.2f}",
                      f"{entry['unet_evals_per_s']:.1f}"])
 
     breakdown = call_breakdown(model, call, device) if args.breakdown else None
     best = max(grid, key=lambda e: e["faces_per_s"])
     print(f"anonymize throughput, profile {args.profile} on {C.machine_description(device)}: {size} px faces, "
-          f"first stage {C.first_stage_description(model)}, bf16={args.bf16} channels_last={args.channels_last} "
-          f"compile={args.compile}; median of {args.repeats} calls after 1 warm-up")
-    C.print_table(["batch", "steps", "sampler", "guidance", "UNet batch", "s/call", "faces/s", "UNet img-steps/s"],
+          f"first stage {C.first_stage_description(model)} (decoders: {', '.join(args.decoders)}), bf16={args.bf16} "
+          f"channels_last={args.channels_last} compile={args.compile}; median of {args.repeats} calls after 1 warm-up")
+    C.print_table(["decoder", "batch", "steps", "sampler", "guidance", "UNet batch", "s/call", "faces/s",
+                   "UNet img-steps/s"],
                   rows)
     figures = {"benchmark": "sample", "profile": args.profile, "device": C.machine_description(device),
-               "image_size": size, "first_stage": C.first_stage_description(model), "bf16": args.bf16,
+               "image_size": size, "first_stage": C.first_stage_description(model), "decoders": args.decoders,
+               "bf16": args.bf16,
                "channels_last": args.channels_last, "compile": args.compile, "repeats": args.repeats,
                "torch": torch.__version__, "faces_per_s": best["faces_per_s"], "best": best, "grid": grid}
     if breakdown is not None:
         last = grid[-1]
         print(f"one call of batch {last['batch']}, {last['steps']} {last['sampler']} steps, guidance "
-              f"{last['guidance']}, by part, ms (UNet = all its steps)")
+              f"{last['guidance']}, decoder {last['decoder']}, by part, ms (UNet = all its steps)")
         C.print_table(["part", "ms", "share"], [[k, f"{v * 1e3:.1f}", f"{100 * v / breakdown['call']:.1f}%"]
                                                 for k, v in breakdown.items()])
         figures["breakdown_s"] = breakdown
@@ -157,6 +173,7 @@ def flops_only(args) -> int:
     device = torch.device("meta")
     with device:
         model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
+        model.first_stage = C.first_stage_with_decoder(model.first_stage, args.decoders[0])
     model.eval()
     n, steps, size = 2, args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
     # Not under no_grad: FlopCounterMode's module tracker trips over parameters without a graph.
@@ -167,12 +184,12 @@ def flops_only(args) -> int:
     total = sum(per_face.values())
     target = 20.0
     print(f"FLOPs per face of one anonymization, profile {args.profile} ({size} px), {steps} steps, no guidance "
-          f"(CFG / negative guidance: UNet x 2)")
+          f"(CFG / negative guidance: UNet x 2), decoder {args.decoders[0]}")
     C.print_table(["part", "GFLOP/face", "share"],
                   [[k, f"{v / 1e9:.1f}", f"{100 * v / total:.1f}%"] for k, v in per_face.items()]
                   + [["total", f"{total / 1e9:.1f}", "100%"]])
     print(f"{target:g} faces/s needs {target * total / 1e12:.0f} TFLOP/s sustained over the whole call")
-    C.print_json({"benchmark": "sample_flops", "profile": args.profile, "steps": steps,
+    C.print_json({"benchmark": "sample_flops", "profile": args.profile, "steps": steps, "decoder": args.decoders[0],
                   "flops_per_face": total, "flops_per_face_by_part": per_face,
                   "tflop_per_s_for_20_faces_per_s": target * total / 1e12})
     return 0
@@ -185,6 +202,7 @@ def traffic_only(args) -> int:
 
     with torch.device("meta"):
         model, cfg = C.build_model(args.profile, torch.device("meta"), args.override, seed=args.seed)
+        model.first_stage = C.first_stage_with_decoder(model.first_stage, args.decoders[0])
     model.to_empty(device="cpu").eval()  # uninitialised storage: fake tensors never read it
     n, steps, size = args.batch[0], args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
     device = torch.device("cpu")
@@ -198,7 +216,8 @@ def traffic_only(args) -> int:
                 autocast_fn, args.peak_flops, args.bandwidth), times or steps)
     total_s = sum(t.roofline_s * times for t, times in parts.values())
     print(f"one anonymization of {n} faces counted on fake tensors, profile {args.profile} ({size} px), {steps} steps, "
-          f"no guidance, bf16={args.bf16}; roofline: per aten op max(FLOPs / {args.peak_flops:.3g}, "
+          f"no guidance, bf16={args.bf16}, decoder {args.decoders[0]}; roofline: per aten op "
+          f"max(FLOPs / {args.peak_flops:.3g}, "
           f"bytes / {args.bandwidth:.3g} B/s), summed")
     C.print_table(["part", "kernels", "GB", "TFLOP", "roofline ms", "share"],
                   [[k, t.kernels * times, f"{t.bytes * times / 1e9:.1f}", f"{t.flops * times / 1e12:.2f}",
@@ -206,6 +225,7 @@ def traffic_only(args) -> int:
                    for k, (t, times) in parts.items()] + [["total", "", "", "", f"{1e3 * total_s:.1f}", "100%"]])
     print(f"eager bound: {n / total_s:.1f} faces/s (no eager run of these kernels can be faster on this device)")
     C.print_json({"benchmark": "sample_traffic", "profile": args.profile, "steps": steps, "batch": n,
+                  "decoder": args.decoders[0],
                   "bf16": args.bf16, "peak_flops": args.peak_flops, "bandwidth": args.bandwidth,
                   "overrides": list(args.override), "roofline_s": total_s, "faces_per_s_bound": n / total_s,
                   "parts": {k: {"kernels": t.kernels * times, "bytes": t.bytes * times, "flops": t.flops * times,

@@ -101,6 +101,21 @@ def test_sd15_sampling_flops_per_face_by_part(capsys):
     assert figures["tflop_per_s_for_20_faces_per_s"] == pytest.approx(20 * total / 1e12)
     assert "faces/s needs" in out
 
+    tiny, out = run_script("sample", ["--profile", "sd15", "--flops-only", "--steps", "25", "--decoders", "taesd"],
+                           capsys)
+    assert tiny["decoder"] == "taesd" and "decoder taesd" in out
+    tiny_parts = tiny["flops_per_face_by_part"]
+    assert {k: v for k, v in tiny_parts.items() if k != "first stage decode"} == \
+        {k: v for k, v in parts.items() if k != "first stage decode"}  # the SD VAE still encodes
+    assert 0.12e12 < tiny_parts["first stage decode"] < parts["first stage decode"] / 15  # TAESD at 512 px
+    assert tiny["flops_per_face"] < 0.91 * total
+
+
+def test_sample_refuses_a_tiny_decoder_for_pixel_space_models(capsys):
+    with pytest.raises(SystemExit):
+        run_script("sample", ["--profile", "tiny", "--decoders", "own", "taesd"], capsys)
+    assert "--profile sd15" in capsys.readouterr().err
+
 
 def load_traffic_module():
     spec = importlib.util.spec_from_file_location("bench_traffic", BENCHMARKS / "_traffic.py")
