@@ -3,7 +3,8 @@
     python benchmarks/anonymize_throughput.py [--photos 12] [--faces-per-photo 4] [--batch-sizes 1 4 16]
         [--steps N] [--checkpoint CKPT | --profile tiny|sd15] [--device cpu|cuda]
         [--precision auto|32-true|bf16-mixed|16-mixed]
-        [--compile] [--vae-dtype float32|bfloat16|float16] [--threads 1] [--io-workers 0 4]
+        [--compile] [--vae-dtype float32|bfloat16|float16] [--tiny-decoder DIR|random] [--threads 1]
+        [--io-workers 0 4] [--prepare-ahead 0 16]
         [--photo-format png|jpg] [--photo-size 640 480] [--audit-recognizer none|dlib|encoder|...]
 
 Writes N photos (skimage backgrounds, 640 x 480 unless --photo-size, each with K SynthFaces faces
@@ -102,9 +103,15 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="speed switches, as `id2face anonymize --compile`")
     parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"),
                         help="an SD VAE checkpoint's first stage in this dtype, as `id2face anonymize --vae-dtype`")
+    parser.add_argument("--tiny-decoder", metavar="DIR|random",
+                        help="decode with this tiny autoencoder folder, as `id2face anonymize --tiny-decoder`; "
+                             "random: TAESD's architecture untrained (the same cost)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--io-workers", type=int, nargs="+", default=[0, DEFAULT_IO_WORKERS],
                         help=f"file I/O threads, each a run (default: 0 and {DEFAULT_IO_WORKERS})")
+    parser.add_argument("--prepare-ahead", type=int, nargs="+", default=[0], metavar="N",
+                        help="photos detected, aligned and identity-encoded ahead in a worker thread while the "
+                             "model samples, each a run, as `id2face anonymize --prepare-ahead` (default: 0)")
     parser.add_argument("--audit-recognizer", default="none", metavar="NAME",
                         help="the residual-identity judge, as `id2face anonymize --audit-recognizer` (default none; "
                              "the command's own default is dlib where installed)")
@@ -132,6 +139,14 @@ def main(argv=None) -> int:
                                           first_stage_dtype=args.vae_dtype)
         else:
             model, cfg, info = untrained_model(args.profile, args.device, args.compile, args.vae_dtype)
+        if args.tiny_decoder:
+            from id2face.anonymize import with_tiny_decoder
+
+            path = None if args.tiny_decoder == "random" else args.tiny_decoder
+            model.first_stage = with_tiny_decoder(model.first_stage, path, channels_last=args.compile,
+                                                  compile=args.compile, dtype=args.vae_dtype,
+                                                  random_init=path is None).to(args.device)
+            info["tiny_decoder"] = args.tiny_decoder
         model_name = Path(args.checkpoint).name if args.checkpoint else f"untrained {args.profile}"
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
@@ -153,22 +168,25 @@ def main(argv=None) -> int:
         detected = sum(int((detector(p)[1] >= 0.8).sum()) for p in pixels)
         detect_seconds = time.perf_counter() - started
 
-        for batch, workers in ((b, w) for b in args.batch_sizes for w in args.io_workers):
+        for batch, workers, ahead in ((b, w, a) for b in args.batch_sizes for w in args.io_workers
+                                      for a in args.prepare_ahead):
             settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision)
-            anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, device=args.device)
-            anonymize_files([warm], tmp / f"warm{batch}-{workers}", anonymizer, info=info, progress=False,
-                            io_workers=workers)
+            anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, device=args.device,
+                                    prepare_ahead=ahead)
+            run = f"{len(rows)}-{batch}-{workers}-{ahead}"  # a fresh folder per row, repeated settings too
+            anonymize_files([warm], tmp / f"warm{run}", anonymizer, info=info, progress=False, io_workers=workers)
             load = os.getloadavg()[0]
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            summary = anonymize_files([photos], tmp / f"out{batch}-{workers}", anonymizer, info=info, progress=False,
+            summary = anonymize_files([photos], tmp / f"out{run}", anonymizer, info=info, progress=False,
                                       io_workers=workers)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             wall = time.perf_counter() - started
             faces = summary["faces"]["total"]
-            rows.append({"batch_size": batch, "io_workers": workers, "photos": summary["images"]["written"],
+            rows.append({"batch_size": batch, "io_workers": workers, "prepare_ahead": ahead,
+                         "photos": summary["images"]["written"],
                          "faces": faces,
                          "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
                          "faces_per_s": round(faces / wall, 3), "photos_per_s": round(args.photos / wall, 3),
@@ -179,23 +197,26 @@ def main(argv=None) -> int:
     print(f"anonymize throughput: {args.photos} photos {args.photo_size[0]}x{args.photo_size[1]} "
           f"{args.photo_format} x {args.faces_per_photo} SynthFaces faces, audit {args.audit_recognizer}; model "
           f"{model_name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
-          f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}; "
+          f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}"
+          f"{f', tiny decoder {args.tiny_decoder}' if args.tiny_decoder else ''}; "
           f"device {args.device} ({device}), "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")
     print(f"MTCNN detection alone: {detect_seconds:.2f} s for {args.photos} photos "
           f"({args.photos / detect_seconds:.2f} photos/s, {detected} faces)")
     print(f"file decode + encode alone, one thread: {io_seconds:.2f} s for {args.photos} photos")
-    print(f"{'batch':>5} {'io':>3} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} {'faces/s':>8} "
-          f"{'photos/s':>8} {'load':>5}")
+    print(f"{'batch':>5} {'io':>3} {'ahead':>5} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} "
+          f"{'faces/s':>8} {'photos/s':>8} {'load':>5}")
     for r in rows:
-        print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['photos']:>6} {r['faces']:>5} {r['anonymized']:>10} "
+        print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['prepare_ahead']:>5} {r['photos']:>6} {r['faces']:>5} "
+              f"{r['anonymized']:>10} "
               f"{r['seconds']:>8.2f} {r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}")
     best = max(rows, key=lambda r: r["faces_per_s"])
     print(json.dumps({"benchmark": "anonymize_throughput", "device": args.device, "threads": args.threads,
                       "steps": steps, "image_size": size, "precision": precision, "compile": args.compile,
-                      "vae_dtype": args.vae_dtype,
+                      "vae_dtype": args.vae_dtype, "tiny_decoder": args.tiny_decoder,
                       "faces_per_s": best["faces_per_s"],
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
+                      "best_prepare_ahead": best["prepare_ahead"],
                       "photo_size": args.photo_size, "photo_format": args.photo_format,
                       "audit_recognizer": args.audit_recognizer,
                       "io_seconds_one_thread": round(io_seconds, 3),

@@ -399,11 +399,19 @@ class Anonymizer:
     (``id2face.metrics.recognizers``) or None. ``cluster_by``: None (the model's identity
     encoder, cosine) or a recognizer. ``anonymize_photos(list of (H, W, 3) uint8)`` returns
     ``ImageResult``s; ``process(iterable of (tag, pixels))`` streams ``(tag, ImageResult)`` in order.
+    ``prepare_ahead``: photos whose detection, alignment and identity encoding (stage 1) run ahead in
+    one worker thread, on a CUDA stream of its own, while the model samples earlier faces (0: each
+    photo in turn, in the caller's thread). Same results either way: stage 1 still sees the photos
+    in order, and only the caller's thread samples.
     """
 
     def __init__(self, model, image_size: int, template: np.ndarray, settings: AnonymizeSettings | None = None,
                  detector: Callable | None = None, audit=None, cluster_by=None, device: str | torch.device = "cpu",
-                 error_log: Callable[[str], None] | None = None):
+                 error_log: Callable[[str], None] | None = None, prepare_ahead: int = 0):
+        if prepare_ahead < 0:
+            raise UserError(f"prepare_ahead must be >= 0, got {prepare_ahead}")
+        self.prepare_ahead = int(prepare_ahead)
+        self._stage_one_stream = None
         self.settings = settings or AnonymizeSettings()
         self.settings.check()
         self.model = model
@@ -446,14 +454,15 @@ class Anonymizer:
         pending: deque[_Pending] = deque()
         queue: list[Face] = []
         batch = self.settings.batch_size
-        for tag, pixels in items:
-            entry = self._start(tag, pixels)
-            pending.append(entry)
-            queue.extend(face for face in entry.faces if face.status == "pending")
-            while len(queue) >= batch:
-                self._sample(queue[:batch])
-                queue = queue[batch:]
-            yield from self._flush(pending)
+        with self._stage_one_executor() as executor:
+            for _, prepared in _ahead(executor, self._prepare, items, self.prepare_ahead):
+                entry = prepared.result()
+                pending.append(entry)
+                queue.extend(face for face in entry.faces if face.status == "pending")
+                while len(queue) >= batch:
+                    self._sample(queue[:batch])
+                    queue = queue[batch:]
+                yield from self._flush(pending)
         if queue:
             self._sample(queue)
         yield from self._flush(pending)
@@ -467,6 +476,26 @@ class Anonymizer:
         return self.detector
 
     # -- stage 1: detect, align, embed, cluster ---------------------------------------------
+    def _stage_one_executor(self):
+        if self.prepare_ahead <= 0:
+            self._stage_one_stream = None
+            return _InlineExecutor()
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Its own stream: the detector's host reads wait for stage 1's kernels, not for the sampling
+        # kernels queued ahead of them on the default stream.
+        self._stage_one_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="id2face-prepare")
+
+    def _prepare(self, item: tuple[Any, np.ndarray]) -> _Pending:
+        stream = self._stage_one_stream
+        if stream is None:
+            return self._start(*item)
+        with torch.cuda.stream(stream):
+            entry = self._start(*item)
+            stream.synchronize()  # what it hands over (host tensors) is complete before sampling reads it
+        return entry
+
     def _start(self, tag, pixels: np.ndarray) -> _Pending:
         pixels = np.ascontiguousarray(pixels)
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
@@ -525,8 +554,10 @@ class Anonymizer:
     def _embed(self, pixels: np.ndarray, faces: list[Face]) -> None:
         crops = torch.stack([face.crop for face in faces]).to(self.device)
         encoded = self.model.identity_embedding(crops)
+        # What stage 1 hands to sampling lives on the host: sampling may run on another thread and
+        # another CUDA stream (prepare_ahead).
         latents = self.model.id_vae.encode(encoded).float()
-        for face, latent in zip(faces, latents):
+        for face, latent in zip(faces, latents.cpu()):
             face.source_latent = latent
         if self.clusters is None:
             return
@@ -535,14 +566,15 @@ class Anonymizer:
         else:
             crops_for_judge = torch.stack([self._audit_crop(pixels, face) for face in faces]).to(self.device)
             embeddings = self.cluster_by(crops_for_judge)
+        embeddings = embeddings.float().cpu()
 
         def substitute(row: int) -> torch.Tensor:
             return self._keyed_substitute(latents[row:row + 1])
 
-        assigned = self.clusters.assign(list(embeddings.float()), substitute)
+        assigned = self.clusters.assign(list(embeddings), substitute)
         for face, embedding, cluster in zip(faces, embeddings, assigned):
             face.embedding, face.cluster = embedding, cluster
-            face.substitute = self.clusters.substitutes[cluster].to(self.device)
+            face.substitute = self.clusters.substitutes[cluster].cpu()
 
     def _keyed_substitute(self, representative: torch.Tensor) -> torch.Tensor:
         """The pseudo-identity (L,) of a new cluster whose representative latent is (1, L).

@@ -168,3 +168,45 @@ def test_sd_vae_switches_on_cuda_keep_the_bf16_latents_and_images(fresh_dynamo):
     for switched, plain in zip(results[1], results[0]):  # bf16 through a whole VAE: a few elements
         difference = (switched - plain).abs()            # differ by a rounding step or more
         assert difference.mean() < 1e-2 and difference.max() < 0.15, (difference.mean(), difference.max())
+
+
+def detection_ahead_runs(device, key=None):
+    """(in turn, ahead): ``Anonymizer.process`` results of five one-face photos on ``device``, stage 1
+    in the caller's thread, then three photos ahead in a worker thread (on its own CUDA stream)."""
+    import numpy as np
+
+    from id2face.anonymize import AnonymizeSettings, Anonymizer, training_template
+
+    model = tiny_model().eval().to(device)
+    template, _ = training_template(load_config(["tiny"]), 32)
+    photos, detections = [], {}
+    for identity in range(5):
+        item = render_sample(identity % 3, identity, 96)  # persons 0-2, two of them twice (keyed clusters)
+        photo = np.rint((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+        points = item["landmarks"].numpy().astype(np.float64) - 0.5
+        box = [points[:, 0].min() - 20, points[:, 1].min() - 25, points[:, 0].max() + 20, points[:, 1].max() + 30]
+        photos.append(photo)
+        detections[photo.tobytes()] = (np.array([box]), np.array([0.99]), points[None])
+
+    def detector(pixels):
+        return detections[np.ascontiguousarray(pixels).tobytes()]
+
+    runs = []
+    for ahead in (0, 3):
+        settings = AnonymizeSettings(steps=3, seed=0, batch_size=2, key=key)
+        engine = Anonymizer(model, 32, template, settings, detector=detector, device=device, prepare_ahead=ahead)
+        runs.append(list(engine.process(enumerate(photos))))
+    return runs
+
+
+@pytest.mark.parametrize("key", [None, "secret"])
+def test_detection_ahead_on_its_own_cuda_stream_gives_the_in_turn_faces(key):
+    import numpy as np
+
+    in_turn, ahead = detection_ahead_runs(CUDA, key)
+    assert [tag for tag, _ in ahead] == list(range(5))
+    for (_, a), (_, b) in zip(in_turn, ahead):
+        assert a.status == b.status and a.faces == b.faces and len(a.faces) == 1
+        assert (a.pixels is None) == (b.pixels is None)
+        if a.pixels is not None:
+            assert np.array_equal(a.pixels, b.pixels)
