@@ -4,7 +4,7 @@
         [--steps N] [--checkpoint CKPT | --profile tiny|sd15] [--device cpu|cuda]
         [--precision auto|32-true|bf16-mixed|16-mixed]
         [--compile] [--vae-dtype float32|bfloat16|float16] [--tiny-decoder DIR|random] [--threads 1]
-        [--io-workers 0 4] [--prepare-ahead 0 16]
+        [--io-workers 0 4] [--pipeline-depth 0 16]
         [--photo-format png|jpg] [--photo-size 640 480] [--audit-recognizer none|dlib|encoder|...]
 
 Writes N photos (skimage backgrounds, 640 x 480 unless --photo-size, each with K SynthFaces faces
@@ -109,9 +109,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--io-workers", type=int, nargs="+", default=[0, DEFAULT_IO_WORKERS],
                         help=f"file I/O threads, each a run (default: 0 and {DEFAULT_IO_WORKERS})")
-    parser.add_argument("--prepare-ahead", type=int, nargs="+", default=[0], metavar="N",
-                        help="photos detected, aligned and identity-encoded ahead in a worker thread while the "
-                             "model samples, each a run, as `id2face anonymize --prepare-ahead` (default: 0)")
+    parser.add_argument("--pipeline-depth", type=int, nargs="+", default=[0], metavar="N",
+                        help="photos detected ahead and pasted back behind in worker threads while the model "
+                             "samples, each a run, as `id2face anonymize --pipeline-depth` (default: 0)")
     parser.add_argument("--audit-recognizer", default="none", metavar="NAME",
                         help="the residual-identity judge, as `id2face anonymize --audit-recognizer` (default none; "
                              "the command's own default is dlib where installed)")
@@ -169,10 +169,10 @@ def main(argv=None) -> int:
         detect_seconds = time.perf_counter() - started
 
         for batch, workers, ahead in ((b, w, a) for b in args.batch_sizes for w in args.io_workers
-                                      for a in args.prepare_ahead):
+                                      for a in args.pipeline_depth):
             settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision)
             anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, device=args.device,
-                                    prepare_ahead=ahead)
+                                    pipeline_depth=ahead)
             run = f"{len(rows)}-{batch}-{workers}-{ahead}"  # a fresh folder per row, repeated settings too
             anonymize_files([warm], tmp / f"warm{run}", anonymizer, info=info, progress=False, io_workers=workers)
             load = os.getloadavg()[0]
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - started
             faces = summary["faces"]["total"]
-            rows.append({"batch_size": batch, "io_workers": workers, "prepare_ahead": ahead,
+            rows.append({"batch_size": batch, "io_workers": workers, "pipeline_depth": ahead,
                          "photos": summary["images"]["written"],
                          "faces": faces,
                          "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
@@ -204,10 +204,10 @@ def main(argv=None) -> int:
     print(f"MTCNN detection alone: {detect_seconds:.2f} s for {args.photos} photos "
           f"({args.photos / detect_seconds:.2f} photos/s, {detected} faces)")
     print(f"file decode + encode alone, one thread: {io_seconds:.2f} s for {args.photos} photos")
-    print(f"{'batch':>5} {'io':>3} {'ahead':>5} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} "
+    print(f"{'batch':>5} {'io':>3} {'depth':>5} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} "
           f"{'faces/s':>8} {'photos/s':>8} {'load':>5}")
     for r in rows:
-        print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['prepare_ahead']:>5} {r['photos']:>6} {r['faces']:>5} "
+        print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['pipeline_depth']:>5} {r['photos']:>6} {r['faces']:>5} "
               f"{r['anonymized']:>10} "
               f"{r['seconds']:>8.2f} {r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}")
     best = max(rows, key=lambda r: r["faces_per_s"])
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                       "vae_dtype": args.vae_dtype, "tiny_decoder": args.tiny_decoder,
                       "faces_per_s": best["faces_per_s"],
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
-                      "best_prepare_ahead": best["prepare_ahead"],
+                      "best_pipeline_depth": best["pipeline_depth"],
                       "photo_size": args.photo_size, "photo_format": args.photo_format,
                       "audit_recognizer": args.audit_recognizer,
                       "io_seconds_one_thread": round(io_seconds, 3),

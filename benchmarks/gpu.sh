@@ -13,12 +13,12 @@
 # attention computed by two SDPA kernels and a lerp: model.harmonizer.params.attention=sdpa),
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
 # sample_vae_bf16 (the sample part's first row with the SD VAE's weights and norms in bf16, decoded
-# by it and by TAESD's architecture), anonymize_fast (the anonymize part with both and detection
-# ahead: what the 20 faces/s target needs, eager), anonymize_compiled (the same compiled, < 300 s),
+# by it and by TAESD's architecture), anonymize_fast (the anonymize part with both, depth 64:
+# what the 20 faces/s target needs, eager), anonymize_compiled (the same compiled, < 300 s),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
 # sample_compiled (+ channels_last + compile of the UNet and the VAE), anonymize (the whole file
 # pipeline end to end: MTCNN, alignment, sampling, paste-back, 12 MP JPEGs decoded and written
-# by I/O threads, detection in turn and ahead; ~2 min), fid, switches (cached step
+# by I/O threads, stages in turn and in worker threads; ~2 min), fid, switches (cached step
 # with plain AdamW, flash attention only, gradient checkpointing: ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,16 +74,16 @@ if want sample_vae_bf16; then
 fi
 if want anonymize; then  # the issue's end-to-end figure: files in, files out
   echo; echo "== anonymize end to end, untrained sd15 at 512 px, 25 DDIM steps, bf16: 32 photos 12 MP JPEG x 4 faces,"
-  echo "   4 I/O threads, detection in turn and 64 photos ahead (--prepare-ahead)"
+  echo "   4 I/O threads, stages in turn (depth 0) and in worker threads 64 photos deep (--pipeline-depth)"
   timeout 150 "$PY" benchmarks/anonymize_throughput.py --profile sd15 --device cuda --precision bf16-mixed \
-      --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 4 --prepare-ahead 0 64 --threads 4 \
+      --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 4 --pipeline-depth 0 64 --threads 4 \
       --photo-size 4032 3024 --photo-format jpg || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 --faces-per-photo 4 --batch-sizes 64
-  --io-workers 4 --prepare-ahead 64 --threads 4 --vae-dtype bfloat16 --tiny-decoder random --photo-size 4032 3024
+  --io-workers 4 --pipeline-depth 64 --threads 4 --vae-dtype bfloat16 --tiny-decoder random --photo-size 4032 3024
   --photo-format jpg"
 if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline, eager
-  echo; echo "== anonymize end to end as above, 64 ahead, VAE encode in bf16, TAESD-architecture decoder"
+  echo; echo "== anonymize end to end as above, depth 64, VAE encode in bf16, TAESD-architecture decoder"
   timeout 100 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi

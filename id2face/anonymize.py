@@ -399,19 +399,19 @@ class Anonymizer:
     (``id2face.metrics.recognizers``) or None. ``cluster_by``: None (the model's identity
     encoder, cosine) or a recognizer. ``anonymize_photos(list of (H, W, 3) uint8)`` returns
     ``ImageResult``s; ``process(iterable of (tag, pixels))`` streams ``(tag, ImageResult)`` in order.
-    ``prepare_ahead``: photos whose detection, alignment and identity encoding (stage 1) run ahead in
-    one worker thread, on a CUDA stream of its own, while the model samples earlier faces (0: each
-    photo in turn, in the caller's thread). Same results either way: stage 1 still sees the photos
-    in order, and only the caller's thread samples.
+    ``pipeline_depth``: photos in flight beside the sampling, which stays in the caller's thread:
+    up to that many are detected, aligned and identity-encoded ahead (stage 1) in one worker thread,
+    and as many pasted back and audited behind (stage 3) in another, each on a CUDA stream of its
+    own on a GPU (0: every stage in turn, in the caller's thread). Same results either way: each
+    stage still sees the photos in order.
     """
 
     def __init__(self, model, image_size: int, template: np.ndarray, settings: AnonymizeSettings | None = None,
                  detector: Callable | None = None, audit=None, cluster_by=None, device: str | torch.device = "cpu",
-                 error_log: Callable[[str], None] | None = None, prepare_ahead: int = 0):
-        if prepare_ahead < 0:
-            raise UserError(f"prepare_ahead must be >= 0, got {prepare_ahead}")
-        self.prepare_ahead = int(prepare_ahead)
-        self._stage_one_stream = None
+                 error_log: Callable[[str], None] | None = None, pipeline_depth: int = 0):
+        if pipeline_depth < 0:
+            raise UserError(f"pipeline_depth must be >= 0, got {pipeline_depth}")
+        self.pipeline_depth = int(pipeline_depth)
         self.settings = settings or AnonymizeSettings()
         self.settings.check()
         self.model = model
@@ -452,20 +452,22 @@ class Anonymizer:
     def process(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, ImageResult]]:
         """Stream photos through detection, batched sampling and paste-back, in input order."""
         pending: deque[_Pending] = deque()
+        finishing: deque[tuple[Any, Future]] = deque()
         queue: list[Face] = []
-        batch = self.settings.batch_size
-        with self._stage_one_executor() as executor:
-            for _, prepared in _ahead(executor, self._prepare, items, self.prepare_ahead):
+        batch, depth = self.settings.batch_size, self.pipeline_depth
+        with _StageWorker(depth > 0, self.device, "prepare") as preparer, \
+                _StageWorker(depth > 0, self.device, "finish") as finisher:
+            for _, prepared in _ahead(preparer, self._start_item, items, depth):
                 entry = prepared.result()
                 pending.append(entry)
                 queue.extend(face for face in entry.faces if face.status == "pending")
                 while len(queue) >= batch:
                     self._sample(queue[:batch])
                     queue = queue[batch:]
-                yield from self._flush(pending)
-        if queue:
-            self._sample(queue)
-        yield from self._flush(pending)
+                yield from self._flush(pending, finisher, finishing, keep=depth)
+            if queue:
+                self._sample(queue)
+            yield from self._flush(pending, finisher, finishing, keep=0)
 
     @property
     def detector_fn(self) -> Callable:
@@ -476,25 +478,8 @@ class Anonymizer:
         return self.detector
 
     # -- stage 1: detect, align, embed, cluster ---------------------------------------------
-    def _stage_one_executor(self):
-        if self.prepare_ahead <= 0:
-            self._stage_one_stream = None
-            return _InlineExecutor()
-        from concurrent.futures import ThreadPoolExecutor
-
-        # Its own stream: the detector's host reads wait for stage 1's kernels, not for the sampling
-        # kernels queued ahead of them on the default stream.
-        self._stage_one_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="id2face-prepare")
-
-    def _prepare(self, item: tuple[Any, np.ndarray]) -> _Pending:
-        stream = self._stage_one_stream
-        if stream is None:
-            return self._start(*item)
-        with torch.cuda.stream(stream):
-            entry = self._start(*item)
-            stream.synchronize()  # what it hands over (host tensors) is complete before sampling reads it
-        return entry
+    def _start_item(self, item: tuple[Any, np.ndarray]) -> _Pending:
+        return self._start(*item)
 
     def _start(self, tag, pixels: np.ndarray) -> _Pending:
         pixels = np.ascontiguousarray(pixels)
@@ -555,7 +540,7 @@ class Anonymizer:
         crops = torch.stack([face.crop for face in faces]).to(self.device)
         encoded = self.model.identity_embedding(crops)
         # What stage 1 hands to sampling lives on the host: sampling may run on another thread and
-        # another CUDA stream (prepare_ahead).
+        # another CUDA stream (pipeline_depth).
         latents = self.model.id_vae.encode(encoded).float()
         for face, latent in zip(faces, latents.cpu()):
             face.source_latent = latent
@@ -650,16 +635,24 @@ class Anonymizer:
             face.result, face.status = image.clamp(-1, 1), "anonymized"
 
     # -- stage 3: paste back, cover, audit ---------------------------------------------------
-    def _flush(self, pending: deque) -> Iterator[tuple[Any, ImageResult]]:
+    def _flush(self, pending: deque, finisher: "_StageWorker", finishing: deque,
+               keep: int) -> Iterator[tuple[Any, ImageResult]]:
+        """Hand the photos whose faces are all sampled to stage 3, in order; yield finished ones in
+        order until at most ``keep`` are in flight."""
         while pending and pending[0].ready():
             entry = pending.popleft()
-            try:
-                result = self._finish(entry)
-            except Exception as err:  # noqa: BLE001 - never write a photo we could not finish
-                self._log(entry.tag, "finish", err)
-                result = ImageResult(None, "error", f"internal error: {_describe(err)}",
-                                     [face.record() for face in entry.faces], entry.notes)
-            yield entry.tag, result
+            finishing.append((entry.tag, finisher.submit(self._finish_or_error, entry)))
+        while finishing and (len(finishing) > keep or finishing[0][1].done()):
+            tag, future = finishing.popleft()
+            yield tag, future.result()
+
+    def _finish_or_error(self, entry: _Pending) -> ImageResult:
+        try:
+            return self._finish(entry)
+        except Exception as err:  # noqa: BLE001 - never write a photo we could not finish
+            self._log(entry.tag, "finish", err)
+            return ImageResult(None, "error", f"internal error: {_describe(err)}",
+                               [face.record() for face in entry.faces], entry.notes)
 
     def _finish(self, entry: _Pending) -> ImageResult:
         if entry.error is not None:
@@ -1049,6 +1042,42 @@ class _InlineExecutor:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+class _StageWorker:
+    """Runs one pipeline stage's calls in order: in the caller's thread (``threaded`` false), or in
+    one worker thread, on a GPU with a CUDA stream of its own (its host reads then wait for its own
+    kernels only, not for the sampling queued on the default stream) that is synchronized before a
+    call's future completes, so another stage reads finished results."""
+
+    def __init__(self, threaded: bool, device: torch.device, name: str):
+        self._pool = None
+        self._stream = None
+        if threaded:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"id2face-{name}")
+            self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def submit(self, fn: Callable, *args) -> Future:
+        if self._pool is None:
+            return _InlineExecutor().submit(fn, *args)
+        return self._pool.submit(self._call, fn, *args)
+
+    def _call(self, fn: Callable, *args):
+        if self._stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self._stream):
+            result = fn(*args)
+            self._stream.synchronize()
+        return result
+
+    def __enter__(self) -> "_StageWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def _io_executor(workers: int):

@@ -143,7 +143,7 @@ def sha(path: Path) -> str:
 
 def anonymizer(loaded, **kwargs) -> Anonymizer:
     model, cfg, _, template = loaded
-    options = {k: kwargs.pop(k) for k in ("detector", "audit", "cluster_by", "prepare_ahead") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("detector", "audit", "cluster_by", "pipeline_depth") if k in kwargs}
     settings = AnonymizeSettings(**{"steps": STEPS, "seed": 0, "batch_size": 4, **kwargs})
     return Anonymizer(model, int(cfg.data.image_size), template, settings, **options)
 
@@ -276,40 +276,45 @@ def test_io_threads_write_what_one_thread_writes_and_report_a_failed_write(tmp_p
 
 
 @pytest.mark.parametrize("key", [None, "secret"])
-def test_detection_ahead_in_a_worker_thread_gives_what_in_turn_gives(loaded, key):
-    """Stage 1 (detect, align, embed, cluster) of later photos in a thread while the model samples:
-    the same pixels, faces, clusters and substitutes, photos in order, and a detector failure is
-    still that photo's error."""
+def test_pipeline_stages_in_worker_threads_give_what_in_turn_gives(loaded, key):
+    """Detection (stage 1) ahead and paste-back + audit (stage 3) behind, each in a worker thread,
+    while the caller's thread samples: the same pixels, faces, clusters, substitutes and audit
+    figures, photos in order, and a detector failure is still that photo's error."""
     import threading
+
+    from id2face.anonymize import build_audit_recognizer
 
     truth = GroundTruthDetector()
     photos = [compose(truth, background, [(index % 3, 0, 30, 40), (index % 3 + 5, 1, 300, 120)])[0]
               for index, background in enumerate((skimage_data.coffee(), skimage_data.chelsea(),
                                                   skimage_data.astronaut(), skimage_data.rocket()))]
     broken = np.zeros_like(photos[0])  # the detector has no entry for it: KeyError, a detection failure
-    threads = []
+    threads = {"detect": [], "audit": []}
 
     def detector(pixels):
-        threads.append(threading.current_thread().name)
+        threads["detect"].append(threading.current_thread().name)
         return truth(pixels)
 
+    audit = build_audit_recognizer("encoder", loaded[1])
+    audit.register_forward_pre_hook(lambda module, args: threads["audit"].append(threading.current_thread().name))
     runs = {}
-    for ahead in (0, 3):
-        threads.clear()
-        engine = anonymizer(loaded, detector=detector, key=key, batch_size=3, prepare_ahead=ahead)
-        runs[ahead] = list(engine.process(enumerate([*photos[:2], broken, *photos[2:]])))
-        assert {name.startswith("id2face-prepare") for name in threads} == {ahead > 0}
-    in_turn, ahead = runs[0], runs[3]
-    assert [tag for tag, _ in ahead] == [0, 1, 2, 3, 4]
-    assert ahead[2][1].status == in_turn[2][1].status == "error" and "face detection failed" in ahead[2][1].message
-    for (_, a), (_, b) in zip(in_turn, ahead):
-        assert a.status == b.status and a.faces == b.faces
+    for depth in (0, 3):
+        threads["detect"].clear(), threads["audit"].clear()
+        engine = anonymizer(loaded, detector=detector, audit=audit, key=key, batch_size=3, pipeline_depth=depth)
+        runs[depth] = list(engine.process(enumerate([*photos[:2], broken, *photos[2:]])))
+        assert {name.startswith("id2face-prepare") for name in threads["detect"]} == {depth > 0}
+        assert {name.startswith("id2face-finish") for name in threads["audit"]} == {depth > 0}
+    in_turn, threaded = runs[0], runs[3]
+    assert [tag for tag, _ in threaded] == [0, 1, 2, 3, 4]
+    assert threaded[2][1].status == in_turn[2][1].status == "error"
+    assert "face detection failed" in threaded[2][1].message
+    for (_, a), (_, b) in zip(in_turn, threaded):
+        assert a.status == b.status and a.faces == b.faces  # records: clusters, regions, audit residuals
         if a.pixels is not None:
             assert np.array_equal(a.pixels, b.pixels)
-    statuses = [face["status"] for _, result in ahead for face in result.faces]
-    assert statuses == ["anonymized"] * 8
-    clusters = [face.get("cluster") for _, result in ahead for face in result.faces]
-    assert all((c is None) == (key is None) for c in clusters)  # compared above, with the faces
+    faces = [face for _, result in threaded for face in result.faces]
+    assert [face["status"] for face in faces] == ["anonymized"] * 8
+    assert all(face["residual_similarity"] is not None and (face["cluster"] is None) == (key is None) for face in faces)
 
 
 @pytest.mark.parametrize("failure", ["raise", "nan", "unchanged", "blur"])
@@ -691,7 +696,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--batch-size", "0"], "--batch-size"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--key", ""], "--key is empty"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--io-workers", "-1"], "--io-workers must be >= 0"),
-        (["-i", str(photos), "-o", str(tmp_path / "o"), "--prepare-ahead", "-2"], "--prepare-ahead must be >= 0"),
+        (["-i", str(photos), "-o", str(tmp_path / "o"), "--pipeline-depth", "-2"], "--pipeline-depth must be >= 0"),
     ]
     for extra, message in cases:
         assert main(["anonymize", "--checkpoint", str(checkpoint), *extra]) == 2
@@ -738,7 +743,7 @@ def test_cli_subprocess_reports_unreadable_inputs_and_continues(tmp_path, checkp
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "id2face.cli", "anonymize", "--checkpoint", str(checkpoint), "-i", str(photos),
                "-o", str(tmp_path / "out"), "--audit-recognizer", "none", "--device", "cpu", "--quiet",
-               "--prepare-ahead", "2"]  # detection in a worker thread, as on a GPU
+               "--pipeline-depth", "2"]  # detection in a worker thread, as on a GPU
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr

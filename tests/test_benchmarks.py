@@ -45,11 +45,11 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     """The whole file pipeline on JPEG photos, once per I/O and detection-ahead setting: same faces,
     all anonymized."""
     figures, out = run_script("anonymize_throughput", ["--photos", "2", "--faces-per-photo", "2", "--batch-sizes", "4",
-                                                       "--steps", "2", "--io-workers", "0", "2", "--prepare-ahead",
+                                                       "--steps", "2", "--io-workers", "0", "2", "--pipeline-depth",
                                                        "0", "2", "--photo-format", "jpg", "--photo-size", "800",
                                                        "600"], capsys)
     rows = figures["rows"]
-    assert [(row["io_workers"], row["prepare_ahead"]) for row in rows] == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    assert [(row["io_workers"], row["pipeline_depth"]) for row in rows] == [(0, 0), (0, 2), (2, 0), (2, 2)]
     assert all(row["faces"] == row["anonymized"] == 4 and row["photos"] == 2 for row in rows)
     assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
     assert figures["faces_per_s"] == max(row["faces_per_s"] for row in rows)

@@ -170,15 +170,18 @@ def test_sd_vae_switches_on_cuda_keep_the_bf16_latents_and_images(fresh_dynamo):
         assert difference.mean() < 1e-2 and difference.max() < 0.15, (difference.mean(), difference.max())
 
 
-def detection_ahead_runs(device, key=None):
-    """(in turn, ahead): ``Anonymizer.process`` results of five one-face photos on ``device``, stage 1
-    in the caller's thread, then three photos ahead in a worker thread (on its own CUDA stream)."""
+def pipeline_runs(device, key=None):
+    """(in turn, threaded): ``Anonymizer.process`` results of five one-face photos on ``device``,
+    audited by the encoder recognizer: every stage in the caller's thread, then detection and
+    paste-back + audit in worker threads three photos deep (each on its own CUDA stream)."""
     import numpy as np
 
-    from id2face.anonymize import AnonymizeSettings, Anonymizer, training_template
+    from id2face.anonymize import AnonymizeSettings, Anonymizer, build_audit_recognizer, training_template
 
+    cfg = load_config(["tiny"])
     model = tiny_model().eval().to(device)
-    template, _ = training_template(load_config(["tiny"]), 32)
+    audit = build_audit_recognizer("encoder", cfg).to(device)
+    template, _ = training_template(cfg, 32)
     photos, detections = [], {}
     for identity in range(5):
         item = render_sample(identity % 3, identity, 96)  # persons 0-2, two of them twice (keyed clusters)
@@ -192,21 +195,23 @@ def detection_ahead_runs(device, key=None):
         return detections[np.ascontiguousarray(pixels).tobytes()]
 
     runs = []
-    for ahead in (0, 3):
+    for depth in (0, 3):
         settings = AnonymizeSettings(steps=3, seed=0, batch_size=2, key=key)
-        engine = Anonymizer(model, 32, template, settings, detector=detector, device=device, prepare_ahead=ahead)
+        engine = Anonymizer(model, 32, template, settings, detector=detector, audit=audit, device=device,
+                            pipeline_depth=depth)
         runs.append(list(engine.process(enumerate(photos))))
     return runs
 
 
 @pytest.mark.parametrize("key", [None, "secret"])
-def test_detection_ahead_on_its_own_cuda_stream_gives_the_in_turn_faces(key):
+def test_pipeline_stages_on_their_own_cuda_streams_give_the_in_turn_faces(key):
     import numpy as np
 
-    in_turn, ahead = detection_ahead_runs(CUDA, key)
-    assert [tag for tag, _ in ahead] == list(range(5))
-    for (_, a), (_, b) in zip(in_turn, ahead):
+    in_turn, threaded = pipeline_runs(CUDA, key)
+    assert [tag for tag, _ in threaded] == list(range(5))
+    for (_, a), (_, b) in zip(in_turn, threaded):
         assert a.status == b.status and a.faces == b.faces and len(a.faces) == 1
+        assert a.faces[0]["residual_similarity"] is not None
         assert (a.pixels is None) == (b.pixels is None)
         if a.pixels is not None:
             assert np.array_equal(a.pixels, b.pixels)

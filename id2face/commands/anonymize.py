@@ -53,10 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--io-workers", type=int, default=None, metavar="N",
                         help="threads that decode the next photos and write the finished ones while the model "
                              "runs (default: min(4, CPUs); 0: all in one thread)")
-    parser.add_argument("--prepare-ahead", type=int, default=None, metavar="N",
-                        help="photos detected, aligned and identity-encoded in a worker thread (on its own CUDA "
-                             "stream) while the model samples earlier faces; same results (default: --batch-size "
-                             "on cuda, 0 on cpu, where both would share the same cores)")
+    parser.add_argument("--pipeline-depth", type=int, default=None, metavar="N",
+                        help="photos in flight beside the sampling: up to N detected, aligned and identity-encoded "
+                             "ahead, and N pasted back and audited behind, in two worker threads (each on its own "
+                             "CUDA stream); same results (default: --batch-size on cuda, 0 on cpu, where the "
+                             "threads would share the sampling's cores)")
     parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
     parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
     parser.add_argument("--min-face-size", type=int, default=20,
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     settings.check()
     if args.min_face_size < 4 or args.detect_max_side < 32:
         raise UserError("--min-face-size must be >= 4 and --detect-max-side >= 32")
-    for flag in ("io_workers", "prepare_ahead"):
+    for flag in ("io_workers", "pipeline_depth"):
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
@@ -177,11 +178,11 @@ def run(args: argparse.Namespace) -> int:
         cluster_by = cluster_by.to(device)
 
     detector = FaceDetector(min_face_size=args.min_face_size, max_side=args.detect_max_side, device=device)
-    prepare_ahead = args.prepare_ahead
-    if prepare_ahead is None:
-        prepare_ahead = settings.batch_size if device.startswith("cuda") else 0
+    pipeline_depth = args.pipeline_depth
+    if pipeline_depth is None:
+        pipeline_depth = settings.batch_size if device.startswith("cuda") else 0
     anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, cluster_by=cluster_by,
-                            device=device, prepare_ahead=prepare_ahead)
+                            device=device, pipeline_depth=pipeline_depth)
     summary = anonymize_files(args.input, args.output, anonymizer, info=info, output_format=args.output_format,
                               progress=not args.quiet,
                               io_workers=DEFAULT_IO_WORKERS if args.io_workers is None else args.io_workers)
