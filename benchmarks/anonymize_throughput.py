@@ -3,7 +3,8 @@
     python benchmarks/anonymize_throughput.py [--photos 12] [--faces-per-photo 4] [--batch-sizes 1 4 16]
         [--steps N] [--checkpoint CKPT | --profile tiny|sd15] [--device cpu|cuda]
         [--precision auto|32-true|bf16-mixed|16-mixed]
-        [--compile] [--vae-dtype float32|bfloat16|float16] [--tiny-decoder DIR|random] [--threads 1]
+        [--compile] [--vae-dtype float32|bfloat16|float16] [--unet-dtype float32|bfloat16|float16]
+        [--tiny-decoder DIR|random] [--threads 1]
         [--io-workers 0 4] [--pipeline-depth 0 16]
         [--photo-format png|jpg] [--photo-size 640 480] [--audit-recognizer none|dlib|encoder|...]
 
@@ -72,7 +73,7 @@ def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 
         Image.fromarray(photo).save(folder / f"group{index:03d}.{fmt}", **({"quality": 92} if fmt == "jpg" else {}))
 
 
-def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | None):
+def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | None, unet_dtype: str | None = None):
     """(model, cfg, info) of a profile's model with its initial weights, built here, as ``load_model``
     builds a checkpoint's (its speed does not depend on the weights): ``tiny``, or ``sd15`` (the
     SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint)."""
@@ -81,11 +82,12 @@ def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | N
     from id2face.anonymize import inference_overrides
     from id2face.model import ID2Face
 
-    cfg = C.profile_config(profile, inference_overrides(C.profile_config(profile).model, compile, vae_dtype))
+    cfg = C.profile_config(profile, inference_overrides(C.profile_config(profile).model, compile, vae_dtype,
+                                                        unet_dtype))
     torch.manual_seed(0)
     model = ID2Face.from_config(cfg.model).to(device).eval()
     info = {"checkpoint": None, "config_source": f"untrained {profile} profile", "ema_weights": False,
-            "compiled": compile, "first_stage_dtype": vae_dtype}
+            "compiled": compile, "first_stage_dtype": vae_dtype, "unet_dtype": unet_dtype}
     return model, cfg, info
 
 
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="speed switches, as `id2face anonymize --compile`")
     parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"),
                         help="an SD VAE checkpoint's first stage in this dtype, as `id2face anonymize --vae-dtype`")
+    parser.add_argument("--unet-dtype", choices=("float32", "bfloat16", "float16"),
+                        help="the UNet's weights and arithmetic in this dtype, as `id2face anonymize --unet-dtype`")
     parser.add_argument("--tiny-decoder", metavar="DIR|random",
                         help="decode with this tiny autoencoder folder, as `id2face anonymize --tiny-decoder`; "
                              "random: TAESD's architecture untrained (the same cost)")
@@ -136,9 +140,10 @@ def main(argv=None) -> int:
         make_photos(warm, 1, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
         if args.checkpoint:
             model, cfg, info = load_model(args.checkpoint, args.device, compile=args.compile,
-                                          first_stage_dtype=args.vae_dtype)
+                                          first_stage_dtype=args.vae_dtype, unet_dtype=args.unet_dtype)
         else:
-            model, cfg, info = untrained_model(args.profile, args.device, args.compile, args.vae_dtype)
+            model, cfg, info = untrained_model(args.profile, args.device, args.compile, args.vae_dtype,
+                                               args.unet_dtype)
         if args.tiny_decoder:
             from id2face.anonymize import with_tiny_decoder
 
@@ -198,6 +203,7 @@ def main(argv=None) -> int:
           f"{args.photo_format} x {args.faces_per_photo} SynthFaces faces, audit {args.audit_recognizer}; model "
           f"{model_name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
           f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}"
+          f"{f', UNet in {args.unet_dtype}' if args.unet_dtype else ''}"
           f"{f', tiny decoder {args.tiny_decoder}' if args.tiny_decoder else ''}; "
           f"device {args.device} ({device}), "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
     best = max(rows, key=lambda r: r["faces_per_s"])
     print(json.dumps({"benchmark": "anonymize_throughput", "device": args.device, "threads": args.threads,
                       "steps": steps, "image_size": size, "precision": precision, "compile": args.compile,
-                      "vae_dtype": args.vae_dtype, "tiny_decoder": args.tiny_decoder,
+                      "vae_dtype": args.vae_dtype, "unet_dtype": args.unet_dtype, "tiny_decoder": args.tiny_decoder,
                       "faces_per_s": best["faces_per_s"],
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
                       "best_pipeline_depth": best["pipeline_depth"],

@@ -12,9 +12,9 @@
 # the bare step's), cached_sdpa (the same with the harmonizer's
 # attention computed by two SDPA kernels and a lerp: model.harmonizer.params.attention=sdpa),
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
-# sample_vae_bf16 (the sample part's first row with the SD VAE's weights and norms in bf16, decoded
-# by it and by TAESD's architecture), anonymize_fast (the anonymize part with both, depth 64:
-# what the 20 faces/s target needs, eager), anonymize_compiled (the same compiled, < 300 s),
+# sample_bf16 (the sample part's first row with the UNet's and the SD VAE's weights and norms in
+# bf16, decoded by the VAE and by TAESD's architecture), anonymize_fast (the anonymize part with
+# those and depth 64: what the 20 faces/s target needs, eager), anonymize_compiled (the same compiled, < 300 s),
 # compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
 # sample_compiled (+ channels_last + compile of the UNet and the VAE), anonymize (the whole file
 # pipeline end to end: MTCNN, alignment, sampling, paste-back, 12 MP JPEGs decoded and written
@@ -65,11 +65,12 @@ if want sample; then
   timeout 100 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
       --samplers ddim --cfg --repeats 1 --breakdown || echo "== sample failed or timed out (exit $?)"
 fi
-if want sample_vae_bf16; then
-  echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, the SD VAE in bf16 (model.first_stage.params.dtype),"
-  echo "   decoded by it and by TAESD's architecture (anonymize --tiny-decoder)"
+if want sample_bf16; then
+  echo; echo "== sample sd15, 25 DDIM steps, batch 64, the UNet and the SD VAE with bf16 weights and arithmetic"
+  echo "   (model.backbone/first_stage.params.dtype), decoded by the VAE and by TAESD's architecture"
   timeout 75 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      --samplers ddim --repeats 1 --decoders own taesd --breakdown --override model.first_stage.params.dtype=bfloat16 \
+      --samplers ddim --repeats 1 --decoders own taesd --breakdown \
+      --override model.first_stage.params.dtype=bfloat16 model.backbone.params.dtype=bfloat16 \
       || echo "== sample failed or timed out (exit $?)"
 fi
 if want anonymize; then  # the issue's end-to-end figure: files in, files out
@@ -80,10 +81,10 @@ if want anonymize; then  # the issue's end-to-end figure: files in, files out
       --photo-size 4032 3024 --photo-format jpg || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 --faces-per-photo 4 --batch-sizes 64
-  --io-workers 4 --pipeline-depth 64 --threads 4 --vae-dtype bfloat16 --tiny-decoder random --photo-size 4032 3024
-  --photo-format jpg"
+  --io-workers 4 --pipeline-depth 64 --threads 4 --vae-dtype bfloat16 --unet-dtype bfloat16 --tiny-decoder random
+  --photo-size 4032 3024 --photo-format jpg"
 if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline, eager
-  echo; echo "== anonymize end to end as above, depth 64, VAE encode in bf16, TAESD-architecture decoder"
+  echo; echo "== anonymize end to end as above, depth 64, UNet and VAE encode in bf16, TAESD-architecture decoder"
   timeout 100 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi

@@ -206,30 +206,36 @@ def traffic_only(args) -> int:
     model.to_empty(device="cpu").eval()  # uninitialised storage: fake tensors never read it
     n, steps, size = args.batch[0], args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
     device = torch.device("cpu")
+
+    def count(fn, runs: int = 1) -> list[T.Traffic]:
+        """``runs`` calls of ``fn`` in one autocast region, as the sampler's steps run: autocast
+        casts each fp32 weight once per region (its cache), so later calls skip those casts."""
+        with C.autocast(device, args.bf16):
+            return [T.count_traffic(fn, args.peak_flops, args.bandwidth) for _ in range(runs)]
+
+    figures = {}
     with T.fake_cpu(), torch.no_grad():
-        parts = {}
         for name, (fn, times) in call_parts(model, cfg, n, size, device).items():
-            def autocast_fn(fn=fn):
-                with C.autocast(device, args.bf16):
-                    fn()
-            parts[f"UNet x {steps} steps" if name == "UNet" else name] = (T.count_traffic(
-                autocast_fn, args.peak_flops, args.bandwidth), times or steps)
-    total_s = sum(t.roofline_s * times for t, times in parts.values())
+            if name == "UNet":  # the first step, then a later one x (steps - 1)
+                first, later = count(fn, 2)
+                name, counted = f"UNet x {steps} steps", [(first, 1), (later, steps - 1)]
+            else:
+                counted = [(count(fn)[0], times)]
+            figures[name] = {key: sum(getattr(t, key) * k for t, k in counted)
+                             for key in ("kernels", "bytes", "flops", "roofline_s")}
+    total_s = sum(f["roofline_s"] for f in figures.values())
     print(f"one anonymization of {n} faces counted on fake tensors, profile {args.profile} ({size} px), {steps} steps, "
           f"no guidance, bf16={args.bf16}, decoder {args.decoders[0]}; roofline: per aten op "
-          f"max(FLOPs / {args.peak_flops:.3g}, "
-          f"bytes / {args.bandwidth:.3g} B/s), summed")
+          f"max(FLOPs / {args.peak_flops:.3g}, bytes / {args.bandwidth:.3g} B/s), summed")
     C.print_table(["part", "kernels", "GB", "TFLOP", "roofline ms", "share"],
-                  [[k, t.kernels * times, f"{t.bytes * times / 1e9:.1f}", f"{t.flops * times / 1e12:.2f}",
-                    f"{1e3 * t.roofline_s * times:.1f}", f"{100 * t.roofline_s * times / total_s:.1f}%"]
-                   for k, (t, times) in parts.items()] + [["total", "", "", "", f"{1e3 * total_s:.1f}", "100%"]])
+                  [[k, f["kernels"], f"{f['bytes'] / 1e9:.1f}", f"{f['flops'] / 1e12:.2f}",
+                    f"{1e3 * f['roofline_s']:.1f}", f"{100 * f['roofline_s'] / total_s:.1f}%"]
+                   for k, f in figures.items()] + [["total", "", "", "", f"{1e3 * total_s:.1f}", "100%"]])
     print(f"eager bound: {n / total_s:.1f} faces/s (no eager run of these kernels can be faster on this device)")
     C.print_json({"benchmark": "sample_traffic", "profile": args.profile, "steps": steps, "batch": n,
-                  "decoder": args.decoders[0],
-                  "bf16": args.bf16, "peak_flops": args.peak_flops, "bandwidth": args.bandwidth,
-                  "overrides": list(args.override), "roofline_s": total_s, "faces_per_s_bound": n / total_s,
-                  "parts": {k: {"kernels": t.kernels * times, "bytes": t.bytes * times, "flops": t.flops * times,
-                                "roofline_s": t.roofline_s * times} for k, (t, times) in parts.items()}})
+                  "decoder": args.decoders[0], "bf16": args.bf16, "peak_flops": args.peak_flops,
+                  "bandwidth": args.bandwidth, "overrides": list(args.override), "roofline_s": total_s,
+                  "faces_per_s_bound": n / total_s, "parts": figures})
     return 0
 
 

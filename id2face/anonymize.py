@@ -187,41 +187,49 @@ def _drop_stale(parent: dict, key: str, reference) -> list[str]:
     return [f"{child}.{rest}" if rest else child for child in list(node) for rest in _drop_stale(node, child, ref)]
 
 
-def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str | None = None) -> list[str]:
+def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str | None = None,
+                        unet_dtype: str | None = None) -> list[str]:
     """``key=value`` overrides that change how a model runs, not its weights: the speed switches
-    (``compile``) and an SD VAE's dtype; a first stage without a dtype of its own is a UserError."""
+    (``compile``) and the dtypes of an autoencoder first stage and of the UNet; a role whose
+    variant has no dtype of its own is a UserError."""
     from .model import speed_switch_overrides
     from .registry import MODEL_ROLES
 
     overrides = speed_switch_overrides(model_cfg) if compile else []
-    if first_stage_dtype is not None:
-        node = model_cfg["first_stage"]
+    for role, dtype, takes_one in (("first_stage", first_stage_dtype, "the autoencoders sd_vae and taesd"),
+                                   ("backbone", unet_dtype, "unet")):
+        if dtype is None:
+            continue
+        node = model_cfg[role]
         name = node if isinstance(node, str) else node["name"]
-        if not MODEL_ROLES["first_stage"].declares(name, "dtype"):
-            raise UserError(f"the checkpoint's first stage ({name}) has no dtype of its own: it runs in the "
-                            f"sampling precision (only the autoencoders sd_vae and taesd take one)")
-        overrides.append(f"model.first_stage.params.dtype={first_stage_dtype}")
+        if not MODEL_ROLES[role].declares(name, "dtype"):
+            raise UserError(f"the checkpoint's {role.replace('_', ' ')} ({name}) has no dtype of its own: it runs "
+                            f"in the sampling precision (only {takes_one} take one)")
+        overrides.append(f"model.{role}.params.dtype={dtype}")
     return overrides
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False,
-               first_stage_dtype: str | None = None, tiny_decoder: str | Path | None = None):
+               first_stage_dtype: str | None = None, tiny_decoder: str | Path | None = None,
+               unet_dtype: str | None = None):
     """The ``ID2Face`` of a training checkpoint with its EMA weights (the ones ``ID2FaceModule``
     samples with), in eval mode on ``device``; returns ``(model, cfg, info)``. ``compile``: the
     speed switches on (channels_last + torch.compile of the UNet and an SD VAE first stage),
     whatever the checkpoint trained with; ``first_stage_dtype``: an SD VAE's weights and arithmetic
     in that dtype (``model.first_stage.params.dtype``); ``tiny_decoder``: a local AutoencoderTiny
     folder that decodes instead of the checkpoint's first stage (``DecoderSwap``; the same dtype
-    and speed switches). All change how the model runs, not its trained weights."""
+    and speed switches); ``unet_dtype``: the UNet's (and harmonizer's) weights and arithmetic in
+    that dtype (``model.backbone.params.dtype``). All change how the model runs, not its trained
+    weights (loaded in fp32, then cast)."""
     import warnings
 
     from .config import merge_layer, parse_overrides
     from .lit_module import ID2FaceModule
 
     cfg, state, source = read_checkpoint_config(checkpoint)
-    overrides = inference_overrides(cfg.model, compile, first_stage_dtype)
+    overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype)
     if overrides:
-        cfg = merge_layer(cfg, parse_overrides(overrides), "--compile / --vae-dtype")
+        cfg = merge_layer(cfg, parse_overrides(overrides), "--compile / --vae-dtype / --unet-dtype")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
         module = ID2FaceModule(cfg)
@@ -243,7 +251,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     model = model.to(device).eval()
     info = {"checkpoint": str(checkpoint), "config_source": source, "ema_weights": averaged > 0,
             "ema_updates": averaged, "compiled": bool(compile), "first_stage_dtype": first_stage_dtype,
-            "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder)}
+            "unet_dtype": unet_dtype, "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder)}
     return model, cfg, info
 
 
@@ -1204,7 +1212,7 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
     summary = summarize(jobs, sidecars, skipped, seconds, faces_this_run, anonymizer)
     summary["settings"] = settings
     summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled",
-                                                 "first_stage_dtype", "tiny_decoder")}
+                                                 "first_stage_dtype", "unet_dtype", "tiny_decoder")}
     write_atomic(target / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 

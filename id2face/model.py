@@ -87,6 +87,8 @@ def build_components(model_cfg: Mapping[str, Any]) -> dict[str, nn.Module]:
     built["identity_tokens"] = IdentityTokens(id_vae.latent_dim, context_dim, **tokens_cfg)
     built["identity_tokens"].registered_name = "mlp"
     harmonizer.install(backbone.unet, built["identity_tokens"].num_tokens)
+    if getattr(backbone, "compute_dtype", None) is not None:
+        harmonizer.to(backbone.compute_dtype)  # its gates run inside the UNet, on its hidden states
     for role in FROZEN_ROLES:
         built[role].requires_grad_(False)
     return built

@@ -167,6 +167,9 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     from .data.datamodule import FacePairDataModule, PairEpochCallback
     from .lit_module import ID2FaceModule
 
+    if OmegaConf.select(cfg, "model.backbone.params.dtype") not in (None, "float32"):
+        raise UserError("model.backbone.params.dtype is for sampling (the UNet's weights in half precision): "
+                        "training keeps fp32 weights; use trainer.precision=bf16-mixed")
     folder = run_dir(cfg)
     # torch.compile's kernels (model.backbone.params.compile) are cached beside the runs, not in
     # the node's /tmp: a requeued or sibling run compiles from a warm cache (tiny UNet, CPU: 63 s

@@ -483,6 +483,19 @@ def test_vae_dtype_runs_an_sd_vae_in_it_and_a_pixel_first_stage_refuses_it(tmp_p
 
 
 @pytest.mark.slow
+def test_unet_dtype_loads_the_checkpoint_into_a_bf16_unet(checkpoint, loaded):
+    model, _, info = load_model(checkpoint, unet_dtype="bfloat16")
+    assert info["unet_dtype"] == "bfloat16"
+    assert {p.dtype for p in model.backbone.parameters()} == {p.dtype for p in model.harmonizer.parameters()} \
+        == {torch.bfloat16}
+    eager = loaded[0].state_dict()  # the checkpoint's (EMA) weights, rounded to bf16
+    for name, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, eager[f"backbone.{name}"].to(torch.bfloat16), rtol=0, atol=0)
+    faces = anonymize_two_faces(loaded[0], model)
+    assert faces[1].dtype == torch.float32 and torch.isfinite(faces[1]).all()
+    assert 0 < (faces[0] - faces[1]).abs().mean() < 0.05
+
+
 def test_tiny_decoder_decodes_instead_of_the_checkpoints_vae(tmp_path, checkpoint, sd_vae_checkpoint, capsys):
     from id2face.components.backbone import DecoderSwap, TinyVAEFirstStage
 

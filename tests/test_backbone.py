@@ -318,6 +318,23 @@ def test_speed_switches_keep_outputs_gradients_and_parameter_names(switch, fresh
         assert backbone.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_unet_in_bf16_runs_whole_in_bf16_and_returns_the_callers_dtype():
+    reference, low = unet(), unet({"dtype": "bfloat16"})  # same seed: the same weights, rounded
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    sample, timesteps, context = unet_inputs()
+    with torch.no_grad():
+        expected, result = reference(sample, timesteps, context), low(sample, timesteps, context)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = reference(sample, timesteps, context).float()
+            # autocast is off inside: an enclosing one changes nothing
+            torch.testing.assert_close(low(sample, timesteps, context), result, rtol=0, atol=0)
+    assert result.dtype == torch.float32 and not torch.equal(result, expected)
+    # as close to fp32 as bf16 autocast gets (norms in bf16 here, in fp32 there)
+    assert (result - expected).abs().mean() < 1.5 * (mixed - expected).abs().mean()
+    with pytest.raises(UserError, match="backbone unet dtype: 'int8'; valid: null, float32, bfloat16, float16"):
+        unet({"dtype": "int8"})
+
+
 def test_unknown_sdpa_backend_names_the_valid_ones():
     with pytest.raises(UserError, match="flash_attention"):
         unet({"sdpa_backends": ["flash"]})

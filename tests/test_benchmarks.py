@@ -197,6 +197,14 @@ def test_sd15_sampling_traffic_and_the_bf16_vae(capsys):
         assert bf16_vae["parts"][part]["bytes"] < 0.6 * parts[part]["bytes"]  # no fp32 norms, no casts
     assert bf16_vae["faces_per_s_bound"] > default["faces_per_s_bound"]
     assert "eager bound" in out
+    # the UNet's weights are cast to bf16 once per call (autocast's cache), not at every step
+    unet = parts["UNet x 25 steps"]
+    assert 25 * 1300 < unet["kernels"] < 25 * 1500  # ~1970 kernels at the first step, ~1410 after
+
+    bf16_unet, _ = run_script("sample", [*argv, "--override", "model.backbone.params.dtype=bfloat16"], capsys)
+    low = bf16_unet["parts"]["UNet x 25 steps"]
+    assert low["flops"] == unet["flops"] and low["bytes"] < 0.75 * unet["bytes"]  # no fp32 norms, no casts
+    assert bf16_unet["parts"]["first stage decode"] == parts["first stage decode"]
 
 
 def load_host_module():

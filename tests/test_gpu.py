@@ -215,3 +215,20 @@ def test_pipeline_stages_on_their_own_cuda_streams_give_the_in_turn_faces(key):
         assert (a.pixels is None) == (b.pixels is None)
         if a.pixels is not None:
             assert np.array_equal(a.pixels, b.pixels)
+
+
+def test_bf16_unet_on_cuda_samples_as_close_to_fp32_as_bf16_autocast():
+    batch = pair_batch(num_pairs=3)["a"]
+    images, masks = batch["image"].to(CUDA), batch["mask"].to(CUDA)
+
+    def anonymize(model):
+        return model.anonymize(images, masks, generator=torch.Generator(CUDA).manual_seed(0), num_inference_steps=5)
+
+    reference = tiny_model().eval().to(CUDA)
+    low = tiny_model("model.backbone.params.dtype=bfloat16").eval().to(CUDA)
+    with torch.no_grad():
+        expected, result = anonymize(reference), anonymize(low)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            mixed = anonymize(reference).float()
+    assert result.dtype == torch.float32 and torch.isfinite(result).all()
+    assert (result - expected).abs().mean() < 1.5 * (mixed - expected).abs().mean()

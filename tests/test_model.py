@@ -61,6 +61,27 @@ def test_speed_switches_go_to_the_roles_whose_variants_declare_them():
     assert MODEL_ROLES["first_stage"].declares("sd_vae", "channels_last")
 
 
+def test_a_bf16_unet_takes_the_harmonizer_gates_along_and_samples_like_bf16_autocast(batch):
+    """The gates run inside the UNet on its hidden states: the same dtype. Sampling with bf16
+    weights lands as close to fp32 as bf16 autocast does, and returns fp32."""
+    low = tiny_model("model.backbone.params.dtype=bfloat16").eval()
+    assert {p.dtype for p in low.harmonizer.parameters()} == {torch.bfloat16} and len(low.harmonizer.gates) > 0
+    assert {p.dtype for p in low.id_vae.parameters()} == {torch.float32}  # identities stay fp32
+    reference = tiny_model().eval()
+    a = batch["a"]
+
+    def anonymize(model):
+        return model.anonymize(a["image"], a["mask"], generator=torch.Generator().manual_seed(0),
+                               num_inference_steps=4)
+
+    with torch.no_grad():
+        expected, result = anonymize(reference), anonymize(low)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = anonymize(reference).float()
+    assert result.dtype == torch.float32 and not torch.equal(result, expected)
+    assert (result - expected).abs().mean() < 1.5 * (mixed - expected).abs().mean()
+
+
 def test_count_parameters_counts_shared_tensors_once():
     linear = torch.nn.Linear(3, 4)
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)

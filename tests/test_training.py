@@ -99,6 +99,15 @@ def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_half_precision_unet_is_refused_for_training_before_anything_is_written(tmp_path):
+    from id2face.errors import UserError
+
+    cfg = load_config(["tiny"], [f"run.root={tmp_path}", "model.backbone.params.dtype=bfloat16"])
+    with pytest.raises(UserError, match="is for sampling .* use trainer.precision=bf16-mixed"):
+        fit(cfg)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_cache_dir_the_user_chose_is_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     fit(load_config(["tiny"], [f"run.root={tmp_path / 'runs'}", "trainer.max_steps=1", *FAST]))

@@ -49,7 +49,14 @@ TINY_VAE_WEIGHTS_SOURCE = (
 )
 
 
-VAE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A module's ``dtype`` switch: its weights and whole computation in this dtype, autocast off inside.
+COMPUTE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _compute_dtype(role: str, dtype: str | None) -> torch.dtype | None:
+    if dtype not in COMPUTE_DTYPES:
+        raise UserError(f"{role} dtype: {dtype!r}; valid: null, {', '.join(filter(None, COMPUTE_DTYPES))}")
+    return COMPUTE_DTYPES[dtype]
 
 
 class FrozenModule(nn.Module):
@@ -92,15 +99,12 @@ class AutoencoderFirstStage(FrozenModule):
     """
 
     def _setup(self, name: str, vae: nn.Module, channels_last: bool, compile: bool, dtype: str | None) -> None:
-        if dtype not in VAE_DTYPES:
-            raise UserError(f"first_stage {name} dtype: {dtype!r}; valid: null, "
-                            f"{', '.join(filter(None, VAE_DTYPES))}")
+        self.compute_dtype = _compute_dtype(f"first_stage {name}", dtype)
         self.vae = vae
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.latent_channels = int(vae.config.latent_channels)
         self.freeze()
-        self.compute_dtype = VAE_DTYPES[dtype]
         if self.compute_dtype is not None:
             # nn.Module.to: diffusers' own `to` warns about casting a loaded model (it has no
             # modules it keeps in fp32).
@@ -247,6 +251,14 @@ class UNetBackbone(nn.Module):
     these ``torch.nn.attention.SDPBackend`` names, e.g. ``[flash_attention]``; null = PyTorch's choice;
     the decoupled harmonizers' cross-attention is two matmuls, not SDPA, so self-attention only),
     ``gradient_checkpointing`` (memory for compute).
+
+    ``dtype`` (null | float32 | bfloat16 | float16), for sampling: the UNet's weights (and the
+    harmonizer's gates, which run inside it: ``build_components``) and its whole computation in that
+    dtype, autocast off inside, callers get their dtype back; how diffusers pipelines run
+    (``torch_dtype``), norms included (PyTorch accumulates their statistics in fp32). Under
+    autocast instead, every GroupNorm/LayerNorm runs in fp32 with casts around it: in bf16 one
+    SD-1.5 evaluation moves 0.67x the bytes (``benchmarks/sample.py --traffic``). Not the same
+    numbers; training refuses it (no fp32 master weights: use ``trainer.precision: bf16-mixed``).
     """
 
     def __init__(
@@ -266,10 +278,12 @@ class UNetBackbone(nn.Module):
         channels_last: bool = False,
         compile: bool = False,
         sdpa_backends: list[str] | None = None,
+        dtype: str | None = None,
     ):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
+        self.compute_dtype = _compute_dtype("backbone unet", dtype)
         if pretrained is not None:
             self.unet = _load_unet(pretrained, in_channels, out_channels, cross_attention_dim)
         else:
@@ -288,6 +302,8 @@ class UNetBackbone(nn.Module):
         self.sdpa_backends = _sdpa_backends(sdpa_backends)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing(functools.partial(_checkpoint, backends=self.sdpa_backends))
+        if self.compute_dtype is not None:
+            nn.Module.to(self.unet, self.compute_dtype)  # as the VAE's: not diffusers' warning `to`
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.unet.to(memory_format=self.memory_format)
         if compile:
@@ -296,6 +312,13 @@ class UNetBackbone(nn.Module):
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         sample = sample.contiguous(memory_format=self.memory_format)
+        if self.compute_dtype is None:
+            return self._unet(sample, timesteps, context, cross_attention_kwargs)
+        with autocast_off(sample.device.type):
+            return self._unet(sample.to(self.compute_dtype), timesteps, context.to(self.compute_dtype),
+                              cross_attention_kwargs).to(sample.dtype)
+
+    def _unet(self, sample, timesteps, context, cross_attention_kwargs) -> torch.Tensor:
         with _sdpa_kernel(self.sdpa_backends):
             return self.unet(sample, timesteps, encoder_hidden_states=context,
                              cross_attention_kwargs=cross_attention_kwargs or None, return_dict=False)[0]
