@@ -47,6 +47,15 @@ def autocast(precision: str, device):
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
+def active_autocast_dtype(device_type: str):
+    """The dtype an enclosing ``torch.autocast`` on ``device_type`` computes in, or None."""
+    import torch
+
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def autocast_off(device_type: str):
     """Autocast disabled for code that must run in its inputs' dtype; nothing to disable on a device
     without autocast (``meta``: the benchmarks' shape-only and host-overhead runs)."""

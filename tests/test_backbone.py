@@ -335,6 +335,45 @@ def test_unet_in_bf16_runs_whole_in_bf16_and_returns_the_callers_dtype():
         unet({"dtype": "int8"})
 
 
+class NormsInFp32(torch.overrides.TorchFunctionMode):
+    """CUDA autocast's policy for the two norms (CPU autocast runs them in bf16): fp32 inputs, fp32 out."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.functional.group_norm, torch.nn.functional.layer_norm) \
+                and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return func(*[a.float() if torch.is_tensor(a) else a for a in args], **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def test_low_precision_norms_run_in_the_autocast_dtype_and_change_nothing_without_it():
+    stock, low = unet(), unet({"low_precision_norms": True})
+    assert list(low.state_dict()) == list(stock.state_dict())
+    norm_outputs = []
+    for module in low.modules():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            module.register_forward_hook(lambda mod, args, out: norm_outputs.append(out.dtype))
+    sample, timesteps, context = unet_inputs()
+    with torch.no_grad():  # without autocast: the stock computation
+        torch.testing.assert_close(low(sample, timesteps, context), stock(sample, timesteps, context), rtol=0, atol=0)
+    assert set(norm_outputs) == {torch.float32}
+
+    def run(model, mixed):
+        model.zero_grad()
+        with NormsInFp32(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            out = model(sample, timesteps, context).float()
+        out.square().mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference, autocast = run(stock, False), run(stock, True)
+    norm_outputs.clear()
+    ours = run(low, True)  # CUDA's policy does not reach them: they are in bf16
+    assert len(norm_outputs) == 33 and set(norm_outputs) == {torch.bfloat16}
+    for mine, theirs, exact in zip(ours, autocast, reference):  # outputs, then gradients
+        assert not torch.equal(mine, theirs)
+        assert (mine - exact).abs().mean() < 1.5 * (theirs - exact).abs().mean()
+
+
 def test_unknown_sdpa_backend_names_the_valid_ones():
     with pytest.raises(UserError, match="flash_attention"):
         unet({"sdpa_backends": ["flash"]})

@@ -232,3 +232,23 @@ def test_bf16_unet_on_cuda_samples_as_close_to_fp32_as_bf16_autocast():
             mixed = anonymize(reference).float()
     assert result.dtype == torch.float32 and torch.isfinite(result).all()
     assert (result - expected).abs().mean() < 1.5 * (mixed - expected).abs().mean()
+
+
+def test_low_precision_norms_on_cuda_train_as_close_to_fp32_as_autocast():
+    """CUDA's autocast runs the norms in fp32; the switch runs them in bf16: outputs and gradients
+    of a training step land as close to fp32 as autocast's."""
+    sample, timesteps, context = unet_inputs()
+
+    def run(unet, mixed):
+        unet.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed):
+            out = unet(sample, timesteps, context).float()
+        out.square().mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in unet.parameters()])
+
+    stock = tiny_unet()
+    reference, autocast = run(stock, False), run(stock, True)
+    ours = run(tiny_unet(low_precision_norms=True), True)
+    for mine, theirs, exact in zip(ours, autocast, reference):
+        assert not torch.equal(mine, theirs)
+        assert (mine - exact).abs().mean() < 1.5 * (theirs - exact).abs().mean()

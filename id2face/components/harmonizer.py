@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import active_autocast_dtype
 from ..registry import HARMONIZERS
 
 TIMESTEP_KWARG = "harmonizer_temb"
@@ -98,12 +99,11 @@ class DecoupledCrossAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        device_type = hidden_states.device.type
-        if self.gate is not None and torch.amp.is_autocast_available(device_type) \
-                and torch.is_autocast_enabled(device_type):
+        autocast_dtype = active_autocast_dtype(hidden_states.device.type)
+        if self.gate is not None and autocast_dtype is not None:
             # Cast once for both readers (to_q and the gate): autocast would cast it for each, and
             # cast both gradients back.
-            hidden_states = hidden_states.to(torch.get_autocast_dtype(device_type))
+            hidden_states = hidden_states.to(autocast_dtype)
         query = attn.to_q(hidden_states)
         context = encoder_hidden_states
         if attn.norm_cross:
