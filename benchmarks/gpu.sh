@@ -9,8 +9,8 @@
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents and identity embeddings
 # read from the batch; also timed back to back, and its GPU kernels listed where they differ from
-# the bare step's), cached_low_norms (the same with the UNet's GroupNorms and LayerNorms in bf16:
-# model.backbone.params.low_precision_norms), cached_sdpa (the same with the harmonizer's
+# the bare step's), cached_low_norms (the same with the UNet's and the attribute encoder's
+# GroupNorms and LayerNorms in bf16: low_precision_norms), cached_sdpa (the same with the harmonizer's
 # attention computed by two SDPA kernels and a lerp: model.harmonizer.params.attention=sdpa),
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
 # sample_bf16 (the sample part's first row with the UNet's and the SD VAE's weights and norms in
@@ -55,7 +55,7 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
 want eager && train 80 8 1 --bf16 --breakdown
 want cached && train 90 8 1 --bf16 --cached-latents --breakdown --back-to-back 4 --kernel-table 25
 want cached_low_norms && train 90 8 1 --bf16 --cached-latents --breakdown --back-to-back 4 \
-    --override model.backbone.params.low_precision_norms=true
+    --override model.backbone.params.low_precision_norms=true model.attribute_encoder.params.low_precision_norms=true
 want cached_sdpa && train 90 8 1 --bf16 --cached-latents --back-to-back 4 --kernel-table 15 \
     --override model.harmonizer.params.attention=sdpa
 if want harmonizer; then

@@ -207,6 +207,44 @@ def test_attribute_input_size_cuts_the_trunk_cost_of_large_images(name):
     assert flops[32] < 0.45 * flops[None]  # half the side: a quarter of the trunk (the token head stays)
 
 
+@pytest.mark.parametrize("name", ["masked", "unmasked"])
+def test_attribute_encoder_low_precision_norms(name):
+    """Its GroupNorms and LayerNorm in the autocast dtype: the stock encoder without autocast, bf16
+    norm outputs under it; the parameters are the same tensors by the same names."""
+    from id2face.components.norms import AutocastDtypeGroupNorm, AutocastDtypeLayerNorm
+
+    encoders = []
+    for low in (False, True):
+        torch.manual_seed(0)
+        encoders.append(ATTRIBUTE_ENCODERS.build({"name": name, "params": {"low_precision_norms": low}},
+                                                 context_dim=C))
+    stock, low = encoders
+    assert list(low.state_dict()) == list(stock.state_dict())
+    norms = [m for m in low.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
+    assert len(norms) == 5 and all(isinstance(m, (AutocastDtypeGroupNorm, AutocastDtypeLayerNorm)) for m in norms)
+    outputs = []
+    for m in norms:
+        m.register_forward_hook(lambda mod, args, out: outputs.append(out.dtype))
+    images, masks = images_and_masks()
+    with torch.no_grad():
+        torch.testing.assert_close(low(images, masks), stock(images, masks), rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low(images, masks)
+    assert outputs == [torch.float32] * 5 + [torch.bfloat16] * 5
+
+
+def test_low_precision_norms_switch_exact_norm_types_only():
+    from id2face.components.norms import use_low_precision_norms
+
+    class OwnNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    module = nn.Sequential(nn.GroupNorm(2, 4), nn.LayerNorm(4), OwnNorm(4), nn.BatchNorm1d(4))
+    assert use_low_precision_norms(module) == 2
+    assert type(module[2]) is OwnNorm and type(module[3]) is nn.BatchNorm1d
+
+
 # --------------------------------------------------------------------------- alignment
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ATTRIBUTE_ENCODERS
+from .norms import use_low_precision_norms
 
 
 @ATTRIBUTE_ENCODERS.register("none")
@@ -43,10 +44,11 @@ class _ConvTokenEncoder(nn.Module):
     area-downsampled to it first (after the masking, so the blind spot stays exact). Pose,
     expression, hair and light are coarse; at 512 px the trunk's first level alone (fp32 GroupNorm
     maps of 32 channels) holds more activation memory than the rest of the conditioning.
+    ``low_precision_norms``: its GroupNorms and LayerNorm in the autocast dtype (``norms.py``).
     """
 
     def __init__(self, context_dim: int, num_tokens: int, width: int, depth: int, grid: int,
-                 hide_identity: bool, input_size: int | None = None):
+                 hide_identity: bool, input_size: int | None = None, low_precision_norms: bool = False):
         super().__init__()
         self.context_dim, self.num_tokens = int(context_dim), int(num_tokens)
         self.hide_identity = hide_identity
@@ -65,6 +67,8 @@ class _ConvTokenEncoder(nn.Module):
         self.attend = nn.MultiheadAttention(width, _num_heads(width), batch_first=True)
         self.norm = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, context_dim)
+        if low_precision_norms:
+            use_low_precision_norms(self)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         masks = masks.to(images.dtype)
@@ -87,9 +91,9 @@ class MaskedAttributeEncoder(_ConvTokenEncoder):
     (``ablations/attributes_unmasked.yaml``)."""
 
     def __init__(self, context_dim: int, num_tokens: int = 16, width: int = 256, depth: int = 3, grid: int = 8,
-                 input_size: int | None = 256, hide_identity: bool = True):
+                 input_size: int | None = 256, hide_identity: bool = True, low_precision_norms: bool = False):
         super().__init__(context_dim, num_tokens, width, depth, grid, hide_identity=bool(hide_identity),
-                         input_size=input_size)
+                         input_size=input_size, low_precision_norms=low_precision_norms)
 
 
 @ATTRIBUTE_ENCODERS.register("unmasked")
@@ -97,5 +101,6 @@ class UnmaskedAttributeEncoder(_ConvTokenEncoder):
     """Ablation: the same network as ``masked`` but it sees the full image (identity can leak)."""
 
     def __init__(self, context_dim: int, num_tokens: int = 16, width: int = 256, depth: int = 3, grid: int = 8,
-                 input_size: int | None = 256):
-        super().__init__(context_dim, num_tokens, width, depth, grid, hide_identity=False, input_size=input_size)
+                 input_size: int | None = 256, low_precision_norms: bool = False):
+        super().__init__(context_dim, num_tokens, width, depth, grid, hide_identity=False, input_size=input_size,
+                         low_precision_norms=low_precision_norms)

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import MissingWeightsError, UserError
-from ..precision import active_autocast_dtype, autocast_off
+from ..precision import autocast_off
 from ..registry import BACKBONES, FIRST_STAGES, SAMPLERS, SCHEDULERS
+from .norms import use_low_precision_norms
 
 # SD-1.5's `vae/config.json` (AutoencoderKL); `random_init` builds it without weights.
 SD_VAE_CONFIG = dict(
@@ -254,10 +254,9 @@ class UNetBackbone(nn.Module):
     ``gradient_checkpointing`` (memory for compute).
 
     ``low_precision_norms``: under autocast, the UNet's GroupNorms and LayerNorms run in the
-    autocast dtype (their statistics still accumulate in fp32 inside PyTorch's kernels) instead of
-    in fp32 with a cast before and after each, as autocast puts them: at SD-1.5 size the bf16
-    training step moves 0.72x the bytes (``train_step.py --traffic``). Not the same numbers (bf16
-    norm outputs); the parameters and their names are unchanged. For training and sampling.
+    autocast dtype instead of in fp32 between two casts (``components/norms.py``): at SD-1.5 size
+    the bf16 training step moves 0.74x the bytes (``train_step.py --traffic``). Not the same
+    numbers; parameters and names unchanged. For training and sampling.
 
     ``dtype`` (null | float32 | bfloat16 | float16), for sampling: the UNet's weights (and the
     harmonizer's gates, which run inside it: ``build_components``) and its whole computation in that
@@ -311,8 +310,7 @@ class UNetBackbone(nn.Module):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing(functools.partial(_checkpoint, backends=self.sdpa_backends))
         if low_precision_norms:
-            for module in self.unet.modules():
-                module.__class__ = _AUTOCAST_DTYPE_NORMS.get(type(module), type(module))
+            use_low_precision_norms(self.unet)
         if self.compute_dtype is not None:
             nn.Module.to(self.unet, self.compute_dtype)  # as the VAE's: not diffusers' warning `to`
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -333,38 +331,6 @@ class UNetBackbone(nn.Module):
         with _sdpa_kernel(self.sdpa_backends):
             return self.unet(sample, timesteps, encoder_hidden_states=context,
                              cross_attention_kwargs=cross_attention_kwargs or None, return_dict=False)[0]
-
-
-def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(dtype)
-
-
-class AutocastDtypeGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` that runs in the autocast dtype under autocast (``low_precision_norms``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = active_autocast_dtype(x.device.type)
-        if dtype is None:
-            return super().forward(x)
-        with autocast_off(x.device.type):
-            return F.group_norm(x.to(dtype), self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype),
-                                self.eps)
-
-
-class AutocastDtypeLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` that runs in the autocast dtype under autocast (``low_precision_norms``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = active_autocast_dtype(x.device.type)
-        if dtype is None:
-            return super().forward(x)
-        with autocast_off(x.device.type):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, _cast(self.weight, dtype), _cast(self.bias, dtype),
-                                self.eps)
-
-
-# Exact types only: a subclass with its own forward keeps it.
-_AUTOCAST_DTYPE_NORMS = {nn.GroupNorm: AutocastDtypeGroupNorm, nn.LayerNorm: AutocastDtypeLayerNorm}
 
 
 def _sdpa_backends(names: list[str] | None):
