@@ -20,24 +20,25 @@ def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     return None if tensor is None else tensor.to(dtype)
 
 
-class AutocastDtypeGroupNorm(nn.GroupNorm):
+class _AutocastDtypeNorm:
+    """Mixin before a norm class: under autocast, ``_norm`` in the autocast dtype, autocast off."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = active_autocast_dtype(x.device.type)
         if dtype is None:
             return super().forward(x)
         with autocast_off(x.device.type):
-            return F.group_norm(x.to(dtype), self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype),
-                                self.eps)
+            return self._norm(x.to(dtype), _cast(self.weight, dtype), _cast(self.bias, dtype))
 
 
-class AutocastDtypeLayerNorm(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = active_autocast_dtype(x.device.type)
-        if dtype is None:
-            return super().forward(x)
-        with autocast_off(x.device.type):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, _cast(self.weight, dtype), _cast(self.bias, dtype),
-                                self.eps)
+class AutocastDtypeGroupNorm(_AutocastDtypeNorm, nn.GroupNorm):
+    def _norm(self, x, weight, bias):
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+class AutocastDtypeLayerNorm(_AutocastDtypeNorm, nn.LayerNorm):
+    def _norm(self, x, weight, bias):
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 # Exact types only: a subclass with a forward of its own keeps it.
