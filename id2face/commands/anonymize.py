@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-depth", type=int, default=None, metavar="N",
                         help="photos in flight beside the sampling: up to N detected, aligned and identity-encoded "
                              "ahead, and N pasted back and audited behind, in two worker threads (each on its own "
-                             "CUDA stream); same results (default: --batch-size on cuda, 0 on cpu, where the "
-                             "threads would share the sampling's cores)")
+                             "CUDA stream; each photo held decoded in memory); same results (default: "
+                             "min(--batch-size, 16) on cuda, 0 on cpu, where the threads would share the sampling's "
+                             "cores)")
     parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
     parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
     parser.add_argument("--min-face-size", type=int, default=20,
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     detector = FaceDetector(min_face_size=args.min_face_size, max_side=args.detect_max_side, device=device)
     pipeline_depth = args.pipeline_depth
     if pipeline_depth is None:
-        pipeline_depth = settings.batch_size if device.startswith("cuda") else 0
+        pipeline_depth = min(settings.batch_size, 16) if device.startswith("cuda") else 0
     anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, cluster_by=cluster_by,
                             device=device, pipeline_depth=pipeline_depth)
     summary = anonymize_files(args.input, args.output, anonymizer, info=info, output_format=args.output_format,
