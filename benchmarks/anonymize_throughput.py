@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--audit-recognizer", default="none", metavar="NAME",
                         help="the residual-identity judge, as `id2face anonymize --audit-recognizer` (default none; "
                              "the command's own default is dlib where installed)")
+    parser.add_argument("--audit-workers", type=int, default=0, metavar="N",
+                        help="a dlib audit's worker processes, as `id2face anonymize --audit-workers` (default 0)")
     parser.add_argument("--photo-format", choices=("png", "jpg"), default="png")
     parser.add_argument("--photo-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"),
                         help="photo size (>= 640 x 480; e.g. 4032 3024, a 12 MP phone photo)")
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         template, info["template"] = training_template(cfg, size)
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
         detector = FaceDetector(device=args.device)
-        audit = build_audit_recognizer(args.audit_recognizer, cfg)
+        audit = build_audit_recognizer(args.audit_recognizer, cfg, dlib_workers=args.audit_workers)
         audit = audit.to(args.device) if audit is not None else None
 
         from id2face.anonymize import write_photo
@@ -200,7 +202,8 @@ def main(argv=None) -> int:
     steps = args.steps or int(cfg.model.sampler.params.num_inference_steps)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}"
     print(f"anonymize throughput: {args.photos} photos {args.photo_size[0]}x{args.photo_size[1]} "
-          f"{args.photo_format} x {args.faces_per_photo} SynthFaces faces, audit {args.audit_recognizer}; model "
+          f"{args.photo_format} x {args.faces_per_photo} SynthFaces faces, audit {args.audit_recognizer}"
+          f"{f' in {args.audit_workers} processes' if args.audit_workers else ''}; model "
           f"{model_name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
           f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}"
           f"{f', UNet in {args.unet_dtype}' if args.unet_dtype else ''}"
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
                       "best_pipeline_depth": best["pipeline_depth"],
                       "photo_size": args.photo_size, "photo_format": args.photo_format,
-                      "audit_recognizer": args.audit_recognizer,
+                      "audit_recognizer": args.audit_recognizer, "audit_workers": args.audit_workers,
                       "io_seconds_one_thread": round(io_seconds, 3),
                       "detect_photos_per_s": round(args.photos / detect_seconds, 3),
                       "rows": rows}))

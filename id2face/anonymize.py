@@ -1275,15 +1275,19 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="anonymize", unit="img", dynamic_ncols=True, mininterval=0.5, disable=not enabled, file=sys.stderr)
 
 
-def build_audit_recognizer(node, cfg, model=None):
+def build_audit_recognizer(node, cfg, model=None, dlib_workers: int | None = None):
     """The audit/cluster recognizer for a name (``dlib``, ``oracle``, ``encoder``: the model's own
-    identity encoder config), a ``{name, params}`` node, or None/``none``."""
+    identity encoder config), a ``{name, params}`` node, or None/``none``. ``dlib_workers``: a dlib
+    judge's worker processes, unless its node sets ``workers`` itself."""
     if node is None or node == "none":
         return None
     from omegaconf import OmegaConf
 
     from .metrics.recognizers import build_recognizer
 
+    if dlib_workers is not None and (node == "dlib" or (isinstance(node, Mapping) and node.get("name") == "dlib")):
+        params = {} if node == "dlib" else dict(node.get("params") or {})
+        node = {"name": "dlib", "params": {"workers": dlib_workers, **params}}
     if node == "encoder":
         node = {"name": "encoder", "params": {"encoder": OmegaConf.to_container(cfg.model.identity_encoder,
                                                                                  resolve=True)}}

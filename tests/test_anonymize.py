@@ -710,6 +710,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--key", ""], "--key is empty"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--io-workers", "-1"], "--io-workers must be >= 0"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--pipeline-depth", "-2"], "--pipeline-depth must be >= 0"),
+        (["-i", str(photos), "-o", str(tmp_path / "o"), "--audit-workers", "-1"], "--audit-workers must be >= 0"),
     ]
     for extra, message in cases:
         assert main(["anonymize", "--checkpoint", str(checkpoint), *extra]) == 2
@@ -780,6 +781,19 @@ def test_a_gpu_run_audited_by_dlib_is_told_what_sets_its_pace(dlib):
     from id2face.metrics.recognizers import build_recognizer
 
     assert "--audit-recognizer encoder" in audit_pace_note(dlib, "cuda:0")
+    assert "in this process" in audit_pace_note(dlib, "cuda:0") and "--audit-workers" in audit_pace_note(dlib, "cuda")
     assert audit_pace_note(dlib, "cpu") is None  # there everything shares the CPU anyway
     encoder = build_recognizer({"name": "encoder", "params": {"encoder": "tiny"}})
     assert audit_pace_note(encoder, "cuda") is None and audit_pace_note(None, "cuda") is None
+
+
+def test_audit_workers_reach_a_dlib_judge_unless_its_node_sets_them(loaded, dlib, capsys):
+    from id2face.anonymize import build_audit_recognizer
+    from id2face.commands.anonymize import audit_pace_note
+
+    cfg = loaded[1]
+    assert build_audit_recognizer("dlib", cfg, dlib_workers=3).workers == 3
+    assert build_audit_recognizer({"name": "dlib", "params": {"workers": 1}}, cfg, dlib_workers=3).workers == 1
+    assert build_audit_recognizer("dlib", cfg).workers == 0
+    assert build_audit_recognizer("encoder", cfg, dlib_workers=3) is not None  # other judges ignore it
+    assert "in 3 processes" in audit_pace_note(build_audit_recognizer("dlib", cfg, dlib_workers=3), "cuda")

@@ -84,6 +84,30 @@ def test_dlib_falls_back_to_the_crop_when_no_face_is_detected():
     assert embeddings.shape == (2, 128) and not recognizer.last_detected.any()
 
 
+def test_dlib_in_worker_processes_gives_the_in_process_embeddings():
+    """dlib holds the GIL, so ``workers`` runs it in spawned processes: the same descriptors and
+    detections, in order, computed in other processes."""
+    import os
+
+    from id2face.metrics import recognizers as module
+
+    skimage_data = pytest.importorskip("skimage.data")
+    face = _square(skimage_data.astronaut()[:300, 100:400], size=160)
+    images = torch.stack([face, torch.zeros_like(face), face.flip(-1), face * 0.8])
+    in_process = RECOGNIZERS.build("dlib")
+    expected = in_process(images)
+    pooled = RECOGNIZERS.build({"name": "dlib", "params": {"workers": 2}})
+    assert not any(key[0] == 2 for key in module._DLIB_POOLS)  # started at first use
+    embeddings = pooled(images)
+    torch.testing.assert_close(embeddings, expected, rtol=0, atol=0)
+    assert pooled.last_detected.tolist() == in_process.last_detected.tolist() == [True, False, True, True]
+    pool = next(p for key, p in module._DLIB_POOLS.items() if key[0] == 2)
+    pids = set(pool._pool._processes)
+    assert len(pids) == 2 and os.getpid() not in pids
+    with pytest.raises(UserError, match="workers must be >= 0"):
+        RECOGNIZERS.build({"name": "dlib", "params": {"workers": -1}})
+
+
 def _face_recognition_test_images() -> Path:
     """The test photos inside the face_recognition 1.3.0 source release, fetched once and cached."""
     folder = CACHE / "face_recognition-1.3.0-test-images"

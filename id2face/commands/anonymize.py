@@ -74,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audit-recognizer", default="auto", metavar="NAME",
                         help="residual-identity judge: dlib, oracle, encoder, none, a {name, params} node, or auto "
                              "(the first of the config's eval.recognizers that loads; default)")
+    parser.add_argument("--audit-workers", type=int, default=None, metavar="N",
+                        help="processes that run a dlib audit or --cluster-by dlib (dlib holds the GIL: in "
+                             "processes it runs beside the sampling and in parallel; default: min(4, CPUs); 0: in "
+                             "this process)")
     parser.add_argument("--cover-if-recognized", action="store_true",
                         help="also cover faces the audit recognizer still matches to the source")
     parser.add_argument("--cluster-by", default="encoder", metavar="NAME",
@@ -123,9 +127,18 @@ def audit_pace_note(audit, device: str) -> str | None:
     from ..metrics.recognizers import DlibRecognizer
 
     if isinstance(audit, DlibRecognizer) and str(device).startswith("cuda"):
-        return ("id2face anonymize: the dlib audit runs on the CPU (two crops a face) and may set the pace; "
-                "--audit-recognizer encoder (on the GPU) or none for throughput")
+        where = f"in {audit.workers} processes" if audit.workers else "in this process"
+        return (f"id2face anonymize: the dlib audit runs on the CPU {where} (two crops a face) and may set the "
+                "pace; --audit-workers N, or --audit-recognizer encoder (on the GPU) or none for throughput")
     return None
+
+
+def default_audit_workers() -> int:
+    """dlib worker processes by default: min(4, CPUs). Even on 2 cores beside the CPU sampling they
+    pay (BENCHMARKS.md: 12 photos, dlib audit, 13.45 -> 8.98 s); they start at the first audit."""
+    import os
+
+    return min(4, os.cpu_count() or 1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     settings.check()
     if args.min_face_size < 4 or args.detect_max_side < 32:
         raise UserError("--min-face-size must be >= 4 and --detect-max-side >= 32")
-    for flag in ("io_workers", "pipeline_depth"):
+    for flag in ("io_workers", "pipeline_depth", "audit_workers"):
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
@@ -157,12 +170,13 @@ def run(args: argparse.Namespace) -> int:
     size = int(cfg.data.image_size)
     template, info["template"] = training_template(cfg, size, settings.face_scale)
 
+    audit_workers = default_audit_workers() if args.audit_workers is None else args.audit_workers
     audit_arg = _parse_node(args.audit_recognizer)
     audit, audit_note = None, None
     if audit_arg == "auto":
         for node in OmegaConf.to_container(cfg.eval.get("recognizers") or [], resolve=True):
             try:
-                audit = build_audit_recognizer(node, cfg)
+                audit = build_audit_recognizer(node, cfg, dlib_workers=audit_workers)
                 break
             except UserError as err:  # a judge that is not installed or trained here: try the next
                 name = node if isinstance(node, str) else node.get("name")
@@ -171,14 +185,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"id2face anonymize: no audit ({audit_note or 'eval.recognizers is empty'}); "
                   "choose one with --audit-recognizer", file=sys.stderr)
     else:
-        audit = build_audit_recognizer(audit_arg, cfg)
+        audit = build_audit_recognizer(audit_arg, cfg, dlib_workers=audit_workers)
     if audit is not None:
         audit = audit.to(device)
         note = audit_pace_note(audit, device)
         if note and not args.quiet:
             print(note, file=sys.stderr)
     cluster_arg = _parse_node(args.cluster_by)
-    cluster_by = None if cluster_arg == "encoder" else build_audit_recognizer(cluster_arg, cfg)
+    cluster_by = None if cluster_arg == "encoder" else build_audit_recognizer(cluster_arg, cfg,
+                                                                               dlib_workers=audit_workers)
     if cluster_by is not None:
         cluster_by = cluster_by.to(device)
 

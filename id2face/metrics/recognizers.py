@@ -65,6 +65,11 @@ def _to_uint8_hwc(images: Tensor) -> list:
     return [np.ascontiguousarray(f.permute(1, 2, 0).numpy()) for f in frames]
 
 
+# One pool of dlib worker processes per set of arguments, shared by the recognizers that ask for it
+# and outside them (a module holding a process pool could not be deep-copied).
+_DLIB_POOLS: dict[tuple, Any] = {}
+
+
 @RECOGNIZERS.register("dlib")
 class DlibRecognizer(Recognizer):
     """dlib ``face_recognition_model_v1`` (ResNet-29, 128-d, LFW 99.38%) on 5-point aligned chips.
@@ -74,6 +79,8 @@ class DlibRecognizer(Recognizer):
     upscaled first (the detector needs ~80 px faces). Where no face is detected the image is taken
     to be a face crop: the box inset by ``fallback_margin`` of the size on each side stands in for
     the detection (``last_detected`` records which rows were detected). Not differentiable.
+    ``workers``: 0 computes in this process; N > 0 in N spawned processes (dlib holds the GIL, so
+    only processes run it beside the caller's other threads or in parallel; ``dlib_describer.py``).
     """
 
     metric = "euclidean"
@@ -81,10 +88,10 @@ class DlibRecognizer(Recognizer):
 
     def __init__(self, shape_predictor: str | None = None, recognition_model: str | None = None,
                  threshold: float = 0.6, upsample: int = 1, min_size: int = 150,
-                 fallback_margin: float = 0.1, num_jitters: int = 0):
+                 fallback_margin: float = 0.1, num_jitters: int = 0, workers: int = 0):
         super().__init__()
         try:
-            import dlib
+            import dlib  # noqa: F401
         except ImportError:
             raise UserError(f"recognizer 'dlib' needs dlib: {DLIB_SOURCE}") from None
         if shape_predictor is None or recognition_model is None:
@@ -99,26 +106,28 @@ class DlibRecognizer(Recognizer):
                            ("dlib face recognition ResNet", recognition_model)):
             if not Path(path).expanduser().is_file():
                 raise MissingWeightsError(what, path, DLIB_SOURCE)
-        self._dlib = dlib
-        self._detector = dlib.get_frontal_face_detector()
-        self._shape = dlib.shape_predictor(str(Path(shape_predictor).expanduser()))
-        self._net = dlib.face_recognition_model_v1(str(Path(recognition_model).expanduser()))
+        if int(workers) < 0:
+            raise UserError(f"recognizer 'dlib': workers must be >= 0, got {workers}")
+        from .dlib_describer import DlibDescriber
+
+        self._describer_args = (str(Path(shape_predictor).expanduser()), str(Path(recognition_model).expanduser()),
+                                int(upsample), float(fallback_margin), int(num_jitters))
+        self.workers = int(workers)
+        self._describer = DlibDescriber(*self._describer_args) if self.workers == 0 else None
         self.threshold = float(threshold)
-        self.upsample = int(upsample)
         self.min_size = int(min_size)
-        self.fallback_margin = float(fallback_margin)
-        self.num_jitters = int(num_jitters)
         self.description = f"dlib ResNet 128-d (Euclidean, same person iff distance < {self.threshold:g})"
         self.last_detected = torch.zeros(0, dtype=torch.bool)
 
-    def _face_box(self, frame):
-        dlib = self._dlib
-        detections = self._detector(frame, self.upsample)
-        if len(detections):
-            return max(detections, key=lambda r: r.area()), True
-        h, w = frame.shape[:2]
-        mx, my = int(round(self.fallback_margin * w)), int(round(self.fallback_margin * h))
-        return dlib.rectangle(mx, my, w - 1 - mx, h - 1 - my), False
+    def _describe(self, frames: list) -> list:
+        if self._describer is not None:
+            return self._describer(frames)
+        key = (self.workers, *self._describer_args)
+        if key not in _DLIB_POOLS:  # started at first use: building a recognizer stays cheap
+            from .dlib_describer import DlibProcessPool
+
+            _DLIB_POOLS[key] = DlibProcessPool(self.workers, *self._describer_args)
+        return _DLIB_POOLS[key](frames)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -127,14 +136,10 @@ class DlibRecognizer(Recognizer):
             scale = self.min_size / size
             images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="bilinear",
                                                      align_corners=False)
-        embeddings, detected = [], []
-        for frame in _to_uint8_hwc(images):
-            box, found = self._face_box(frame)
-            shape = self._shape(frame, box)
-            embeddings.append(list(self._net.compute_face_descriptor(frame, shape, self.num_jitters)))
-            detected.append(found)
-        self.last_detected = torch.tensor(detected, dtype=torch.bool)
-        return torch.tensor(embeddings, dtype=torch.float32, device=images.device).reshape(-1, self.embed_dim)
+        rows = self._describe(_to_uint8_hwc(images))
+        self.last_detected = torch.tensor([found for _, found in rows], dtype=torch.bool)
+        return torch.tensor([descriptor for descriptor, _ in rows], dtype=torch.float32,
+                            device=images.device).reshape(-1, self.embed_dim)
 
 
 @RECOGNIZERS.register("encoder")
