@@ -63,7 +63,7 @@ import torch
 from .data.align import (crop_face, estimate_similarity, inner_face_mask, invert_affine, scale_points,
                          template_landmarks, transform_points, warp_tensor)
 from .data.imageio import ImageReadError, is_image_name, read_image
-from .errors import UserError
+from .errors import MissingWeightsError, UserError
 from .precision import INFERENCE_PRECISIONS, autocast
 
 SUMMARY_NAME = "anonymize_summary.json"
@@ -230,9 +230,20 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype)
     if overrides:
         cfg = merge_layer(cfg, parse_overrides(overrides), "--compile / --vae-dtype / --unet-dtype")
+    frozen_from_state = False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
-        module = ID2FaceModule(cfg)
+        try:
+            module = ID2FaceModule(cfg)
+        except MissingWeightsError:
+            # A checkpoint made on another machine names weight files that are not here; its state
+            # carries the frozen encoders' weights, loaded below (strictly) over a random init.
+            overrides = frozen_weights_from_state(cfg.model, state)
+            if not overrides:
+                raise
+            cfg = merge_layer(cfg, parse_overrides(overrides), "frozen weights from the checkpoint")
+            module = ID2FaceModule(cfg)
+            frozen_from_state = True
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
@@ -251,8 +262,28 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     model = model.to(device).eval()
     info = {"checkpoint": str(checkpoint), "config_source": source, "ema_weights": averaged > 0,
             "ema_updates": averaged, "compiled": bool(compile), "first_stage_dtype": first_stage_dtype,
-            "unet_dtype": unet_dtype, "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder)}
+            "unet_dtype": unet_dtype, "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder),
+            "frozen_weights_from_checkpoint": frozen_from_state}
     return model, cfg, info
+
+
+def frozen_weights_from_state(model_cfg, state: Mapping[str, Any]) -> list[str]:
+    """Overrides that build the frozen roles (identity encoder, first stage) without their weight
+    files, for each role whose weights ``state`` (a training checkpoint's) carries."""
+    from .model import FROZEN_ROLES
+    from .registry import MODEL_ROLES
+
+    overrides = []
+    for role in FROZEN_ROLES:
+        if not any(key.startswith(f"model.{role}.") for key in state):
+            continue
+        node = model_cfg[role]
+        name = node if isinstance(node, str) else node["name"]
+        for param, value in (("weights", "null"), ("path", "null"), ("allow_random_init", "true"),
+                             ("random_init", "true")):
+            if MODEL_ROLES[role].declares(name, param):
+                overrides.append(f"model.{role}.params.{param}={value}")
+    return overrides
 
 
 def with_tiny_decoder(first_stage, path: str | Path | None, *, channels_last: bool = False, compile: bool = False,
@@ -1212,7 +1243,8 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
     summary = summarize(jobs, sidecars, skipped, seconds, faces_this_run, anonymizer)
     summary["settings"] = settings
     summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled",
-                                                 "first_stage_dtype", "unet_dtype", "tiny_decoder")}
+                                                 "first_stage_dtype", "unet_dtype", "tiny_decoder",
+                                                 "frozen_weights_from_checkpoint")}
     write_atomic(target / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 

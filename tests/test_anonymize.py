@@ -483,6 +483,25 @@ def test_vae_dtype_runs_an_sd_vae_in_it_and_a_pixel_first_stage_refuses_it(tmp_p
 
 
 @pytest.mark.slow
+def test_a_checkpoint_from_another_machine_brings_its_frozen_weights(tmp_path, checkpoint, loaded):
+    """Its config names an identity-encoder weights file that is not here; the checkpoint's state
+    carries the encoder's weights, so it loads (and says so); without them the error stays."""
+    from id2face.errors import MissingWeightsError
+
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    payload["hyper_parameters"]["config"]["model"]["identity_encoder"]["params"]["weights"] = "/elsewhere/encoder.pt"
+    moved = tmp_path / "moved.ckpt"
+    torch.save(payload, moved)
+    model, _, info = load_model(moved)
+    assert info["frozen_weights_from_checkpoint"] and not loaded[2]["frozen_weights_from_checkpoint"]
+    expected = loaded[0].identity_encoder.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.identity_encoder.state_dict().items())
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if ".identity_encoder." not in k}
+    torch.save(payload, moved)
+    with pytest.raises(MissingWeightsError, match="/elsewhere/encoder.pt"):
+        load_model(moved)
+
+
 def test_unet_dtype_loads_the_checkpoint_into_a_bf16_unet(checkpoint, loaded):
     model, _, info = load_model(checkpoint, unet_dtype="bfloat16")
     assert info["unet_dtype"] == "bfloat16"
