@@ -224,26 +224,14 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     import warnings
 
     from .config import merge_layer, parse_overrides
-    from .lit_module import ID2FaceModule
 
     cfg, state, source = read_checkpoint_config(checkpoint)
     overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype)
     if overrides:
         cfg = merge_layer(cfg, parse_overrides(overrides), "--compile / --vae-dtype / --unet-dtype")
-    frozen_from_state = False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
-        try:
-            module = ID2FaceModule(cfg)
-        except MissingWeightsError:
-            # A checkpoint made on another machine names weight files that are not here; its state
-            # carries the frozen encoders' weights, loaded below (strictly) over a random init.
-            overrides = frozen_weights_from_state(cfg.model, state)
-            if not overrides:
-                raise
-            cfg = merge_layer(cfg, parse_overrides(overrides), "frozen weights from the checkpoint")
-            module = ID2FaceModule(cfg)
-            frozen_from_state = True
+        module, cfg, frozen_from_state = module_for_checkpoint(cfg, state)
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
@@ -265,6 +253,24 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
             "unet_dtype": unet_dtype, "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder),
             "frozen_weights_from_checkpoint": frozen_from_state}
     return model, cfg, info
+
+
+def module_for_checkpoint(cfg, state: Mapping[str, Any]):
+    """``(ID2FaceModule(cfg), cfg, frozen_from_state)`` for a checkpoint's config and state. A
+    checkpoint made on another machine may name weight files that are not here; its state carries
+    the frozen roles' weights, so those roles are then built without their files (the caller's
+    strict ``load_state_dict`` fills them) and ``frozen_from_state`` is True."""
+    from .config import merge_layer, parse_overrides
+    from .lit_module import ID2FaceModule
+
+    try:
+        return ID2FaceModule(cfg), cfg, False
+    except MissingWeightsError:
+        overrides = frozen_weights_from_state(cfg.model, state)
+        if not overrides:
+            raise
+        cfg = merge_layer(cfg, parse_overrides(overrides), "frozen weights from the checkpoint")
+        return ID2FaceModule(cfg), cfg, True
 
 
 def frozen_weights_from_state(model_cfg, state: Mapping[str, Any]) -> list[str]:

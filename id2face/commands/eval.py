@@ -216,13 +216,13 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
 
 def run(args: argparse.Namespace) -> int:
     from ..config import save_config, split_args
-    from ..lit_module import ID2FaceModule
+    from ..anonymize import module_for_checkpoint
     from ..metrics.table import save_metrics
 
     checkpoint = Path(args.checkpoint)
     files, overrides = split_args(args.args)
     cfg, state = _checkpoint_config(checkpoint, files, overrides)
-    module = ID2FaceModule(cfg)
+    module, cfg, _ = module_for_checkpoint(cfg, state)
     module.load_state_dict(state)
     device = str(resolve_device(args.device))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
