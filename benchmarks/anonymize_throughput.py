@@ -91,7 +91,7 @@ def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | N
     return model, cfg, info
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=12)
     parser.add_argument("--faces-per-photo", type=int, default=4, choices=range(1, 9))
@@ -127,6 +127,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.photo_size[0] < 640 or args.photo_size[1] < 480:
         parser.error("--photo-size must be at least 640 480 (the faces are placed on a 640 x 480 grid)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
 

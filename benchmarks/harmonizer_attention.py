@@ -107,7 +107,7 @@ def measure(name: str, width: int, queries: int, batch: int, device: torch.devic
             "saved_bytes": C.saved_for_backward(forward), "kernels": traffic.kernels, "bytes": traffic.bytes}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2, 3],
@@ -117,6 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.resolve_device(args.device)

@@ -10,10 +10,15 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def run_script(name, argv, capsys) -> tuple[dict, str]:
+def load_script(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name, argv, capsys) -> tuple[dict, str]:
+    module = load_script(name)
     assert module.main(argv) == 0
     out = capsys.readouterr().out
     return json.loads(out.strip().splitlines()[-1]), out
@@ -250,3 +255,27 @@ def test_the_narrow_sd15_copy_issues_the_full_width_steps_kernels(capsys):
     fake, _ = run_script("train_step", ["--profile", "sd15", "--traffic", "--cached-latents", "--batch", "4"], capsys)
     assert narrow["full"]["kernels"] == fake["full"]["kernels"]
     assert narrow["bare"]["kernels"] == fake["bare"]["kernels"]
+
+
+def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
+    """A flag typo in gpu.sh would cost a scarce GPU session: every part's commands, recorded by a
+    stand-in python, parse with their scripts' own parsers."""
+    import os
+    import re
+    import subprocess
+
+    calls_log, python = tmp_path / "calls.tsv", tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nprintf "%s\\t" "$@" >> {calls_log}\necho >> {calls_log}\n')
+    python.chmod(0o755)
+    parts = re.findall(r"want (\w+)", (BENCHMARKS / "gpu.sh").read_text())
+    assert {"cached", "cached_low_norms", "sample_bf16", "anonymize", "anonymize_fast", "anonymize_compiled"} <= set(parts)
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), *parts], env={**os.environ, "PYTHON": str(python)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    calls = [line.rstrip("\t").split("\t") for line in calls_log.read_text().splitlines() if line]
+    assert len(calls) >= len(parts) + 2  # `switches` runs three steps
+    modules = {}
+    for script, *argv in calls:
+        name = Path(script).stem
+        modules.setdefault(name, load_script(name)).parse_args(argv)  # SystemExit on an unknown flag or value
+    assert set(modules) == {"train_step", "sample", "harmonizer_attention", "anonymize_throughput", "fid_features"}
