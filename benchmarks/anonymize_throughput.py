@@ -73,7 +73,8 @@ def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 
         Image.fromarray(photo).save(folder / f"group{index:03d}.{fmt}", **({"quality": 92} if fmt == "jpg" else {}))
 
 
-def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | None, unet_dtype: str | None = None):
+def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | None, unet_dtype: str | None = None,
+                    harmonizer_attention: str | None = None):
     """(model, cfg, info) of a profile's model with its initial weights, built here, as ``load_model``
     builds a checkpoint's (its speed does not depend on the weights): ``tiny``, or ``sd15`` (the
     SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint)."""
@@ -83,7 +84,7 @@ def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | N
     from id2face.model import ID2Face
 
     cfg = C.profile_config(profile, inference_overrides(C.profile_config(profile).model, compile, vae_dtype,
-                                                        unet_dtype))
+                                                        unet_dtype, harmonizer_attention))
     torch.manual_seed(0)
     model = ID2Face.from_config(cfg.model).to(device).eval()
     info = {"checkpoint": None, "config_source": f"untrained {profile} profile", "ema_weights": False,
@@ -107,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="an SD VAE checkpoint's first stage in this dtype, as `id2face anonymize --vae-dtype`")
     parser.add_argument("--unet-dtype", choices=("float32", "bfloat16", "float16"),
                         help="the UNet's weights and arithmetic in this dtype, as `id2face anonymize --unet-dtype`")
+    parser.add_argument("--harmonizer-attention", choices=("weights", "sdpa"),
+                        help="a decoupled harmonizer's attention path, as `id2face anonymize --harmonizer-attention`")
     parser.add_argument("--tiny-decoder", metavar="DIR|random",
                         help="decode with this tiny autoencoder folder, as `id2face anonymize --tiny-decoder`; "
                              "random: TAESD's architecture untrained (the same cost)")
@@ -147,10 +150,11 @@ def main(argv=None) -> int:
         make_photos(warm, 1, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
         if args.checkpoint:
             model, cfg, info = load_model(args.checkpoint, args.device, compile=args.compile,
-                                          first_stage_dtype=args.vae_dtype, unet_dtype=args.unet_dtype)
+                                          first_stage_dtype=args.vae_dtype, unet_dtype=args.unet_dtype,
+                                          harmonizer_attention=args.harmonizer_attention)
         else:
             model, cfg, info = untrained_model(args.profile, args.device, args.compile, args.vae_dtype,
-                                               args.unet_dtype)
+                                               args.unet_dtype, args.harmonizer_attention)
         if args.tiny_decoder:
             from id2face.anonymize import with_tiny_decoder
 
@@ -228,6 +232,7 @@ def main(argv=None) -> int:
     print(json.dumps({"benchmark": "anonymize_throughput", "device": args.device, "threads": args.threads,
                       "steps": steps, "image_size": size, "precision": precision, "compile": args.compile,
                       "vae_dtype": args.vae_dtype, "unet_dtype": args.unet_dtype, "tiny_decoder": args.tiny_decoder,
+                      "harmonizer_attention": args.harmonizer_attention,
                       "faces_per_s": best["faces_per_s"],
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
                       "best_pipeline_depth": best["pipeline_depth"],

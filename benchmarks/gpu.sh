@@ -10,17 +10,18 @@
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents and identity embeddings
 # read from the batch; also timed back to back, and its GPU kernels listed where they differ from
 # the bare step's), cached_low_norms (the same with the UNet's and the attribute encoder's
-# GroupNorms and LayerNorms in bf16: low_precision_norms), cached_sdpa (the same with the harmonizer's
-# attention computed by two SDPA kernels and a lerp: model.harmonizer.params.attention=sdpa),
+# GroupNorms and LayerNorms in bf16: low_precision_norms), cached_sdpa (the same with the
+# harmonizer's attention computed by two SDPA kernels and a lerp: harmonizer attention=sdpa),
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
 # sample_bf16 (the sample part's first row with the UNet's and the SD VAE's weights and norms in
-# bf16, decoded by the VAE and by TAESD's architecture), anonymize_fast (the anonymize part with
-# those and depth 64: what the 20 faces/s target needs, eager), anonymize_compiled (the same compiled, < 300 s),
-# compiled, cached_compiled (+ channels_last + torch.compile of both UNets), sample,
-# sample_compiled (+ channels_last + compile of the UNet and the VAE), anonymize (the whole file
-# pipeline end to end: MTCNN, alignment, sampling, paste-back, 12 MP JPEGs decoded and written
-# by I/O threads, stages in turn and in worker threads; ~2 min), fid, switches (cached step
-# with plain AdamW, flash attention only, gradient checkpointing: ~3 min).
+# bf16 and the harmonizer's sdpa path, decoded by the VAE and by TAESD's architecture),
+# anonymize_fast (the anonymize part with those and depth 64: what the 20 faces/s target needs,
+# eager), anonymize_compiled (the same compiled, < 300 s), compiled, cached_compiled
+# (+ channels_last + torch.compile of both UNets), sample, sample_compiled (+ channels_last +
+# compile of the UNet and the VAE), anonymize (the whole file pipeline end to end: MTCNN,
+# alignment, sampling, paste-back, 12 MP JPEGs decoded and written by I/O threads, stages in turn
+# and in worker threads; ~2 min), fid, switches (cached step with plain AdamW, flash attention
+# only, gradient checkpointing: ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -74,6 +75,7 @@ if want sample_bf16; then
   timeout 75 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
       --samplers ddim --repeats 1 --decoders own taesd --breakdown \
       --override model.first_stage.params.dtype=bfloat16 model.backbone.params.dtype=bfloat16 \
+                 model.harmonizer.params.attention=sdpa \
       || echo "== sample failed or timed out (exit $?)"
 fi
 if want anonymize; then  # the issue's end-to-end figure: files in, files out
@@ -85,6 +87,7 @@ if want anonymize; then  # the issue's end-to-end figure: files in, files out
 fi
 FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 --faces-per-photo 4 --batch-sizes 64
   --io-workers 4 --pipeline-depth 64 --threads 4 --vae-dtype bfloat16 --unet-dtype bfloat16 --tiny-decoder random
+  --harmonizer-attention sdpa
   --photo-size 4032 3024 --photo-format jpg"
 if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline, eager
   echo; echo "== anonymize end to end as above, depth 64, UNet and VAE encode in bf16, TAESD-architecture decoder"

@@ -188,10 +188,11 @@ def _drop_stale(parent: dict, key: str, reference) -> list[str]:
 
 
 def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str | None = None,
-                        unet_dtype: str | None = None) -> list[str]:
+                        unet_dtype: str | None = None, harmonizer_attention: str | None = None) -> list[str]:
     """``key=value`` overrides that change how a model runs, not its weights: the speed switches
-    (``compile``) and the dtypes of an autoencoder first stage and of the UNet; a role whose
-    variant has no dtype of its own is a UserError."""
+    (``compile``), the dtypes of an autoencoder first stage and of the UNet, and the decoupled
+    harmonizers' attention path (same values); a role whose variant lacks the switch is a
+    UserError, except the attention path, which a harmonizer without one ignores."""
     from .model import speed_switch_overrides
     from .registry import MODEL_ROLES
 
@@ -206,12 +207,16 @@ def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str
             raise UserError(f"the checkpoint's {role.replace('_', ' ')} ({name}) has no dtype of its own: it runs "
                             f"in the sampling precision (only {takes_one} take one)")
         overrides.append(f"model.{role}.params.dtype={dtype}")
+    node = model_cfg["harmonizer"]
+    name = node if isinstance(node, str) else node["name"]
+    if harmonizer_attention is not None and MODEL_ROLES["harmonizer"].declares(name, "attention"):
+        overrides.append(f"model.harmonizer.params.attention={harmonizer_attention}")
     return overrides
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False,
                first_stage_dtype: str | None = None, tiny_decoder: str | Path | None = None,
-               unet_dtype: str | None = None):
+               unet_dtype: str | None = None, harmonizer_attention: str | None = None):
     """The ``ID2Face`` of a training checkpoint with its EMA weights (the ones ``ID2FaceModule``
     samples with), in eval mode on ``device``; returns ``(model, cfg, info)``. ``compile``: the
     speed switches on (channels_last + torch.compile of the UNet and an SD VAE first stage),
@@ -219,16 +224,19 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     in that dtype (``model.first_stage.params.dtype``); ``tiny_decoder``: a local AutoencoderTiny
     folder that decodes instead of the checkpoint's first stage (``DecoderSwap``; the same dtype
     and speed switches); ``unet_dtype``: the UNet's (and harmonizer's) weights and arithmetic in
-    that dtype (``model.backbone.params.dtype``). All change how the model runs, not its trained
-    weights (loaded in fp32, then cast)."""
+    that dtype (``model.backbone.params.dtype``); ``harmonizer_attention``: a decoupled
+    harmonizer's attention path (``weights`` | ``sdpa``, same values). All change how the model
+    runs, not its trained weights (loaded in fp32, then cast)."""
     import warnings
+
+    from omegaconf import OmegaConf
 
     from .config import merge_layer, parse_overrides
 
     cfg, state, source = read_checkpoint_config(checkpoint)
-    overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype)
+    overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype, harmonizer_attention)
     if overrides:
-        cfg = merge_layer(cfg, parse_overrides(overrides), "--compile / --vae-dtype / --unet-dtype")
+        cfg = merge_layer(cfg, parse_overrides(overrides), "anonymize's speed switches")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
         module, cfg, frozen_from_state = module_for_checkpoint(cfg, state)
@@ -251,6 +259,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     info = {"checkpoint": str(checkpoint), "config_source": source, "ema_weights": averaged > 0,
             "ema_updates": averaged, "compiled": bool(compile), "first_stage_dtype": first_stage_dtype,
             "unet_dtype": unet_dtype, "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder),
+            "harmonizer_attention": OmegaConf.select(cfg, "model.harmonizer.params.attention"),
             "frozen_weights_from_checkpoint": frozen_from_state}
     return model, cfg, info
 
@@ -1250,7 +1259,7 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
     summary["settings"] = settings
     summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled",
                                                  "first_stage_dtype", "unet_dtype", "tiny_decoder",
-                                                 "frozen_weights_from_checkpoint")}
+                                                 "harmonizer_attention", "frozen_weights_from_checkpoint")}
     write_atomic(target / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 

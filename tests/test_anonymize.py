@@ -502,6 +502,17 @@ def test_a_checkpoint_from_another_machine_brings_its_frozen_weights(tmp_path, c
         load_model(moved)
 
 
+def test_harmonizer_attention_path_is_chosen_at_load_and_changes_no_face(checkpoint, loaded):
+    from id2face.components.harmonizer import DecoupledCrossAttnProcessor
+
+    model, _, info = load_model(checkpoint, harmonizer_attention="sdpa")
+    processors = [p for p in model.backbone.unet.attn_processors.values() if isinstance(p, DecoupledCrossAttnProcessor)]
+    assert info["harmonizer_attention"] == "sdpa" and loaded[2]["harmonizer_attention"] == "weights"
+    assert processors and {p.attention for p in processors} == {"sdpa"}
+    faces = anonymize_two_faces(loaded[0], model)
+    torch.testing.assert_close(faces[1], faces[0], rtol=1e-4, atol=1e-4)
+
+
 def test_unet_dtype_loads_the_checkpoint_into_a_bf16_unet(checkpoint, loaded):
     model, _, info = load_model(checkpoint, unet_dtype="bfloat16")
     assert info["unet_dtype"] == "bfloat16"

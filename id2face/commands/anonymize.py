@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the UNet's (and harmonizer's) weights and arithmetic in this dtype, norms included, "
                              "as diffusers pipelines sample (bfloat16: ~2/3 of the memory traffic of a UNet step "
                              "under --precision's autocast; default: fp32 weights under that autocast)")
+    parser.add_argument("--harmonizer-attention", choices=("weights", "sdpa"),
+                        help="how a decoupled harmonizer computes its cross-attention (same values): sdpa, two "
+                             "fused attention kernels, has fewer kernels and bytes without a backward pass "
+                             "(default: sdpa on cuda, the checkpoint's on cpu)")
     parser.add_argument("--tiny-decoder", metavar="DIR",
                         help="decode with this tiny autoencoder (a local diffusers AutoencoderTiny folder: "
                              "madebyollin/taesd for SD 1.x/2.x VAEs) instead of the checkpoint's VAE: ~1/18 of "
@@ -164,8 +168,11 @@ def run(args: argparse.Namespace) -> int:
     plan_jobs(roots, target, args.output_format)  # refuse bad inputs before loading anything heavy
     device = str(resolve_device(args.device))
 
+    # Same values either way; without a backward pass the fused kernels move fewer bytes (BENCHMARKS.md).
+    attention = args.harmonizer_attention or ("sdpa" if device.startswith("cuda") else None)
     model, cfg, info = load_model(args.checkpoint, device, compile=args.compile, first_stage_dtype=args.vae_dtype,
-                                  tiny_decoder=args.tiny_decoder, unet_dtype=args.unet_dtype)
+                                  tiny_decoder=args.tiny_decoder, unet_dtype=args.unet_dtype,
+                                  harmonizer_attention=attention)
     settings.precision = resolve_precision(args.precision, device, OmegaConf.select(cfg, "trainer.precision"))
     size = int(cfg.data.image_size)
     template, info["template"] = training_template(cfg, size, settings.face_scale)
