@@ -310,7 +310,6 @@ def with_tiny_decoder(first_stage, path: str | Path | None, *, channels_last: bo
 
     decoder = TinyVAEFirstStage(path=None if path is None else str(path), random_init=random_init,
                                 channels_last=channels_last, compile=compile, dtype=dtype)
-    decoder.registered_name = "taesd"
     return DecoderSwap(first_stage, decoder)
 
 
@@ -1105,8 +1104,8 @@ class _StageWorker:
     call's future completes, so another stage reads finished results."""
 
     def __init__(self, threaded: bool, device: torch.device, name: str):
-        self._pool = None
         self._stream = None
+        self._pool = _InlineExecutor()
         if threaded:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -1114,8 +1113,6 @@ class _StageWorker:
             self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def submit(self, fn: Callable, *args) -> Future:
-        if self._pool is None:
-            return _InlineExecutor().submit(fn, *args)
         return self._pool.submit(self._call, fn, *args)
 
     def _call(self, fn: Callable, *args):
@@ -1130,8 +1127,7 @@ class _StageWorker:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.__exit__(*exc)  # a thread pool waits for its calls
 
 
 def _io_executor(workers: int):

@@ -60,6 +60,16 @@ def _compute_dtype(role: str, dtype: str | None) -> torch.dtype | None:
     return COMPUTE_DTYPES[dtype]
 
 
+def _in_compute_dtype(dtype: torch.dtype | None, fn: Callable[..., torch.Tensor], x: torch.Tensor,
+                      *others: torch.Tensor) -> torch.Tensor:
+    """``fn(x, *others)``; with a compute ``dtype``, the inputs in it and autocast off, the result
+    returned in ``x``'s dtype."""
+    if dtype is None:
+        return fn(x, *others)
+    with autocast_off(x.device.type):
+        return fn(x.to(dtype), *(t.to(dtype) for t in others)).to(x.dtype)
+
+
 class FrozenModule(nn.Module):
     """A module without trainable weights that stays in eval mode whatever its parent does."""
 
@@ -116,23 +126,17 @@ class AutoencoderFirstStage(FrozenModule):
             self.vae.encoder.compile()
             self.vae.decoder.compile()
 
-    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``fn(x)``; with a ``dtype``, in that dtype with autocast off, returned in ``x``'s dtype."""
-        if self.compute_dtype is None:
-            return fn(x)
-        with autocast_off(x.device.type):
-            return fn(x.to(self.compute_dtype)).to(x.dtype)
-
     def _raw_latents(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        latents = self._run(self._raw_latents, images.contiguous(memory_format=self.memory_format))
+        latents = _in_compute_dtype(self.compute_dtype, self._raw_latents,
+                                    images.contiguous(memory_format=self.memory_format))
         return ((latents - self.shift_factor) * self.scaling_factor).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         latents = (latents / self.scaling_factor + self.shift_factor).contiguous(memory_format=self.memory_format)
-        return self._run(lambda x: self.vae.decode(x).sample, latents).contiguous()
+        return _in_compute_dtype(self.compute_dtype, lambda x: self.vae.decode(x).sample, latents).contiguous()
 
 
 def _diffusers_autoencoder(cls, what: str, path: str | None, random_init: bool, config: dict | None,
@@ -224,8 +228,6 @@ class DecoderSwap(FrozenModule):
         self.decoder_stage = decoder_stage
         self.latent_channels = encoder_stage.latent_channels
         self.downscale = encoder_stage.downscale
-        self.registered_name = (f"{getattr(encoder_stage, 'registered_name', '?')} + "
-                                f"{getattr(decoder_stage, 'registered_name', '?')} decoder")
         self.freeze()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -321,16 +323,13 @@ class UNetBackbone(nn.Module):
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         sample = sample.contiguous(memory_format=self.memory_format)
-        if self.compute_dtype is None:
-            return self._unet(sample, timesteps, context, cross_attention_kwargs)
-        with autocast_off(sample.device.type):
-            return self._unet(sample.to(self.compute_dtype), timesteps, context.to(self.compute_dtype),
-                              cross_attention_kwargs).to(sample.dtype)
 
-    def _unet(self, sample, timesteps, context, cross_attention_kwargs) -> torch.Tensor:
-        with _sdpa_kernel(self.sdpa_backends):
-            return self.unet(sample, timesteps, encoder_hidden_states=context,
-                             cross_attention_kwargs=cross_attention_kwargs or None, return_dict=False)[0]
+        def unet(sample, context):
+            with _sdpa_kernel(self.sdpa_backends):
+                return self.unet(sample, timesteps, encoder_hidden_states=context,
+                                 cross_attention_kwargs=cross_attention_kwargs or None, return_dict=False)[0]
+
+        return _in_compute_dtype(self.compute_dtype, unet, sample, context)
 
 
 def _sdpa_backends(names: list[str] | None):
