@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from id2face.anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,  # noqa: E402
                                build_audit_recognizer, load_model, training_template)
+from id2face.errors import UntrainedWeightsWarning  # noqa: E402
 from id2face.precision import resolve_precision  # noqa: E402
 
 
@@ -136,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
+    warnings.simplefilter("ignore", UntrainedWeightsWarning)  # the untrained --profile models
 
     from id2face.data.prepare import FaceDetector
 

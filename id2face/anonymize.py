@@ -63,7 +63,7 @@ import torch
 from .data.align import (crop_face, estimate_similarity, inner_face_mask, invert_affine, scale_points,
                          template_landmarks, transform_points, warp_tensor)
 from .data.imageio import ImageReadError, is_image_name, read_image
-from .errors import MissingWeightsError, UserError
+from .errors import MissingWeightsError, UntrainedWeightsWarning, UserError
 from .precision import INFERENCE_PRECISIONS, autocast
 
 SUMMARY_NAME = "anonymize_summary.json"
@@ -227,8 +227,6 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     that dtype (``model.backbone.params.dtype``); ``harmonizer_attention``: a decoupled
     harmonizer's attention path (``weights`` | ``sdpa``, same values). All change how the model
     runs, not its trained weights (loaded in fp32, then cast)."""
-    import warnings
-
     from omegaconf import OmegaConf
 
     from .config import merge_layer, parse_overrides
@@ -237,9 +235,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype, harmonizer_attention)
     if overrides:
         cfg = merge_layer(cfg, parse_overrides(overrides), "anonymize's speed switches")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
-        module, cfg, frozen_from_state = module_for_checkpoint(cfg, state)
+    module, cfg, frozen_from_state = module_for_checkpoint(cfg, state)
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
@@ -268,18 +264,23 @@ def module_for_checkpoint(cfg, state: Mapping[str, Any]):
     """``(ID2FaceModule(cfg), cfg, frozen_from_state)`` for a checkpoint's config and state. A
     checkpoint made on another machine may name weight files that are not here; its state carries
     the frozen roles' weights, so those roles are then built without their files (the caller's
-    strict ``load_state_dict`` fills them) and ``frozen_from_state`` is True."""
+    strict ``load_state_dict`` fills them) and ``frozen_from_state`` is True. Either way the state
+    replaces every frozen weight, so a role's "untrained init" warning would be false here."""
+    import warnings
+
     from .config import merge_layer, parse_overrides
     from .lit_module import ID2FaceModule
 
-    try:
-        return ID2FaceModule(cfg), cfg, False
-    except MissingWeightsError:
-        overrides = frozen_weights_from_state(cfg.model, state)
-        if not overrides:
-            raise
-        cfg = merge_layer(cfg, parse_overrides(overrides), "frozen weights from the checkpoint")
-        return ID2FaceModule(cfg), cfg, True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedWeightsWarning)
+        try:
+            return ID2FaceModule(cfg), cfg, False
+        except MissingWeightsError:
+            overrides = frozen_weights_from_state(cfg.model, state)
+            if not overrides:
+                raise
+            cfg = merge_layer(cfg, parse_overrides(overrides), "frozen weights from the checkpoint")
+            return ID2FaceModule(cfg), cfg, True
 
 
 def frozen_weights_from_state(model_cfg, state: Mapping[str, Any]) -> list[str]:
@@ -1320,8 +1321,11 @@ def _progress(total: int, enabled: bool):
 
 def build_audit_recognizer(node, cfg, model=None, dlib_workers: int | None = None):
     """The audit/cluster recognizer for a name (``dlib``, ``oracle``, ``encoder``: the model's own
-    identity encoder config), a ``{name, params}`` node, or None/``none``. ``dlib_workers``: a dlib
-    judge's worker processes, unless its node sets ``workers`` itself."""
+    identity encoder: ``model``'s loaded one if given, else one built from ``cfg``), a
+    ``{name, params}`` node, or None/``none``. ``dlib_workers``: a dlib judge's worker processes,
+    unless its node sets ``workers`` itself. Pass ``model``: a checkpoint from another machine
+    builds its encoder without the weight file and loads the weights from its state
+    (``module_for_checkpoint``), so ``cfg`` alone would give an untrained judge."""
     if node is None or node == "none":
         return None
     from omegaconf import OmegaConf
@@ -1332,13 +1336,13 @@ def build_audit_recognizer(node, cfg, model=None, dlib_workers: int | None = Non
         params = {} if node == "dlib" else dict(node.get("params") or {})
         node = {"name": "dlib", "params": {"workers": dlib_workers, **params}}
     if node == "encoder":
+        if model is not None:
+            from .metrics.recognizers import EncoderRecognizer
+
+            return EncoderRecognizer(model.identity_encoder)
         node = {"name": "encoder", "params": {"encoder": OmegaConf.to_container(cfg.model.identity_encoder,
                                                                                  resolve=True)}}
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
-        return build_recognizer(node, data=cfg.data)
+    return build_recognizer(node, data=cfg.data)
 
 
 __all__ = ["AnonymizeSettings", "Anonymizer", "ImageResult", "Face", "load_model", "read_checkpoint_config",

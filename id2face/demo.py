@@ -52,13 +52,9 @@ def train_encoder(config_path: Path, output: Path, steps: int) -> None:
 
 
 def load_module(cfg, state):
-    import warnings
+    from .anonymize import module_for_checkpoint
 
-    from .lit_module import ID2FaceModule
-
-    with warnings.catch_warnings():  # the state dict carries the frozen encoder's weights
-        warnings.filterwarnings("ignore", message="tiny identity encoder has no weights")
-        module = ID2FaceModule(cfg)
+    module = module_for_checkpoint(cfg, state)[0]
     module.load_state_dict(state)
     return module
 

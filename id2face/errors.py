@@ -13,3 +13,8 @@ class MissingWeightsError(UserError, FileNotFoundError):
         super().__init__(
             f"{what} weights not found at {path!s}: set the path in the config; such weights come from {source}"
         )
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """A frozen role was built with an untrained init because no weights file was given: fine for
+    tests, or when a checkpoint's state is loaded over it afterwards."""

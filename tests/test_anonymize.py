@@ -27,8 +27,8 @@ skimage_data = pytest.importorskip("skimage.data")
 from scipy.ndimage import distance_transform_edt  # noqa: E402
 
 from id2face.anonymize import (SUMMARY_NAME, AnonymizeSettings, Anonymizer, anonymize_files,  # noqa: E402
-                               exit_code, feathered_mask, load_model, read_checkpoint_config,
-                               training_template)
+                               build_audit_recognizer, exit_code, feathered_mask, load_model,
+                               read_checkpoint_config, training_template)
 from id2face.cli import main  # noqa: E402
 from id2face.data.align import crop_face, estimate_similarity, inner_face_mask, scale_points  # noqa: E402
 from id2face.data.synthfaces import render_sample  # noqa: E402
@@ -282,7 +282,6 @@ def test_pipeline_stages_in_worker_threads_give_what_in_turn_gives(loaded, key):
     figures, photos in order, and a detector failure is still that photo's error."""
     import threading
 
-    from id2face.anonymize import build_audit_recognizer
 
     truth = GroundTruthDetector()
     photos = [compose(truth, background, [(index % 3, 0, 30, 40), (index % 3 + 5, 1, 300, 120)])[0]
@@ -485,17 +484,28 @@ def test_vae_dtype_runs_an_sd_vae_in_it_and_a_pixel_first_stage_refuses_it(tmp_p
 @pytest.mark.slow
 def test_a_checkpoint_from_another_machine_brings_its_frozen_weights(tmp_path, checkpoint, loaded):
     """Its config names an identity-encoder weights file that is not here; the checkpoint's state
-    carries the encoder's weights, so it loads (and says so); without them the error stays."""
-    from id2face.errors import MissingWeightsError
+    carries the encoder's weights, so it loads (and says so, with no "untrained init" warning), and
+    the `encoder` audit judges with those weights; without them the error stays."""
+    from id2face.errors import MissingWeightsError, UntrainedWeightsWarning
 
     payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
     payload["hyper_parameters"]["config"]["model"]["identity_encoder"]["params"]["weights"] = "/elsewhere/encoder.pt"
+    trained = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["state_dict"].items()
+               if ".identity_encoder." in k}  # weights the encoder's untrained init does not have
+    payload["state_dict"].update(trained)
     moved = tmp_path / "moved.ckpt"
     torch.save(payload, moved)
-    model, _, info = load_model(moved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedWeightsWarning)
+        model, cfg, info = load_model(moved)
     assert info["frozen_weights_from_checkpoint"] and not loaded[2]["frozen_weights_from_checkpoint"]
-    expected = loaded[0].identity_encoder.state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in model.identity_encoder.state_dict().items())
+    expected = {k.split(".identity_encoder.", 1)[1]: v for k, v in trained.items() if k.startswith("model.")}
+    assert expected and all(torch.equal(v, expected[k]) for k, v in model.identity_encoder.state_dict().items())
+    judge = build_audit_recognizer("encoder", cfg, model)
+    assert all(torch.equal(v, expected[k]) for k, v in judge.encoder.state_dict().items())
+    with pytest.warns(UntrainedWeightsWarning):  # from the config alone: the untrained init, and it says so
+        untrained = build_audit_recognizer("encoder", cfg)
+    assert not torch.equal(untrained.encoder.head.weight, judge.encoder.head.weight)
     payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if ".identity_encoder." not in k}
     torch.save(payload, moved)
     with pytest.raises(MissingWeightsError, match="/elsewhere/encoder.pt"):
@@ -818,7 +828,6 @@ def test_a_gpu_run_audited_by_dlib_is_told_what_sets_its_pace(dlib):
 
 
 def test_audit_workers_reach_a_dlib_judge_unless_its_node_sets_them(loaded, dlib, capsys):
-    from id2face.anonymize import build_audit_recognizer
     from id2face.commands.anonymize import audit_pace_note
 
     cfg = loaded[1]

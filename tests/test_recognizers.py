@@ -71,6 +71,23 @@ def test_every_registered_recognizer_keeps_the_contract(name, oracle_cache):
         assert recognizer.same_person(embeddings, embeddings).all()
 
 
+def test_encoder_judge_wraps_an_encoder_already_loaded_without_copying_it():
+    """A checkpoint's own encoder (weights from its state) judges as it is: same module, same output."""
+    from id2face.errors import UntrainedWeightsWarning
+    from id2face.metrics.recognizers import EncoderRecognizer
+    from id2face.registry import IDENTITY_ENCODERS
+
+    with pytest.warns(UntrainedWeightsWarning):
+        encoder = IDENTITY_ENCODERS.build("tiny")
+    with torch.no_grad():
+        encoder.head.weight.add_(0.5)  # weights a fresh build from the config would not have
+    judge = EncoderRecognizer(encoder)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert judge.encoder is encoder and judge.embed_dim == encoder.embed_dim
+    torch.testing.assert_close(judge(images), encoder(images))
+    assert "TinyIdentityEncoder" in judge.description
+
+
 def test_dlib_missing_model_file_names_the_file_and_source(tmp_path):
     missing = tmp_path / "shape_predictor_5_face_landmarks.dat"
     with pytest.raises(MissingWeightsError) as err:

@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     if audit_arg == "auto":
         for node in OmegaConf.to_container(cfg.eval.get("recognizers") or [], resolve=True):
             try:
-                audit = build_audit_recognizer(node, cfg, dlib_workers=audit_workers)
+                audit = build_audit_recognizer(node, cfg, model, dlib_workers=audit_workers)
                 break
             except UserError as err:  # a judge that is not installed or trained here: try the next
                 name = node if isinstance(node, str) else node.get("name")
@@ -192,14 +192,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"id2face anonymize: no audit ({audit_note or 'eval.recognizers is empty'}); "
                   "choose one with --audit-recognizer", file=sys.stderr)
     else:
-        audit = build_audit_recognizer(audit_arg, cfg, dlib_workers=audit_workers)
+        audit = build_audit_recognizer(audit_arg, cfg, model, dlib_workers=audit_workers)
     if audit is not None:
         audit = audit.to(device)
         note = audit_pace_note(audit, device)
         if note and not args.quiet:
             print(note, file=sys.stderr)
     cluster_arg = _parse_node(args.cluster_by)
-    cluster_by = None if cluster_arg == "encoder" else build_audit_recognizer(cluster_arg, cfg,
+    cluster_by = None if cluster_arg == "encoder" else build_audit_recognizer(cluster_arg, cfg, model,
                                                                                dlib_workers=audit_workers)
     if cluster_by is not None:
         cluster_by = cluster_by.to(device)

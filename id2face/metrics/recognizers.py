@@ -152,12 +152,15 @@ class EncoderRecognizer(Recognizer):
 
     metric = "cosine"
 
-    def __init__(self, encoder: Mapping[str, Any] | str, threshold: float | None = None):
+    def __init__(self, encoder: Mapping[str, Any] | str | nn.Module, threshold: float | None = None):
         super().__init__()
-        self.encoder = IDENTITY_ENCODERS.build(encoder)
+        if isinstance(encoder, nn.Module):  # one already built and loaded: a checkpoint's own
+            self.encoder, name = encoder, type(encoder).__name__
+        else:
+            self.encoder = IDENTITY_ENCODERS.build(encoder)
+            name = encoder if isinstance(encoder, str) else encoder["name"]
         self.embed_dim = int(self.encoder.embed_dim)
         self.threshold = threshold
-        name = encoder if isinstance(encoder, str) else encoder["name"]
         self.description = f"identity encoder '{name}' {self.embed_dim}-d (cosine)"
 
     @torch.no_grad()

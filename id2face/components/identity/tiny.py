@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import nn
 
+from ...errors import UntrainedWeightsWarning
 from ...registry import IDENTITY_ENCODERS
 from .base import IdentityEncoder, load_matching_state_dict, load_state_dict_file
 
@@ -57,7 +58,7 @@ class TinyIdentityEncoder(IdentityEncoder):
             warnings.warn(
                 "tiny identity encoder has no weights: using an untrained deterministic init "
                 f"(tests only); train one with {TINY_SOURCE} and set its `weights`",
-                stacklevel=2,
+                UntrainedWeightsWarning, stacklevel=2,
             )
         self.freeze()
 
