@@ -71,7 +71,7 @@ def first_stage_with_decoder(first_stage, decoder: str, channels_last: bool = Fa
     the same; the pictures are not)."""
     if decoder == "own":
         return first_stage
-    from id2face.anonymize import with_tiny_decoder
+    from id2face.inference import with_tiny_decoder
 
     return with_tiny_decoder(first_stage, None, channels_last=channels_last, compile=compile, random_init=True)
 

@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, a sibling o
 import torch  # noqa: E402
 
 from id2face.anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,  # noqa: E402
-                               build_audit_recognizer, load_model, training_template)
+                               build_audit_recognizer, training_template)
 from id2face.errors import UntrainedWeightsWarning  # noqa: E402
+from id2face.inference import load_model  # noqa: E402
 from id2face.precision import resolve_precision  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | N
     SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint)."""
     import _common as C
 
-    from id2face.anonymize import inference_overrides
+    from id2face.inference import inference_overrides
     from id2face.model import ID2Face
 
     cfg = C.profile_config(profile, inference_overrides(C.profile_config(profile).model, compile, vae_dtype,
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
             model, cfg, info = untrained_model(args.profile, args.device, args.compile, args.vae_dtype,
                                                args.unet_dtype, args.harmonizer_attention)
         if args.tiny_decoder:
-            from id2face.anonymize import with_tiny_decoder
+            from id2face.inference import with_tiny_decoder
 
             path = None if args.tiny_decoder == "random" else args.tiny_decoder
             model.first_stage = with_tiny_decoder(model.first_stage, path, channels_last=args.compile,

@@ -52,7 +52,7 @@ def train_encoder(config_path: Path, output: Path, steps: int) -> None:
 
 
 def load_module(cfg, state):
-    from .anonymize import module_for_checkpoint
+    from .inference import module_for_checkpoint
 
     module = module_for_checkpoint(cfg, state)[0]
     module.load_state_dict(state)
@@ -140,7 +140,7 @@ def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = 
     out = Path(root) / "demo"
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint:
-        from .anonymize import read_checkpoint_config
+        from .inference import read_checkpoint_config
 
         saved, state, _ = read_checkpoint_config(checkpoint)
         cfg = _with_overrides(saved, [f"run.root={root}", "model.identity_encoder.params.weights=null", *overrides])

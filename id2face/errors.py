@@ -2,6 +2,17 @@
 message on one line and exits non-zero; anything else is a bug and keeps its traceback."""
 
 
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters (for logs and sidecars)."""
+    return " ".join(str(err).split())[:limit]
+
+
+def describe(err: BaseException) -> str:
+    """``TypeName: message`` on one line (the type alone if the message is empty)."""
+    text = one_line(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 class UserError(Exception):
     """Bad input, a missing file, an impossible request."""
 

@@ -27,8 +27,8 @@ skimage_data = pytest.importorskip("skimage.data")
 from scipy.ndimage import distance_transform_edt  # noqa: E402
 
 from id2face.anonymize import (SUMMARY_NAME, AnonymizeSettings, Anonymizer, anonymize_files,  # noqa: E402
-                               build_audit_recognizer, exit_code, feathered_mask, load_model,
-                               read_checkpoint_config, training_template)
+                               build_audit_recognizer, exit_code, feathered_mask, training_template)
+from id2face.inference import load_model, read_checkpoint_config  # noqa: E402
 from id2face.cli import main  # noqa: E402
 from id2face.data.align import crop_face, estimate_similarity, inner_face_mask, scale_points  # noqa: E402
 from id2face.data.synthfaces import render_sample  # noqa: E402
@@ -233,7 +233,7 @@ def test_io_threads_write_what_one_thread_writes_and_report_a_failed_write(tmp_p
     import threading
     import time as clock
 
-    import id2face.anonymize as anonymize_module
+    import id2face.anonymize.files as anonymize_module
 
     detector = GroundTruthDetector()
     source = tmp_path / "in"
@@ -714,7 +714,7 @@ def test_checkpoint_without_stored_config_uses_the_run_folder_config(tmp_path, c
 
 
 def test_clusters_join_the_closest_person_but_never_merge_two_faces_of_one_photo():
-    from id2face.anonymize import _Clusters
+    from id2face.anonymize.engine import _Clusters
 
     made = []
     clusters = _Clusters(threshold=0.6, metric="euclidean")  # dlib-style: same person iff distance < 0.6

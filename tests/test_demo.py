@@ -13,7 +13,7 @@ SHIPPED = REPO / "checkpoints" / "demo-tiny.pt"
 
 
 def test_export_keeps_weights_and_config_and_drops_training_state(tmp_path):
-    from id2face.anonymize import read_checkpoint_config
+    from id2face.inference import read_checkpoint_config
     from id2face.commands.export import export_weights
     from id2face.errors import UserError
 

@@ -100,12 +100,12 @@ def _parse_node(text: str):
     if text.lstrip().startswith("{"):
         from omegaconf import OmegaConf
 
-        from ..errors import UserError
+        from ..errors import UserError, one_line
 
         try:
             return OmegaConf.to_container(OmegaConf.create(text), resolve=True)
         except Exception as err:  # noqa: BLE001
-            raise UserError(f"cannot parse recognizer node {text!r}: {' '.join(str(err).split())[:200]}") from None
+            raise UserError(f"cannot parse recognizer node {text!r}: {one_line(err, 200)}") from None
     return text
 
 
@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from ..anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,
-                             build_audit_recognizer, check_paths, exit_code, load_model, plan_jobs, training_template)
+                             build_audit_recognizer, check_paths, exit_code, plan_jobs, training_template)
+    from ..inference import load_model
     from ..data.prepare import FaceDetector
     from ..errors import UserError
     from ..precision import resolve_precision

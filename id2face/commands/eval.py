@@ -44,7 +44,7 @@ def _checkpoint_config(checkpoint: Path, files, overrides):
     """The checkpoint's own config (what its weights are) <- CONFIG files <- key=value."""
     import tempfile
 
-    from ..anonymize import read_checkpoint_config
+    from ..inference import read_checkpoint_config
     from ..config import load_config, save_config
 
     cfg, state, _ = read_checkpoint_config(checkpoint)
@@ -216,7 +216,7 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
 
 def run(args: argparse.Namespace) -> int:
     from ..config import save_config, split_args
-    from ..anonymize import module_for_checkpoint
+    from ..inference import module_for_checkpoint
     from ..metrics.table import save_metrics
 
     checkpoint = Path(args.checkpoint)

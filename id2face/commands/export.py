@@ -23,7 +23,7 @@ def export_weights(checkpoint: str | Path, output: str | Path) -> Path:
 
     import torch
 
-    from ..anonymize import read_checkpoint_config
+    from ..inference import read_checkpoint_config
     from ..errors import UserError
 
     checkpoint, output = Path(checkpoint), Path(output)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import UserError
+from ..errors import UserError, describe, one_line
 
 # Extensions treated as photos when scanning folders (lower case). A file with one of these
 # names that is not an image is reported (not_an_image), never silently skipped.
@@ -84,9 +84,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         except UnidentifiedImageError:
             raise ImageReadError("not_an_image", f"not an image file ({_sniff(path)})") from None
         except Image.DecompressionBombError as err:
-            raise ImageReadError("too_large", f"refused unread: {_one_line(err)}") from None
+            raise ImageReadError("too_large", f"refused unread: {one_line(err)}") from None
         except Exception as err:  # noqa: BLE001 - any decoder complaint is a reason, not a crash
-            raise ImageReadError("unreadable", f"cannot open image: {_describe(err)}") from None
+            raise ImageReadError("unreadable", f"cannot open image: {describe(err)}") from None
 
     with image:
         width, height = image.size
@@ -106,7 +106,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         except MemoryError:
             raise ImageReadError("too_large", f"out of memory decoding {width}x{height}") from None
         except (OSError, SyntaxError, ValueError, EOFError) as err:
-            text = _describe(err)
+            text = describe(err)
             status = "truncated" if "truncat" in text.lower() or isinstance(err, EOFError) else "unreadable"
             raise ImageReadError(status, f"cannot decode image data: {text}") from None
 
@@ -116,14 +116,14 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
                 image = ImageOps.exif_transpose(image)
                 notes.append(f"EXIF orientation {orientation} applied ({_ORIENTATION_NAMES.get(orientation, '?')})")
             except Exception as err:  # noqa: BLE001 - a broken tag must not lose the photo
-                notes.append(f"EXIF orientation {orientation} ignored: {_describe(err)}")
+                notes.append(f"EXIF orientation {orientation} ignored: {describe(err)}")
                 orientation = 1
         try:
             pixels = _to_rgb_uint8(image, notes)
         except MemoryError:
             raise ImageReadError("too_large", f"out of memory converting {width}x{height}") from None
         except (OSError, ValueError) as err:
-            raise ImageReadError("unreadable", f"cannot convert mode {stored_mode} to RGB: {_describe(err)}") from None
+            raise ImageReadError("unreadable", f"cannot convert mode {stored_mode} to RGB: {describe(err)}") from None
     return LoadedImage(np.ascontiguousarray(pixels), stored_mode, (width, height), orientation or 1, notes)
 
 
@@ -131,7 +131,7 @@ def _exif_orientation(image: Image.Image, notes: list[str]) -> int:
     try:
         return int(image.getexif().get(0x0112, 1) or 1)
     except Exception as err:  # noqa: BLE001 - corrupt EXIF blocks are common in the wild
-        notes.append(f"EXIF unreadable, orientation ignored: {_describe(err)}")
+        notes.append(f"EXIF unreadable, orientation ignored: {describe(err)}")
         return 1
 
 
@@ -182,11 +182,3 @@ def _sniff(path: Path) -> str:
         return f"unknown binary format, starts with {head[:4].hex()}"
     first = text.strip().splitlines()[0][:40] if text.strip() else ""
     return f"text content: {first!r}"
-
-
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {_one_line(err)}" if not str(err).strip() == "" else type(err).__name__
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:300]

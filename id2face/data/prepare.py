@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .datasets import (MANIFEST_NAME, META_NAME, USABLE_STATUSES, AlignedFaceDataset, RawEntry, is_usable,
                        read_manifest)
 from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
@@ -192,7 +192,7 @@ def process_file(job: Job, input_root: Path, output_root: Path, settings: Prepar
         return _finish(entry, err.status, str(err), [])
     except Exception as err:  # noqa: BLE001 - one odd file must not stop a 200k-image run
         entry["_traceback"] = traceback.format_exc()
-        return _finish(entry, "error", f"internal error {type(err).__name__}: {' '.join(str(err).split())[:200]} "
+        return _finish(entry, "error", f"internal error {type(err).__name__}: {one_line(err, 200)} "
                                        f"(traceback in {ERROR_LOG_NAME})", [])
 
 

@@ -1,0 +1,81 @@
+"""Where the pipeline's calls run: in the caller's thread, in a pool of file threads, or in one
+stage worker thread with a CUDA stream of its own; same order and results either way."""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+
+class InlineExecutor:
+    """``concurrent.futures.Executor.submit`` that runs the call at once, in the caller's thread."""
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - delivered through the future, as a pool would
+            future.set_exception(err)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class StageWorker:
+    """Runs one pipeline stage's calls in order: in the caller's thread (``threaded`` false), or in
+    one worker thread, on a GPU with a CUDA stream of its own (its host reads then wait for its own
+    kernels only, not for the sampling queued on the default stream) that is synchronized before a
+    call's future completes, so another stage reads finished results."""
+
+    def __init__(self, threaded: bool, device: torch.device, name: str):
+        self._stream = None
+        self._pool = InlineExecutor()
+        if threaded:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"id2face-{name}")
+            self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def submit(self, fn: Callable, *args) -> Future:
+        return self._pool.submit(self._call, fn, *args)
+
+    def _call(self, fn: Callable, *args):
+        if self._stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self._stream):
+            result = fn(*args)
+            self._stream.synchronize()
+        return result
+
+    def __enter__(self) -> "StageWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.__exit__(*exc)  # a thread pool waits for its calls
+
+
+def io_executor(workers: int):
+    """Threads for decoding inputs and encoding outputs (PIL and zlib release the GIL there), so a
+    photo's file work overlaps the model's; 0: everything in the caller's thread, in order."""
+    if workers <= 0:
+        return InlineExecutor()
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="id2face-io")
+
+
+def ahead(executor, fn: Callable, items: Iterable, depth: int) -> Iterator[tuple[Any, Future]]:
+    """``(item, future of fn(item))`` in order, with up to ``depth`` calls submitted ahead."""
+    window: deque = deque()
+    for item in items:
+        window.append((item, executor.submit(fn, item)))
+        if len(window) > depth:
+            yield window.popleft()
+    while window:
+        yield window.popleft()
