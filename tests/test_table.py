@@ -122,6 +122,23 @@ def test_seeds_become_mean_and_std(tmp_path, capsys):
     assert float(rows["ours"]["dlib/top1_std"]) == pytest.approx(0.04)
 
 
+def test_evaluations_of_one_seed_keep_rows_of_their_own(tmp_path, capsys):
+    """`id2face eval --run-dir` of one checkpoint under two arithmetics: same run name and seed,
+    so not seeds to average; each is a row named by its folder, with its own numbers."""
+    root = tmp_path / "evals"
+    runs = []
+    for folder, top1 in (("fp32", 0.342), ("bf16", 0.338)):
+        run = root / folder
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("run:\n  experiment: demo\n  ablation: id2face\n  seed: 0\n")
+        save_metrics(run, {"fid": 7.6, "dlib/top1": top1}, META)
+        runs.append(run)
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(_table(capsys, *runs, "--format", "csv")))}
+    assert set(rows) == {"demo (id2face) [fp32]", "demo (id2face) [bf16]"}
+    assert [float(rows[f"demo (id2face) [{f}]"]["dlib/top1"]) for f in ("fp32", "bf16")] == [0.342, 0.338]
+    assert {rows[name]["n"] for name in rows} == {"1"}
+
+
 def test_ablation_and_encoder_layouts(tmp_path, capsys):
     root = tmp_path / "runs"
     meta = {**META, "recognizers": {**META["recognizers"], "oracle": "SynthFaces oracle 64-d (cosine)"}}

@@ -200,9 +200,7 @@ def build_table(runs: Sequence[Run], layout: str = "main") -> Table:
     if not columns:
         raise UserError(f"the runs have no metric the '{layout}' layout shows "
                         f"({', '.join(sorted({k for run in runs for k in run.metrics})) or 'none'})")
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.row_name(layout), []).append(run)
+    groups = _replicate_groups(runs, layout)
     rows = []
     for name, members in groups.items():
         cells = {}
@@ -220,6 +218,25 @@ def build_table(runs: Sequence[Run], layout: str = "main") -> Table:
     shows_vr = any(_split_key(key)[1] == "vr" for key in columns)
     caption = _caption(runs, recognizers, fars if shows_vr else set(), max(len(m) for m in groups.values()))
     return Table(columns, rows, caption, recognizers, far)
+
+
+def _replicate_groups(runs: Sequence[Run], layout: str) -> dict[str, list[Run]]:
+    """Rows of runs to average: one per row name, its runs the seeds. Runs of one name that share a
+    seed are not replicates but other evaluations of one model (``id2face eval`` under other
+    switches into other folders): each such run keeps a row of its own, named by its folder."""
+    named: dict[str, list[Run]] = {}
+    for run in runs:
+        named.setdefault(run.row_name(layout), []).append(run)
+    groups: dict[str, list[Run]] = {}
+    for name, members in named.items():
+        seeds = [run.seed for run in members]
+        if len(set(seeds)) == len(seeds):
+            groups[name] = members
+            continue
+        for run in members:
+            label = f"{name} [{run.path.name}]"
+            groups[label if label not in groups else f"{name} [{run.path}]"] = [run]
+    return groups
 
 
 def _distinct(values: Iterable[str | None]) -> list[str]:
