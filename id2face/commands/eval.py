@@ -44,8 +44,8 @@ def _checkpoint_config(checkpoint: Path, files, overrides):
     """The checkpoint's own config (what its weights are) <- CONFIG files <- key=value."""
     import tempfile
 
-    from ..inference import read_checkpoint_config
     from ..config import load_config, save_config
+    from ..inference import read_checkpoint_config
 
     cfg, state, _ = read_checkpoint_config(checkpoint)
     if not files and not overrides:

@@ -23,8 +23,8 @@ def export_weights(checkpoint: str | Path, output: str | Path) -> Path:
 
     import torch
 
-    from ..inference import read_checkpoint_config
     from ..errors import UserError
+    from ..inference import read_checkpoint_config
 
     checkpoint, output = Path(checkpoint), Path(output)
     if output.exists() and output.resolve() == checkpoint.resolve():
