@@ -179,6 +179,24 @@ def test_metrics_json_round_trip_keeps_nan_as_missing(tmp_path, capsys):
     assert "0.250" in row and "FID" not in text.splitlines()[0]  # no value anywhere: no FID column
 
 
+def test_eval_of_a_checkpoint_outside_a_run_folder_writes_under_runs_eval(tmp_path, monkeypatch, capsys):
+    """The shipped demo checkpoint sits in the repository's checkpoints/, no run folder: eval's
+    default output is runs/eval/<name> in the working folder, never the checkpoint's parent."""
+    import shutil
+    from pathlib import Path
+
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "checkpoints" / "demo-tiny.pt", project / "checkpoints")
+    monkeypatch.chdir(project)
+    assert main(["eval", "--checkpoint", "checkpoints/demo-tiny.pt", "--limit", "2", "--no-reconstruction",
+                 "--device", "cpu", "eval.recognizers=[{name: encoder, params: {encoder: tiny}}]"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in project.iterdir()) == ["checkpoints", "runs"]
+    written = json.loads((project / "runs" / "eval" / "demo-tiny" / "metrics.json").read_text())
+    assert written["meta"]["num_faces"] == 2 and 0 <= written["metrics"]["tiny/top1"] <= 1
+
+
 @pytest.mark.slow
 def test_eval_then_table_on_three_real_runs(tmp_path, capsys):
     """`id2face eval` on a (1-step) tiny checkpoint into three run folders (seeds 0, 1 of one

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs="*", metavar="FILE|key=value",
                         help="config files then key=value overrides, layered on the checkpoint's config")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="Lightning checkpoint of id2face train")
-    parser.add_argument("--run-dir", metavar="DIR", help="where metrics.json goes (default: the checkpoint's run folder)")
+    parser.add_argument("--run-dir", metavar="DIR", help="where metrics.json goes (default: the checkpoint's training "
+                                                          "run folder; for a checkpoint outside one, runs/eval/NAME)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N test faces only (smoke runs)")
     parser.add_argument("--no-reconstruction", action="store_true", help="skip the PSNR/SSIM reconstruction pass")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -35,9 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cpu); recorded in metrics.json")
 
 
-def default_run_dir(checkpoint: Path) -> Path:
+def training_run_dir(checkpoint: Path) -> Path:
+    """The run folder ``id2face train`` wrote ``checkpoint`` into (``<run>/checkpoints/x.ckpt``)."""
     parent = checkpoint.resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
+
+
+def default_run_dir(checkpoint: Path) -> Path:
+    """Where metrics go by default: the training run folder when there is one (its config.yaml),
+    else ``runs/eval/<checkpoint name>``: an exported checkpoint may sit anywhere (the demo's in the
+    repository's checkpoints/), and its folder is nobody's run folder to write into."""
+    run = training_run_dir(checkpoint)
+    return run if (run / "config.yaml").is_file() else Path("runs") / "eval" / checkpoint.stem
 
 
 def _checkpoint_config(checkpoint: Path, files, overrides):
@@ -227,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
     metrics, meta = evaluate(module, cfg, limit=args.limit, reconstruction=not args.no_reconstruction,
-                             device=device, split_file=default_run_dir(checkpoint) / "split.json",
+                             device=device, split_file=training_run_dir(checkpoint) / "split.json",
                              precision=args.precision)
     meta["checkpoint"] = str(checkpoint)
     save_config(cfg, run_dir / "eval_config.yaml")
