@@ -61,6 +61,30 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     assert "file decode + encode alone" in out
 
 
+def test_switch_quality_evaluates_each_arithmetic_beside_a_seed_change(tmp_path, capsys):
+    """The shipped demo model under fp32, another seed and bf16 autocast: one eval run each, and
+    the shifts are the differences to fp32 (an untrained encoder judges: no oracle to train here)."""
+    checkpoint = BENCHMARKS.parent / "checkpoints" / "demo-tiny.pt"
+    figures, out = run_script("switch_quality", ["--checkpoint", str(checkpoint), "--device", "cpu", "--limit", "8",
+                                                 "--variants", "fp32", "seed", "bf16", "--out", str(tmp_path),
+                                                 "--override", "eval.recognizers=[{name: encoder, params: {encoder: "
+                                                 "tiny}}]"], capsys)
+    metrics = figures["metrics"]
+    assert list(metrics) == ["fp32", "seed", "bf16"]
+    assert all((tmp_path / name / "metrics.json").is_file() for name in metrics)
+    for key in ("psnr", "ssim", "pose"):
+        assert figures["max_shift"][key] == pytest.approx(abs(metrics["bf16"][key] - metrics["fp32"][key]))
+        assert figures["seed_shift"][key] == pytest.approx(abs(metrics["seed"][key] - metrics["fp32"][key]))
+    assert figures["seed_shift"]["psnr"] > 0  # other noise, other reconstructions
+    assert figures["max_shift"]["psnr"] < 0.1 < metrics["fp32"]["psnr"]  # bf16 rounding only
+    assert "| max shift |" in out and "| seed shift |" in out
+
+
+def test_switch_quality_needs_the_fp32_reference():
+    with pytest.raises(SystemExit):
+        load_script("switch_quality").parse_args(["--checkpoint", "x.pt", "--variants", "bf16"])
+
+
 def test_sd15_flop_counts_with_and_without_the_latent_cache(capsys):
     """Meta device: the SD-1.5-size step's FLOPs without building anything real."""
     encoded, _ = run_script("train_step", ["--profile", "sd15", "--flops-only"], capsys)

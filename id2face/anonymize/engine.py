@@ -620,7 +620,7 @@ def build_audit_recognizer(node, cfg, model=None, dlib_workers: int | None = Non
     ``{name, params}`` node, or None/``none``. ``dlib_workers``: a dlib judge's worker processes,
     unless its node sets ``workers`` itself. Pass ``model``: a checkpoint from another machine
     builds its encoder without the weight file and loads the weights from its state
-    (``module_for_checkpoint``), so ``cfg`` alone would give an untrained judge."""
+    (``id2face.inference.module_for_checkpoint``), so ``cfg`` alone would give an untrained judge."""
     if node is None or node == "none":
         return None
     from omegaconf import OmegaConf
