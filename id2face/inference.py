@@ -126,7 +126,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
         module.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{checkpoint} does not match the model its config describes: "
-                        f"{one_line(err)[:300]}") from None
+                        f"{one_line(err)}") from None
     averaged = int(getattr(module.ema, "n_averaged", torch.tensor(0)).item())
     if averaged > 0:  # copy the EMA weights in (the same pairing ID2FaceModule swaps with)
         with torch.no_grad():

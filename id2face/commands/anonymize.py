@@ -150,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,
                              build_audit_recognizer, check_paths, exit_code, plan_jobs, training_template)
-    from ..inference import load_model
     from ..data.prepare import FaceDetector
     from ..errors import UserError
+    from ..inference import load_model
     from ..precision import resolve_precision
 
     settings = AnonymizeSettings(key=_read_key(args), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
