@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     ``callbacks`` are added to the run's own. Raises ``Preempted`` if a signal stopped it (the
     checkpoint is saved; rerun to resume).
     """
-    from .data.datamodule import FacePairDataModule, PairEpochCallback
+    from .data.datamodule import FacePairDataModule
     from .lit_module import ID2FaceModule
 
     if OmegaConf.select(cfg, "model.backbone.params.dtype") not in (None, "float32"):
@@ -181,8 +182,7 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     ckpt = resume_checkpoint(folder) if resume else None
     on_signal = CheckpointOnSignal(checkpoint_dir / "last.ckpt")
     run_state = RunState(folder / "train_state.json", ckpt)
-    callbacks = [on_signal, run_state, PairEpochCallback(), LogImages(int(cfg.run.log_images_every_n_steps)),
-                 *callbacks]
+    callbacks = [on_signal, run_state, LogImages(int(cfg.run.log_images_every_n_steps)), *callbacks]
     if not cfg.trainer.get("fast_dev_run"):
         callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_top_k=-1,
                                          every_n_train_steps=int(cfg.run.checkpoint_every_n_steps)))
@@ -191,9 +191,13 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
         print(f"resuming {folder} from {ckpt.name}", flush=True)
     module = ID2FaceModule(cfg)
     # The split is saved in the run folder so evaluation (and a resumed run) use the same identities.
-    datamodule = FacePairDataModule(cfg.data, split_file=folder / "split.json")
+    # Its training order depends on run.seed (seeds are replicates) and resumes mid-epoch.
+    datamodule = FacePairDataModule(cfg.data, split_file=folder / "split.json", shuffle_seed=int(cfg.run.seed))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        with warnings.catch_warnings():
+            # The frozen roles (identity encoder, first stage) are in eval mode by design.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:  # a SystemExit with code 0: it must not pass for a finished run
         pass
     except ValueError as err:  # Lightning's check of the loop settings against the data: a config error

@@ -192,10 +192,10 @@ def test_datamodule_batches_splits_and_test_dataset(tmp_path):
     assert np.array_equal(again.split.test, dm.split.test)
 
 
-def test_datamodule_redraws_partners_each_epoch_through_the_callback():
+def test_datamodule_redraws_partners_each_epoch_through_its_loader():
     import lightning as L
 
-    from id2face.data.datamodule import FacePairDataModule, PairEpochCallback
+    from id2face.data.datamodule import FacePairDataModule
 
     class Recorder(L.LightningModule):
         def __init__(self):
@@ -217,7 +217,7 @@ def test_datamodule_redraws_partners_each_epoch_through_the_callback():
     recorder = Recorder()
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[PairEpochCallback()])
+                        num_sanity_val_steps=0)
     trainer.fit(recorder, datamodule=dm)
     assert dm.train_pairs.epoch == 1
     # one batch holds all 40 pairs, so shuffling cannot explain a change: only re-drawn partners can
@@ -266,3 +266,57 @@ def test_datamodule_under_ddp_gives_each_rank_different_pairs(tmp_path):
     assert len(seen[0]) == len(seen[1]) == 8
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 16
+
+
+class _Numbers(torch.utils.data.Dataset):
+    """0..n-1, remembering which items were read and the epoch it was told."""
+
+    def __init__(self, n):
+        self.n, self.read, self.epoch = n, [], None
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return i
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumable_loader_continues_its_epoch_after_a_load(workers):
+    """A new loader given the old one's state (as Lightning restores it) yields the rest of that
+    epoch, reading none of the skipped items; another epoch is whole; same order in any process."""
+    from id2face.data.datamodule import EpochShuffle, ResumableLoader
+
+    def loader(data):
+        return ResumableLoader(data, batch_size=3, sampler=EpochShuffle(data, seed=7), num_workers=workers)
+
+    first_data = _Numbers(20)
+    first = loader(first_data)
+    first.sampler.set_epoch(2)
+    whole = [b.tolist() for b in first]
+    assert len(whole) == 7 and sorted(sum(whole, [])) == list(range(20))
+    assert first.state_dict() == {"epoch": 2, "batches_done": 7}
+    partial = iter(first)
+    seen = [next(partial).tolist() for _ in range(3)]
+    assert seen == whole[:3] and first.state_dict() == {"epoch": 2, "batches_done": 3}
+
+    data = _Numbers(20)
+    resumed = loader(data)
+    resumed.load_state_dict(first.state_dict())
+    resumed.sampler.set_epoch(2)
+    assert [b.tolist() for b in resumed] == whole[3:]
+    if workers == 0:
+        assert sorted(data.read) == sorted(sum(whole[3:], []))  # the skipped items were never read
+        assert data.epoch == 2
+    assert resumed.state_dict() == {"epoch": 2, "batches_done": 7}
+    assert [b.tolist() for b in resumed] == whole  # the skip is for one pass only
+
+    other = loader(_Numbers(20))
+    other.load_state_dict({"epoch": 2, "batches_done": 3})
+    other.sampler.set_epoch(3)  # the checkpoint's epoch is over: nothing to skip
+    third = [b.tolist() for b in other]
+    assert len(third) == 7 and third != whole

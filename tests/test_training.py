@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
 from id2face.config import load_config
@@ -51,6 +52,37 @@ def test_run_folder_layout_and_resume(tmp_path):
     assert resumed["start_step"] == step == 4 and resumed["global_step"] == 6
     assert resumed["start_optimizer_fingerprint"] == pytest.approx(fingerprint, rel=1e-9) and fingerprint > 0
     assert resumed["resumed_from"].endswith("last.ckpt")
+
+
+class SeenBatches(Callback):
+    """Records each training batch as (epoch, a's first attribute factor, b's): a fingerprint of
+    which faces, in which order, with which partners."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((trainer.current_epoch, batch["a"]["attr_factors"][:, 0].tolist(),
+                             batch["b"]["attr_factors"][:, 0].tolist()))
+
+
+def test_a_run_resumed_mid_epoch_sees_what_an_uninterrupted_run_sees(tmp_path):
+    """Stopped after 2 and 5 steps (4 batches an epoch) and resumed each time: the epoch goes on with
+    the batches it had not seen, in the same order, with the same partners, as one run of 7 steps."""
+    small = ["data.batch_size=4", "data.dataset.params.num_identities=10", "data.dataset.params.samples_per_identity=2",
+             "trainer.limit_val_batches=0", "run.checkpoint_every_n_steps=1", "run.log_images_every_n_steps=0"]
+    whole = SeenBatches()
+    fit(load_config(["tiny"], [f"run.root={tmp_path / 'whole'}", "trainer.max_steps=7", *small]), callbacks=[whole])
+    assert [epoch for epoch, _, _ in whole.batches] == [0, 0, 0, 0, 1, 1, 1]
+
+    pieces = SeenBatches()
+    folder = fit(load_config(["tiny"], [f"run.root={tmp_path / 'pieces'}", "trainer.max_steps=2", *small]),
+                 callbacks=[pieces])
+    for steps in (5, 7):
+        fit(load_config([str(folder / "config.yaml")], [f"trainer.max_steps={steps}"]), callbacks=[pieces])
+    assert state(folder)["start_step"] == 5 and state(folder)["global_step"] == 7
+    assert pieces.batches == whole.batches
+    assert whole.batches[0][2] != whole.batches[4][2] or whole.batches[0][1] != whole.batches[4][1]
 
 
 @pytest.mark.slow

@@ -6,17 +6,25 @@ test), optional ``split_file`` (JSON; created on first use, then reused and chec
 ``latent_cache`` (folder written by ``id2face cache-latents``: items carry their first-stage latents).
 
 Batches are ``{"a": item_batch, "b": item_batch}`` (default_collate of ``PairDataset`` items).
-Under DDP Lightning swaps in its DistributedSampler (``use_distributed_sampler``, on by default),
-so no sampler is built here. ``test_dataset`` is the test split as single images for evaluation.
-Partners are re-drawn per epoch by ``PairEpochCallback`` (add it to the Trainer's callbacks).
+``test_dataset`` is the test split as single images for evaluation.
+
+Training order and partners are functions of (seed, epoch), never of the global RNG: the training
+loader shuffles with ``EpochShuffle`` (a ``RandomSampler``, so under DDP Lightning swaps in its
+DistributedSampler, seeded the same way), and at each pass sets the pairs' epoch from its
+sampler's (Lightning sets that at every epoch start, also after a mid-epoch resume, where it skips
+``on_train_epoch_start``). It is a ``ResumableLoader``: Lightning saves how far into the epoch it
+was, so a resumed run continues the epoch with the batches it had not seen, in the order an
+uninterrupted run sees them.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, RandomSampler
 
 from ..errors import UserError
 from ..registry import DATASETS, to_plain
@@ -28,12 +36,13 @@ class FacePairDataModule(L.LightningDataModule):
     """Pairs for train/val/test from an identity-disjoint split of one registered dataset.
 
     ``split_file`` (argument) overrides ``data.split_file``; ``pair_seed`` (default
-    ``split_seed``) keys the partner draws. Val and test pairs stay at epoch 0 (fixed pairs, so
-    their losses are comparable across epochs).
+    ``split_seed``) keys the partner draws, ``shuffle_seed`` (default ``pair_seed``; training passes
+    ``run.seed``) the training order. Val and test pairs stay at epoch 0 (fixed pairs, so their
+    losses are comparable across epochs).
     """
 
     def __init__(self, data_cfg: Mapping[str, Any], split_file: str | Path | None = None,
-                 pair_seed: int | None = None):
+                 pair_seed: int | None = None, shuffle_seed: int | None = None):
         super().__init__()
         cfg = dict(to_plain(data_cfg))
         missing = [k for k in ("dataset", "image_size", "batch_size") if k not in cfg]
@@ -47,6 +56,7 @@ class FacePairDataModule(L.LightningDataModule):
         self.split_fractions = tuple(cfg.get("split_fractions", (0.8, 0.1, 0.1)))
         self.split_file = split_file if split_file is not None else cfg.get("split_file")
         self.pair_seed = self.split_seed if pair_seed is None else int(pair_seed)
+        self.shuffle_seed = self.pair_seed if shuffle_seed is None else int(shuffle_seed)
         self.latent_cache = LatentCache(cfg["latent_cache"]) if cfg.get("latent_cache") else None
         if self.batch_size < 1 or self.num_workers < 0:
             raise UserError(f"data.batch_size must be >= 1 and data.num_workers >= 0, "
@@ -66,34 +76,92 @@ class FacePairDataModule(L.LightningDataModule):
         self.test_pairs = PairDataset(source, self.split.test, seed=self.pair_seed)
         self.test_dataset = LabelledSubset(self.dataset, self.split.test)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Re-draw training partners for ``epoch`` (call before the epoch's iterator is made)."""
-        if self.dataset is not None:
-            self.train_pairs.set_epoch(epoch)
-
-    def _loader(self, dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=drop_last, persistent_workers=False, collate_fn=collate_pairs)
-
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         if len(self.train_pairs) == 0:
             raise UserError("the training split is empty: check data.split_fractions and the dataset")
-        return self._loader(self.train_pairs, shuffle=True, drop_last=len(self.train_pairs) >= self.batch_size)
+        # workers pick up the pairs' epoch when their iterator is made: not persistent
+        return ResumableLoader(self.train_pairs, batch_size=self.batch_size,
+                               sampler=EpochShuffle(self.train_pairs, self.shuffle_seed),
+                               num_workers=self.num_workers, drop_last=len(self.train_pairs) >= self.batch_size,
+                               persistent_workers=False, collate_fn=collate_pairs)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return self._loader(self.val_pairs, shuffle=False)
+        return self._fixed_loader(self.val_pairs)
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
-        return self._loader(self.test_pairs, shuffle=False)
+        return self._fixed_loader(self.test_pairs)
+
+    def _fixed_loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate_pairs)
 
 
-class PairEpochCallback(L.Callback):
-    """Tells the datamodule the epoch at its start (before the loader's iterator and workers exist)."""
+class EpochShuffle(RandomSampler):
+    """A permutation drawn from (seed, epoch) alone: the same epoch is the same order in any process,
+    so a resumed run can replay it. ``set_epoch`` is Lightning's per-epoch call."""
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(trainer.current_epoch)
+    def __init__(self, data_source, seed: int):
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # as DistributedSampler seeds
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can checkpoint mid-epoch (its ``state_dict``/``load_state_dict``
+    protocol on loaders). The state is the epoch and how many batches of it were handed out; the
+    first pass of that epoch after a load skips them by index (nothing is read for them). Each pass
+    also sets its dataset's epoch from the sampler's (the pairs' partners), before workers start.
+    """
+
+    def state_dict(self) -> dict:
+        return {"epoch": getattr(self, "_pass_epoch", 0), "batches_done": getattr(self, "_batches_done", 0)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._resume = (int(state.get("epoch", 0)), int(state.get("batches_done", 0)))
+
+    def __iter__(self):
+        # A generator: this body runs at the first next(), after Lightning's set_epoch for the epoch.
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        resume_epoch, resume_at = getattr(self, "_resume", (None, 0))
+        self._resume = (None, 0)
+        skip = resume_at if resume_epoch == epoch and 0 < resume_at < len(self) else 0
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self._pass_epoch, self._batches_done = epoch, skip
+        self._skip_now = skip
+        try:
+            batches = super().__iter__()  # reads _index_sampler now, in every worker setting
+        finally:
+            self._skip_now = 0
+        for batch in batches:
+            self._batches_done += 1
+            yield batch
+
+    @property
+    def _index_sampler(self):
+        index_sampler = super()._index_sampler
+        skip = getattr(self, "_skip_now", 0)
+        return _SkipBatches(index_sampler, skip) if skip else index_sampler
+
+
+class _SkipBatches:
+    """A batch sampler without its first ``skip`` batches."""
+
+    def __init__(self, batch_sampler, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, int(skip)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)

@@ -206,8 +206,8 @@ class PairDataset(torch.utils.data.Dataset):
     The partner is another item of the subset with the same identity, uniform among them, drawn from
     (seed, epoch, i); with none (singleton or unlabelled) it is ``augmented_view`` of ``a`` drawn
     from the same key. Call ``set_epoch`` before each epoch to re-draw partners (the datamodule's
-    ``PairEpochCallback`` does); with ``num_workers > 0`` workers pick up the epoch when their
-    iterator is created, so keep ``persistent_workers`` off.
+    training loader does, at each pass); with ``num_workers > 0`` workers pick up the epoch when
+    their iterator is created, so keep ``persistent_workers`` off.
     """
 
     def __init__(self, base, indices=None, seed: int = 0):
