@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny, CPU) and their figures hang together; no timing is asserted."""
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -281,10 +282,21 @@ def test_the_narrow_sd15_copy_issues_the_full_width_steps_kernels(capsys):
     assert narrow["bare"]["kernels"] == fake["bare"]["kernels"]
 
 
+def test_gpu_wheels_lists_what_this_environment_runs():
+    """The wheels a GPU session carries are pinned to the versions the tests here ran with."""
+    import subprocess
+    from importlib.metadata import version
+
+    out = subprocess.run(["bash", str(BENCHMARKS / "gpu_wheels.sh"), "--list"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHON": sys.executable}).stdout
+    pins = dict(line.split("==") for line in out.split())
+    assert {"diffusers", "omegaconf", "submitit", "facenet-pytorch"} <= set(pins)
+    assert all(pins[name] == version(name) for name in pins)
+
+
 def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
     """A flag typo in gpu.sh would cost a scarce GPU session: every part's commands, recorded by a
     stand-in python, parse with their scripts' own parsers."""
-    import os
     import re
     import subprocess
 
