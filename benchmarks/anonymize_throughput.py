@@ -149,7 +149,10 @@ def main(argv=None) -> int:
         photos.mkdir()
         warm.mkdir()
         make_photos(photos, args.photos, args.faces_per_photo, size=args.photo_size, fmt=args.photo_format)
-        make_photos(warm, 1, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
+        # The warm-up fills the largest batch: under --compile a batch of a shape not seen yet
+        # recompiles the UNet (minutes at SD size), which must not land in the timed run.
+        warm_photos = -(-max(args.batch_sizes) // args.faces_per_photo)
+        make_photos(warm, warm_photos, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
         if args.checkpoint:
             model, cfg, info = load_model(args.checkpoint, args.device, compile=args.compile,
                                           first_stage_dtype=args.vae_dtype, unet_dtype=args.unet_dtype,

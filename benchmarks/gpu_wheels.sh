@@ -11,10 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 # diffusers, omegaconf, submitit, facenet-pytorch: the stack; torch-fidelity: FID's Inception;
-# importlib_metadata: diffusers imports it.
+# importlib_metadata (and lazy-importer, which it imports): diffusers lists it.
 specs=$("$PY" - <<'EOF'
 from importlib.metadata import PackageNotFoundError, version
-names = ["diffusers", "omegaconf", "submitit", "facenet-pytorch", "torch-fidelity", "importlib_metadata"]
+names = ["diffusers", "omegaconf", "submitit", "facenet-pytorch", "torch-fidelity", "importlib_metadata",
+         "lazy-importer"]
 missing = []
 for name in names:
     try:
