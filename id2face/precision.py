@@ -51,7 +51,7 @@ def active_autocast_dtype(device_type: str):
     """The dtype an enclosing ``torch.autocast`` on ``device_type`` computes in, or None."""
     import torch
 
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -61,6 +61,16 @@ def autocast_off(device_type: str):
     without autocast (``meta``: the benchmarks' shape-only and host-overhead runs)."""
     import torch
 
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_available(device_type: str) -> bool:
+    # Dynamo of torch 2.11 cannot trace torch.amp.is_autocast_available: every harmonizer and
+    # low-precision norm broke the compiled UNet's graph, and its blocks were recompiled until
+    # dynamo gave up (anonymize --compile on an H100, 2026-11-27). Compiled code runs on devices
+    # with autocast; only the uncompiled meta-device runs need the question asked.
+    import torch
+
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)

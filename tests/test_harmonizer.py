@@ -242,3 +242,25 @@ def test_the_two_attention_paths_give_the_same_outputs_and_gradients(attention_l
 def test_an_unknown_attention_path_is_refused():
     with pytest.raises(ValueError, match="attention must be one of weights, sdpa"):
         HARMONIZERS.build({"name": "gated", "params": {"attention": "flash"}}).install(tiny_backbone().unet, 2)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_PATHS)
+def test_the_gated_unet_compiles_as_one_graph_where_dynamo_cannot_trace_autocast_queries(attention, monkeypatch,
+                                                                                           fresh_dynamo):
+    """Dynamo of torch 2.11 cannot trace ``torch.amp.is_autocast_available``: a harmonizer (or a
+    low-precision norm) asking it broke the compiled UNet's graph in every cross-attention layer,
+    and on an H100 the SD-1.5 UNet's blocks were recompiled one by one until dynamo gave up.
+    Emulated here by hiding the function from dynamo."""
+    monkeypatch.setattr(torch.amp, "is_autocast_available", torch._dynamo.disable(torch.amp.is_autocast_available))
+    torch.manual_seed(0)
+    backbone = BACKBONES.build({"name": "unet", "params": {**TINY_UNET, "low_precision_norms": True}},
+                               in_channels=7, out_channels=3, cross_attention_dim=CONTEXT_DIM).eval()
+    harmonizer = HARMONIZERS.build({"name": "gated", "params": {"gate_hidden": 8, "time_embed_dim": 16,
+                                                                "attention": attention}})
+    harmonizer.install(backbone.unet, NUM_ID_TOKENS)
+    x, t, context = unet_inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(backbone.unet)(x, t, encoder_hidden_states=context,
+                                                           cross_attention_kwargs=harmonizer.attention_kwargs(t))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
