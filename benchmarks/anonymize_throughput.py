@@ -12,7 +12,8 @@ Writes N photos (skimage backgrounds, 640 x 480 unless --photo-size, each with K
 of 112-128 px that MTCNN detects), then runs the whole file pipeline (`anonymize_files`: decode,
 MTCNN, alignment, batched sampling, paste-back, atomic writes, sidecars; the audit recognizer of
 --audit-recognizer, none by default) once per batch size and number of I/O threads
-(`--io-workers`, as `id2face anonymize --io-workers`) into a fresh folder, after one warm-up photo.
+(`--io-workers`, as `id2face anonymize --io-workers`) into a fresh folder, after a warm-up run
+with the largest batch's faces.
 Detection alone and file decode + encode alone are timed too (the parts batching cannot speed up;
 I/O threads overlap the second with the model).
 Without --checkpoint the --profile model (tiny, or sd15: the SD-1.5-sized paper config at 512 px)
@@ -58,7 +59,8 @@ def _backgrounds() -> list[np.ndarray]:
     return [data.coffee(), data.chelsea(), data.astronaut()[300:], data.rocket()]
 
 
-def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 480), fmt: str = "png") -> None:
+def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 480), fmt: str = "png",
+                prefix: str = "group") -> None:
     from id2face.data.synthfaces import render_sample
 
     backgrounds = _backgrounds()
@@ -72,7 +74,7 @@ def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 
             y = 20 + (slot // 4) * 230 + int(rng.integers(0, 100))
             item = render_sample((index * faces + slot) % 8, 0, side)  # sample 0 of identities 0-7: MTCNN finds them
             photo[y:y + side, x:x + side] = np.rint((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5)
-        Image.fromarray(photo).save(folder / f"group{index:03d}.{fmt}", **({"quality": 92} if fmt == "jpg" else {}))
+        Image.fromarray(photo).save(folder / f"{prefix}{index:03d}.{fmt}", **({"quality": 92} if fmt == "jpg" else {}))
 
 
 def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | None, unet_dtype: str | None = None,
@@ -150,9 +152,12 @@ def main(argv=None) -> int:
         warm.mkdir()
         make_photos(photos, args.photos, args.faces_per_photo, size=args.photo_size, fmt=args.photo_format)
         # The warm-up fills the largest batch: under --compile a batch of a shape not seen yet
-        # recompiles the UNet (minutes at SD size), which must not land in the timed run.
+        # recompiles the UNet (minutes at SD size), which must not land in the timed run. One photo
+        # at the timed size warms detection and paste-back; the others are small (the faces'
+        # crops, hence the model's shapes, do not depend on the photo's size).
         warm_photos = -(-max(args.batch_sizes) // args.faces_per_photo)
-        make_photos(warm, warm_photos, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
+        make_photos(warm, 1, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
+        make_photos(warm, warm_photos - 1, args.faces_per_photo, seed=2, fmt=args.photo_format, prefix="small")
         if args.checkpoint:
             model, cfg, info = load_model(args.checkpoint, args.device, compile=args.compile,
                                           first_stage_dtype=args.vae_dtype, unet_dtype=args.unet_dtype,
