@@ -196,7 +196,8 @@ def main(argv=None) -> int:
 
         for batch, workers, ahead in ((b, w, a) for b in args.batch_sizes for w in args.io_workers
                                       for a in args.pipeline_depth):
-            settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision)
+            settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision,
+                                         pad_last_batch=args.compile)  # as `anonymize --compile`
             anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, device=args.device,
                                     pipeline_depth=ahead)
             run = f"{len(rows)}-{batch}-{workers}-{ahead}"  # a fresh folder per row, repeated settings too

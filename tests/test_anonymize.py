@@ -395,6 +395,37 @@ def test_out_of_memory_splits_the_batch_instead_of_failing(loaded, monkeypatch):
     assert result.status == "anonymized" and [f["status"] for f in result.faces] == ["anonymized"] * 3
 
 
+@pytest.mark.parametrize("pad", [False, True], ids=["ragged", "padded"])
+def test_the_last_batch_is_padded_to_one_shape_on_request_and_out_of_memory_still_splits(loaded, monkeypatch, pad):
+    detector = GroundTruthDetector()
+    boxes = [(0, 0, 30, 40), (1, 0, 200, 60), (2, 0, 340, 150)]
+    photos = [compose(detector, skimage_data.coffee(), boxes)[0] for _ in range(2)]  # 6 faces
+    engine = anonymizer(loaded, detector=detector, batch_size=4, pad_last_batch=pad)
+    sizes, real = [], engine.model.anonymize
+
+    def recorded(images, masks, **kwargs):
+        sizes.append(len(images))
+        return real(images, masks, **kwargs)
+
+    monkeypatch.setattr(engine.model, "anonymize", recorded)
+    results = engine.anonymize_photos(photos)
+    assert sizes == ([4, 4] if pad else [4, 2])
+    assert [f["status"] for r in results for f in r.faces] == ["anonymized"] * 6
+
+    sizes.clear()
+
+    def small_only(images, masks, **kwargs):
+        sizes.append(len(images))
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(images, masks, **kwargs)
+
+    monkeypatch.setattr(engine.model, "anonymize", small_only)
+    (result,) = engine.anonymize_photos(photos[:1])
+    assert sizes == ([4, 1, 2, 1, 1] if pad else [3, 1, 2, 1, 1])  # the halves are not padded back
+    assert [f["status"] for f in result.faces] == ["anonymized"] * 3
+
+
 def test_sampling_runs_in_the_chosen_precision_and_pseudonyms_do_not_depend_on_it(loaded):
     detector = GroundTruthDetector()
     photo, _ = compose(detector, skimage_data.coffee(), [(0, 0, 30, 40), (1, 0, 300, 120)])

@@ -41,6 +41,7 @@ class AnonymizeSettings:
     key: str | bytes | None = None       # secret for consistent pseudonyms; None: fresh identities
     steps: int | None = None             # sampler steps; None: the checkpoint's sampler setting
     batch_size: int = 8                  # faces per model call, gathered across photos
+    pad_last_batch: bool = False         # fill the last batch with repeats: a compiled model sees one shape
     seed: int | None = None              # diffusion noise seed; None: a random one (recorded)
     min_score: float = 0.8               # detections scored below are not faces
     min_face_size: float = 8.0           # px, shorter side of the box; smaller faces are covered
@@ -278,7 +279,7 @@ class Anonymizer:
                     queue = queue[batch:]
                 yield from self._flush(pending, finisher, finishing, keep=depth)
             if queue:
-                self._sample(queue)
+                self._sample(queue, pad_to=batch if self.settings.pad_last_batch else None)
             yield from self._flush(pending, finisher, finishing, keep=0)
 
     @property
@@ -396,11 +397,14 @@ class Anonymizer:
 
     # -- stage 2: batched sampling -----------------------------------------------------------
     @torch.no_grad()
-    def _generate(self, faces: list[Face]) -> torch.Tensor:
+    def _generate(self, faces: list[Face], pad_to: int | None = None) -> torch.Tensor:
         # Only sampling runs in reduced precision: keyed substitutes come from _embed's fp32 latents,
         # so a person's pseudonym does not depend on the precision.
+        # A short batch padded with repeats of its last face: under torch.compile a new batch size
+        # recompiles the UNet (minutes at SD size), a repeat costs one batch's sampling at most.
+        rows = faces + faces[-1:] * (pad_to - len(faces)) if pad_to else faces
         with autocast(self.settings.precision, self.device):
-            return self._generate_batch(faces)
+            return self._generate_batch(rows)[:len(faces)]
 
     def _generate_batch(self, faces: list[Face]) -> torch.Tensor:
         crops = torch.stack([face.crop for face in faces]).to(self.device)
@@ -413,12 +417,12 @@ class Anonymizer:
         return self.model.generate(crops, masks, substitutes, source_latent=sources, generator=self.generator,
                                    num_inference_steps=self.settings.steps)
 
-    def _sample(self, faces: list[Face]) -> None:
-        """Anonymize ``faces`` in one call; on failure split the batch and retry the halves, so one
-        bad face (or a batch too large for memory) costs only itself: a single face that fails is
-        covered."""
+    def _sample(self, faces: list[Face], pad_to: int | None = None) -> None:
+        """Anonymize ``faces`` in one call (padded to ``pad_to`` faces); on failure split the batch
+        and retry the halves, unpadded, so one bad face (or a batch too large for memory) costs only
+        itself: a single face that fails is covered."""
         try:
-            out = self._generate(faces)
+            out = self._generate(faces, pad_to)
             if not torch.is_tensor(out) or tuple(out.shape) != (len(faces), 3, self.size, self.size):
                 raise RuntimeError(f"the model returned {tuple(out.shape) if torch.is_tensor(out) else type(out)}, "
                                    f"expected {(len(faces), 3, self.size, self.size)}")

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "32-true on cpu)")
     parser.add_argument("--compile", action="store_true",
                         help="channels_last + torch.compile of the UNet and the SD VAE: minutes of compilation "
-                             "first (per batch shape), faster sampling after; for large jobs on a GPU")
+                             "first, faster sampling after (the last batch is padded to --batch-size, so one "
+                             "shape is compiled); for large jobs on a GPU")
     parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"),
                         help="an SD VAE first stage's weights and arithmetic in this dtype, whatever --precision "
                              "(bfloat16: about half the memory traffic of its encode and decode; default: the "
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from ..precision import resolve_precision
 
     settings = AnonymizeSettings(key=_read_key(args), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                 pad_last_batch=args.compile,
                                  min_score=args.min_score, cover=args.cover, cluster_threshold=args.cluster_threshold,
                                  cover_if_recognized=args.cover_if_recognized, face_scale=args.face_scale)
     settings.check()
