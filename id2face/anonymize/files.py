@@ -242,7 +242,8 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
         write_atomic(job.sidecar, (json.dumps(sidecar, indent=1) + "\n").encode())
         sidecars[job.relative] = sidecar
         bar.update(1)
-        bar.set_postfix_str(f"faces={faces_seen} " + " ".join(f"{k}={v}" for k, v in sorted(statuses.items())),
+        # The statuses count photos: a bare "faces=9 anonymized=3" read as 3 of 9 faces.
+        bar.set_postfix_str(f"faces={faces_seen}, photos " + " ".join(f"{k}={v}" for k, v in sorted(statuses.items())),
                             refresh=False)
 
     writes: deque[tuple[Job, dict, Future | None]] = deque()  # None: nothing to write
