@@ -65,15 +65,20 @@ def first_stage_description(model) -> str:
     return "sd_vae (SD-1.5 AutoencoderKL, random init)" if name == "sd_vae" else name
 
 
+# Who encodes and decodes around the UNet: the first stage (own), an untrained TAESD-architecture
+# autoencoder decoding (taesd: `anonymize --tiny-decoder`), or encoding and decoding (taesd_both:
+# `--tiny-decoder --tiny-encoder`). The cost is that of trained weights; the pictures are not.
+FIRST_STAGE_VARIANTS = ("own", "taesd", "taesd_both")
+
+
 def first_stage_with_decoder(first_stage, decoder: str, channels_last: bool = False, compile: bool = False):
-    """``first_stage`` itself (``own``), or one that decodes with an untrained TAESD-architecture
-    autoencoder (``taesd``), as ``anonymize --tiny-decoder`` does with trained weights (the cost is
-    the same; the pictures are not)."""
+    """``first_stage`` with the coder variant ``decoder`` of ``FIRST_STAGE_VARIANTS``."""
     if decoder == "own":
         return first_stage
     from id2face.inference import with_tiny_decoder
 
-    return with_tiny_decoder(first_stage, None, channels_last=channels_last, compile=compile, random_init=True)
+    return with_tiny_decoder(first_stage, None, also_encodes=decoder == "taesd_both", channels_last=channels_last,
+                             compile=compile, random_init=True)
 
 
 def face_batch(n: int, size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,6 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
-DECODERS = ("own", "taesd")
 
 
 def parse_args(argv=None):
@@ -58,17 +57,18 @@ def parse_args(argv=None):
                         help="no timing: eager kernels, bytes and their roofline bound of one anonymization of "
                              "the first --batch faces by part, on fake tensors (any machine; --bf16: CUDA's autocast)")
     C.add_device_arguments(parser, "--traffic: device peak FLOP/s")
-    parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=["own"],
+    parser.add_argument("--decoders", nargs="+", choices=C.FIRST_STAGE_VARIANTS, default=["own"],
                         help="who decodes the latents, each a row of the grid: own (the first stage), taesd "
-                             "(TAESD's architecture, untrained: the cost of `id2face anonymize --tiny-decoder`; "
-                             "sd15 only). --flops-only / --traffic take one")
+                             "(TAESD's architecture, untrained: the cost of `id2face anonymize --tiny-decoder`), "
+                             "taesd_both (it encodes the masked image too: `--tiny-decoder --tiny-encoder`); "
+                             "taesd* sd15 only. --flops-only / --traffic take one")
     parser.add_argument("--breakdown", action="store_true",
                         help="one more call of the last configuration timed by part (encoders, first-stage "
                              "encode/decode, UNet)")
     args = parser.parse_args(argv)
     if args.traffic and (args.flops_only or args.compile or args.breakdown):
         parser.error("--traffic counts eager kernels on fake tensors: no --flops-only, --compile or --breakdown with it")
-    if "taesd" in args.decoders and args.profile != "sd15":
+    if set(args.decoders) - {"own"} and args.profile != "sd15":
         parser.error("--decoders taesd decodes SD VAE latents: --profile sd15 (tiny samples in pixels)")
     if (args.flops_only or args.traffic) and len(args.decoders) > 1:
         parser.error("--flops-only / --traffic count one call: give one --decoders")

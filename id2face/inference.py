@@ -102,14 +102,14 @@ def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False,
                first_stage_dtype: str | None = None, tiny_decoder: str | Path | None = None,
-               unet_dtype: str | None = None, harmonizer_attention: str | None = None):
+               unet_dtype: str | None = None, harmonizer_attention: str | None = None, tiny_encoder: bool = False):
     """The ``ID2Face`` of a training checkpoint with its EMA weights (the ones ``ID2FaceModule``
     samples with), in eval mode on ``device``; returns ``(model, cfg, info)``. ``compile``: the
     speed switches on (channels_last + torch.compile of the UNet and an SD VAE first stage),
     whatever the checkpoint trained with; ``first_stage_dtype``: an SD VAE's weights and arithmetic
     in that dtype (``model.first_stage.params.dtype``); ``tiny_decoder``: a local AutoencoderTiny
     folder that decodes instead of the checkpoint's first stage (``DecoderSwap``; the same dtype
-    and speed switches); ``unet_dtype``: the UNet's (and harmonizer's) weights and arithmetic in
+    and speed switches), and with ``tiny_encoder`` encodes too; ``unet_dtype``: the UNet's (and harmonizer's) weights and arithmetic in
     that dtype (``model.backbone.params.dtype``); ``harmonizer_attention``: a decoupled
     harmonizer's attention path (``weights`` | ``sdpa``, same values). All change how the model
     runs, not its trained weights (loaded in fp32, then cast)."""
@@ -117,6 +117,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
 
     from .config import merge_layer, parse_overrides
 
+    if tiny_encoder and tiny_decoder is None:
+        raise UserError("a tiny encoder is the tiny decoder's autoencoder: give its folder (--tiny-decoder DIR)")
     cfg, state, source = read_checkpoint_config(checkpoint)
     overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype, harmonizer_attention)
     if overrides:
@@ -135,12 +137,13 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
                 live.copy_(average)
     model = module.model
     if tiny_decoder is not None:
-        model.first_stage = with_tiny_decoder(model.first_stage, tiny_decoder, channels_last=compile, compile=compile,
-                                              dtype=first_stage_dtype)
+        model.first_stage = with_tiny_decoder(model.first_stage, tiny_decoder, also_encodes=tiny_encoder,
+                                              channels_last=compile, compile=compile, dtype=first_stage_dtype)
     model = model.to(device).eval()
     info = {"checkpoint": str(checkpoint), "config_source": source, "ema_weights": averaged > 0,
             "ema_updates": averaged, "compiled": bool(compile), "first_stage_dtype": first_stage_dtype,
             "unet_dtype": unet_dtype, "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder),
+            "tiny_encoder": bool(tiny_encoder),
             "harmonizer_attention": OmegaConf.select(cfg, "model.harmonizer.params.attention"),
             "frozen_weights_from_checkpoint": frozen_from_state}
     return model, cfg, info
@@ -188,13 +191,17 @@ def frozen_weights_from_state(model_cfg, state: Mapping[str, Any]) -> list[str]:
     return overrides
 
 
-def with_tiny_decoder(first_stage, path: str | Path | None, *, channels_last: bool = False, compile: bool = False,
-                      dtype: str | None = None, random_init: bool = False):
+def with_tiny_decoder(first_stage, path: str | Path | None, *, also_encodes: bool = False,
+                      channels_last: bool = False, compile: bool = False, dtype: str | None = None,
+                      random_init: bool = False):
     """``first_stage`` that decodes with the tiny autoencoder at ``path`` (``random_init``: an
     untrained one of TAESD's architecture, for benchmarks); UserError if its latents are not that
-    first stage's."""
+    first stage's. ``also_encodes``: the tiny autoencoder encodes too (the masked image's latents
+    then approximate the first stage's: TAESD's encoder is distilled from the SD VAE's, as
+    real-time SD pipelines use it), ~1/9 of an SD VAE encode's arithmetic at 512 px."""
     from .components.backbone import DecoderSwap, TinyVAEFirstStage
 
     decoder = TinyVAEFirstStage(path=None if path is None else str(path), random_init=random_init,
                                 channels_last=channels_last, compile=compile, dtype=dtype)
-    return DecoderSwap(first_stage, decoder)
+    swap = DecoderSwap(first_stage, decoder)  # refuses a decoder of another latent space
+    return decoder if also_encodes else swap

@@ -550,14 +550,23 @@ def test_unet_dtype_loads_the_checkpoint_into_a_bf16_unet(checkpoint, loaded):
     assert 0 < (faces[0] - faces[1]).abs().mean() < 0.05
 
 
-def test_tiny_decoder_decodes_instead_of_the_checkpoints_vae(tmp_path, checkpoint, sd_vae_checkpoint, capsys):
-    from id2face.components.backbone import DecoderSwap, TinyVAEFirstStage
+def save_toy_taesd(folder: Path):
+    """A random AutoencoderTiny of the toy SD VAE's latent space (4 channels, downscale 2), saved as
+    diffusers saves TAESD; returns its first stage."""
+    from id2face.components.backbone import TinyVAEFirstStage
 
     torch.manual_seed(1)
     tiny = TinyVAEFirstStage(random_init=True, config=dict(
         encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8], num_encoder_blocks=[1, 1],
         num_decoder_blocks=[1, 1]))
-    tiny.vae.save_pretrained(tmp_path / "taesd")
+    tiny.vae.save_pretrained(folder)
+    return tiny
+
+
+def test_tiny_decoder_decodes_instead_of_the_checkpoints_vae(tmp_path, checkpoint, sd_vae_checkpoint, capsys):
+    from id2face.components.backbone import DecoderSwap
+
+    tiny = save_toy_taesd(tmp_path / "taesd")
     reference, _, _ = load_model(sd_vae_checkpoint)
     model, _, info = load_model(sd_vae_checkpoint, tiny_decoder=tmp_path / "taesd")
     assert isinstance(model.first_stage, DecoderSwap) and info["tiny_decoder"] == str(tmp_path / "taesd")
@@ -582,6 +591,37 @@ def test_tiny_decoder_decodes_instead_of_the_checkpoints_vae(tmp_path, checkpoin
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_tiny_encoder_encodes_with_the_tiny_decoders_autoencoder(tmp_path, sd_vae_checkpoint, capsys):
+    from id2face.components.backbone import TinyVAEFirstStage
+
+    tiny = save_toy_taesd(tmp_path / "taesd")
+    reference, _, _ = load_model(sd_vae_checkpoint)
+    model, _, info = load_model(sd_vae_checkpoint, tiny_decoder=tmp_path / "taesd", tiny_encoder=True)
+    assert isinstance(model.first_stage, TinyVAEFirstStage) and info["tiny_encoder"] is True
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = model.first_stage.encode(images)
+        torch.testing.assert_close(latents, tiny.encode(images))
+        assert latents.shape == reference.first_stage.encode(images).shape
+        assert not torch.allclose(latents, reference.first_stage.encode(images))
+        torch.testing.assert_close(model.first_stage.decode(latents), tiny.decode(latents))
+    faces = anonymize_two_faces(reference, model)
+    assert faces[1].shape == faces[0].shape and torch.isfinite(faces[1]).all()
+
+    photo, out = tmp_path / "face.png", tmp_path / "out"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    command = ["anonymize", "--checkpoint", str(sd_vae_checkpoint), "-i", str(photo), "-o", str(out), "--device",
+               "cpu", "--audit-recognizer", "none", "--steps", "2", "--quiet", "--tiny-encoder"]
+    assert main(command) == 2  # which autoencoder would encode?
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--tiny-decoder DIR" in err, err
+    assert not out.exists()
+    assert main([*command, "--tiny-decoder", str(tmp_path / "taesd")]) == 0
+    summary = json.loads((out / "anonymize_summary.json").read_text())
+    assert summary["model"]["tiny_encoder"] is True and summary["faces"]["anonymized"] == 1
+    assert (out / "face.png").is_file()
 
 
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):

@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode with this tiny autoencoder (a local diffusers AutoencoderTiny folder: "
                              "madebyollin/taesd for SD 1.x/2.x VAEs) instead of the checkpoint's VAE: ~1/18 of "
                              "the decode's arithmetic at 512 px, softer detail; for large jobs")
+    parser.add_argument("--tiny-encoder", action="store_true",
+                        help="with --tiny-decoder: its autoencoder encodes the masked image too (~1/9 of the SD VAE "
+                             "encode's arithmetic at 512 px; its latents approximate the SD VAE's, so the model's "
+                             "condition is slightly off; the fastest pipeline)")
     parser.add_argument("--io-workers", type=int, default=None, metavar="N",
                         help="threads that decode the next photos and write the finished ones while the model "
                              "runs (default: min(4, CPUs); 0: all in one thread)")
@@ -174,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     # Same values either way; without a backward pass the fused kernels move fewer bytes (BENCHMARKS.md).
     attention = args.harmonizer_attention or ("sdpa" if device.startswith("cuda") else None)
     model, cfg, info = load_model(args.checkpoint, device, compile=args.compile, first_stage_dtype=args.vae_dtype,
-                                  tiny_decoder=args.tiny_decoder, unet_dtype=args.unet_dtype,
+                                  tiny_decoder=args.tiny_decoder, tiny_encoder=args.tiny_encoder,
+                                  unet_dtype=args.unet_dtype,
                                   harmonizer_attention=attention)
     settings.precision = resolve_precision(args.precision, device, OmegaConf.select(cfg, "trainer.precision"))
     size = int(cfg.data.image_size)

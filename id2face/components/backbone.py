@@ -190,7 +190,8 @@ class TinyVAEFirstStage(AutoencoderFirstStage):
     ~1/18 of the decode's arithmetic at 512 px (122 / 141 GFLOP vs 1117 / 2514). Softer detail.
 
     As a first stage of its own (train and sample on its latents), or, more usefully, as the decoder
-    of a model trained with ``sd_vae`` (``DecoderSwap``, ``id2face anonymize --tiny-decoder DIR``).
+    of a model trained with ``sd_vae`` (``DecoderSwap``, ``id2face anonymize --tiny-decoder DIR``),
+    and its encoder too (``--tiny-encoder``: what the model is conditioned on is then an approximation).
     ``path``: a local AutoencoderTiny folder; ``random_init: true`` builds the TAESD architecture
     (diffusers' defaults updated with ``config``) with random weights, for tests and benchmarks only.
     Speed switches as ``AutoencoderFirstStage``.
