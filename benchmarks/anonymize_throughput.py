@@ -4,9 +4,9 @@
         [--steps N] [--checkpoint CKPT | --profile tiny|sd15] [--device cpu|cuda]
         [--precision auto|32-true|bf16-mixed|16-mixed]
         [--compile] [--vae-dtype float32|bfloat16|float16] [--unet-dtype float32|bfloat16|float16]
-        [--tiny-decoder DIR|random] [--threads 1]
+        [--tiny-decoder DIR|random [--tiny-encoder]] [--threads 1]
         [--io-workers 0 4] [--pipeline-depth 0 16]
-        [--photo-format png|jpg] [--photo-size 640 480] [--audit-recognizer none|dlib|encoder|...]
+        [--photo-format png|jpg] [--photo-size 640 480] [--audit-recognizer none|dlib|encoder|...] [--steady]
 
 Writes N photos (skimage backgrounds, 640 x 480 unless --photo-size, each with K SynthFaces faces
 of 112-128 px that MTCNN detects), then runs the whole file pipeline (`anonymize_files`: decode,
@@ -16,6 +16,12 @@ MTCNN, alignment, batched sampling, paste-back, atomic writes, sidecars; the aud
 with the largest batch's faces.
 Detection alone and file decode + encode alone are timed too (the parts batching cannot speed up;
 I/O threads overlap the second with the model).
+A run's faces/s includes the pipeline's fill (the first batch waits for its photos' decoding and
+detection) and drain (the last batch's paste-back and writes wait for nothing to overlap with):
+with a few batches that is a large share of the run. ``--steady`` also times each setting on the
+photos twice over (each a second time, as a copy) and reports the marginal rate of the extra
+photos, (faces_2N - faces_N) / (seconds_2N - seconds_N): fill and drain cancel, and what is left is
+the rate a long job runs at.
 Without --checkpoint the --profile model (tiny, or sd15: the SD-1.5-sized paper config at 512 px)
 is built untrained: its speed does not depend on the weights. Prints a table and a final JSON line.
 """
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -96,6 +103,17 @@ def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | N
     return model, cfg, info
 
 
+def timed_run(folder: Path, output: Path, anonymizer, info: dict, io_workers: int, device: str) -> tuple[dict, float]:
+    """(summary, seconds) of ``anonymize_files`` over ``folder``, the device's queue drained at both ends."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    summary = anonymize_files([folder], output, anonymizer, info=info, progress=False, io_workers=io_workers)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return summary, time.perf_counter() - started
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=12)
@@ -117,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny-decoder", metavar="DIR|random",
                         help="decode with this tiny autoencoder folder, as `id2face anonymize --tiny-decoder`; "
                              "random: TAESD's architecture untrained (the same cost)")
+    parser.add_argument("--tiny-encoder", action="store_true",
+                        help="the --tiny-decoder autoencoder encodes too, as `id2face anonymize --tiny-encoder`")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--io-workers", type=int, nargs="+", default=[0, DEFAULT_IO_WORKERS],
                         help=f"file I/O threads, each a run (default: 0 and {DEFAULT_IO_WORKERS})")
@@ -128,10 +148,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the command's own default is dlib where installed)")
     parser.add_argument("--audit-workers", type=int, default=0, metavar="N",
                         help="a dlib audit's worker processes, as `id2face anonymize --audit-workers` (default 0)")
+    parser.add_argument("--steady", action="store_true",
+                        help="also time each setting on the photos twice over and report the marginal faces/s of "
+                             "the second half (the pipeline's fill and drain cancel: a long job's rate)")
     parser.add_argument("--photo-format", choices=("png", "jpg"), default="png")
     parser.add_argument("--photo-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"),
                         help="photo size (>= 640 x 480; e.g. 4032 3024, a 12 MP phone photo)")
     args = parser.parse_args(argv)
+    if args.tiny_encoder and not args.tiny_decoder:
+        parser.error("--tiny-encoder encodes with the --tiny-decoder autoencoder: give --tiny-decoder DIR|random")
     if args.photo_size[0] < 640 or args.photo_size[1] < 480:
         parser.error("--photo-size must be at least 640 480 (the faces are placed on a 640 x 480 grid)")
     return args
@@ -151,6 +176,12 @@ def main(argv=None) -> int:
         photos.mkdir()
         warm.mkdir()
         make_photos(photos, args.photos, args.faces_per_photo, size=args.photo_size, fmt=args.photo_format)
+        twice = tmp / "twice"  # --steady: the same photos, each also as a copy (same work, twice the files)
+        if args.steady:
+            twice.mkdir()
+            for photo in sorted(photos.iterdir()):
+                for copy in ("", "copy-"):
+                    shutil.copyfile(photo, twice / f"{copy}{photo.name}")
         # The warm-up fills the largest batch: under --compile a batch of a shape not seen yet
         # recompiles the UNet (minutes at SD size), which must not land in the timed run. One photo
         # at the timed size warms detection and paste-back; the others are small (the faces'
@@ -169,10 +200,10 @@ def main(argv=None) -> int:
             from id2face.inference import with_tiny_decoder
 
             path = None if args.tiny_decoder == "random" else args.tiny_decoder
-            model.first_stage = with_tiny_decoder(model.first_stage, path, channels_last=args.compile,
-                                                  compile=args.compile, dtype=args.vae_dtype,
-                                                  random_init=path is None).to(args.device)
-            info["tiny_decoder"] = args.tiny_decoder
+            model.first_stage = with_tiny_decoder(model.first_stage, path, also_encodes=args.tiny_encoder,
+                                                  channels_last=args.compile, compile=args.compile,
+                                                  dtype=args.vae_dtype, random_init=path is None).to(args.device)
+            info["tiny_decoder"], info["tiny_encoder"] = args.tiny_decoder, args.tiny_encoder
         model_name = Path(args.checkpoint).name if args.checkpoint else f"untrained {args.profile}"
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
@@ -203,21 +234,20 @@ def main(argv=None) -> int:
             run = f"{len(rows)}-{batch}-{workers}-{ahead}"  # a fresh folder per row, repeated settings too
             anonymize_files([warm], tmp / f"warm{run}", anonymizer, info=info, progress=False, io_workers=workers)
             load = os.getloadavg()[0]
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            summary = anonymize_files([photos], tmp / f"out{run}", anonymizer, info=info, progress=False,
-                                      io_workers=workers)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - started
+            summary, wall = timed_run(photos, tmp / f"out{run}", anonymizer, info, workers, args.device)
             faces = summary["faces"]["total"]
-            rows.append({"batch_size": batch, "io_workers": workers, "pipeline_depth": ahead,
-                         "photos": summary["images"]["written"],
-                         "faces": faces,
-                         "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
-                         "faces_per_s": round(faces / wall, 3), "photos_per_s": round(args.photos / wall, 3),
-                         "load_average_1min": round(load, 2)})
+            row = {"batch_size": batch, "io_workers": workers, "pipeline_depth": ahead,
+                   "photos": summary["images"]["written"], "faces": faces,
+                   "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
+                   "faces_per_s": round(faces / wall, 3), "photos_per_s": round(args.photos / wall, 3),
+                   "load_average_1min": round(load, 2)}
+            if args.steady:
+                summary_twice, wall_twice = timed_run(twice, tmp / f"twice{run}", anonymizer, info, workers, args.device)
+                row.update(photos_twice=summary_twice["images"]["written"], faces_twice=summary_twice["faces"]["total"],
+                           seconds_twice=round(wall_twice, 2),
+                           steady_faces_per_s=round((summary_twice["faces"]["total"] - faces) / (wall_twice - wall), 3)
+                           if wall_twice > wall else None)
+            rows.append(row)
 
     steps = args.steps or int(cfg.model.sampler.params.num_inference_steps)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}"
@@ -227,24 +257,35 @@ def main(argv=None) -> int:
           f"{model_name} at {size} px, {steps} {cfg.model.sampler.name} steps, {precision}"
           f"{', compiled' if args.compile else ''}{f', VAE in {args.vae_dtype}' if args.vae_dtype else ''}"
           f"{f', UNet in {args.unet_dtype}' if args.unet_dtype else ''}"
-          f"{f', tiny decoder {args.tiny_decoder}' if args.tiny_decoder else ''}; "
+          f"{f', tiny decoder {args.tiny_decoder}' if args.tiny_decoder else ''}"
+          f"{' (encodes too)' if args.tiny_encoder else ''}; "
           f"device {args.device} ({device}), "
           f"{args.threads} torch thread(s), {os.cpu_count()} CPUs")
     print(f"MTCNN detection alone: {detect_seconds:.2f} s for {args.photos} photos "
           f"({args.photos / detect_seconds:.2f} photos/s, {detected} faces)")
     print(f"file decode + encode alone, one thread: {io_seconds:.2f} s for {args.photos} photos")
+    steady_header = f" {'2N s':>7} {'steady faces/s':>14}" if args.steady else ""
     print(f"{'batch':>5} {'io':>3} {'depth':>5} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} "
-          f"{'faces/s':>8} {'photos/s':>8} {'load':>5}")
+          f"{'faces/s':>8} {'photos/s':>8} {'load':>5}{steady_header}")
     for r in rows:
+        steady = (f" {r['seconds_twice']:>7.2f} {r['steady_faces_per_s'] or float('nan'):>14.3f}"
+                  if args.steady else "")
         print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['pipeline_depth']:>5} {r['photos']:>6} {r['faces']:>5} "
               f"{r['anonymized']:>10} "
-              f"{r['seconds']:>8.2f} {r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}")
+              f"{r['seconds']:>8.2f} {r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}"
+              f"{steady}")
+    if args.steady:
+        print("steady faces/s: (faces of 2N photos - faces of N) / (seconds of 2N - seconds of N), the photos twice "
+              "over: the pipeline's fill and drain cancel")
     best = max(rows, key=lambda r: r["faces_per_s"])
+    steady_rates = [r["steady_faces_per_s"] for r in rows if r.get("steady_faces_per_s")]
     print(json.dumps({"benchmark": "anonymize_throughput", "device": args.device, "threads": args.threads,
                       "steps": steps, "image_size": size, "precision": precision, "compile": args.compile,
                       "vae_dtype": args.vae_dtype, "unet_dtype": args.unet_dtype, "tiny_decoder": args.tiny_decoder,
+                      "tiny_encoder": args.tiny_encoder,
                       "harmonizer_attention": args.harmonizer_attention,
                       "faces_per_s": best["faces_per_s"],
+                      "steady_faces_per_s": max(steady_rates) if steady_rates else None,
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
                       "best_pipeline_depth": best["pipeline_depth"],
                       "photo_size": args.photo_size, "photo_format": args.photo_format,

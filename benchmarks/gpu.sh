@@ -14,13 +14,16 @@
 # harmonizer's attention computed by two SDPA kernels and a lerp: harmonizer attention=sdpa),
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
 # sample_bf16 (the sample part's first row with the UNet's and the SD VAE's weights and norms in
-# bf16 and the harmonizer's sdpa path, decoded by the VAE and by TAESD's architecture),
-# anonymize_fast (the anonymize part with those and depth 64: what the 20 faces/s target needs,
-# eager), anonymize_compiled (the same compiled, < 400 s), compiled, cached_compiled
+# bf16 and the harmonizer's sdpa path, decoded by the VAE, by TAESD's architecture, and with that
+# encoding too),
+# anonymize_fast (the anonymize part with those, TAESD's architecture encoding too, and depth 64:
+# what the 20 faces/s target needs, eager), anonymize_compiled (the same compiled, < 420 s),
+# compiled, cached_compiled
 # (+ channels_last + torch.compile of both UNets), sample, sample_compiled (+ channels_last +
 # compile of the UNet and the VAE), anonymize (the whole file pipeline end to end: MTCNN,
 # alignment, sampling, paste-back, 12 MP JPEGs decoded and written by I/O threads, stages in turn
-# and in worker threads; < 4 min), fid, switches (cached step with plain AdamW, flash attention
+# and in worker threads; < 4 min; the anonymize parts also run the photos twice over for the
+# steady rate, fill and drain cancelled: anonymize_throughput.py --steady), fid, switches (cached step with plain AdamW, flash attention
 # only, gradient checkpointing: ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,9 +76,9 @@ if want sample; then
 fi
 if want sample_bf16; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, the UNet and the SD VAE with bf16 weights and arithmetic"
-  echo "   (model.backbone/first_stage.params.dtype), decoded by the VAE and by TAESD's architecture"
-  timeout 75 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      --samplers ddim --repeats 1 --decoders own taesd --breakdown \
+  echo "   (model.backbone/first_stage.params.dtype), decoded by the VAE, by TAESD's architecture, and that encoding too"
+  timeout 90 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
+      --samplers ddim --repeats 1 --decoders own taesd taesd_both --breakdown \
       --override model.first_stage.params.dtype=bfloat16 model.backbone.params.dtype=bfloat16 \
                  model.harmonizer.params.attention=sdpa \
       || echo "== sample failed or timed out (exit $?)"
@@ -85,20 +88,19 @@ if want anonymize; then  # the issue's end-to-end figure: files in, files out
   echo "   4 I/O threads, stages in turn (depth 0) and in worker threads 64 photos deep (--pipeline-depth)"
   timeout 240 "$PY" benchmarks/anonymize_throughput.py --profile sd15 --device cuda --precision bf16-mixed \
       --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 4 --pipeline-depth 0 64 --threads 4 \
-      --photo-size 4032 3024 --photo-format jpg || echo "== anonymize_throughput failed or timed out (exit $?)"
+      --photo-size 4032 3024 --photo-format jpg --steady || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 --faces-per-photo 4 --batch-sizes 64
   --io-workers 4 --pipeline-depth 64 --threads 4 --vae-dtype bfloat16 --unet-dtype bfloat16 --tiny-decoder random
-  --harmonizer-attention sdpa
-  --photo-size 4032 3024 --photo-format jpg"
+  --tiny-encoder --harmonizer-attention sdpa --photo-size 4032 3024 --photo-format jpg --steady"
 if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline, eager
-  echo; echo "== anonymize end to end as above, depth 64, UNet and VAE encode in bf16, TAESD-architecture decoder"
-  timeout 160 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE \
+  echo; echo "== anonymize end to end as above, depth 64, UNet in bf16, TAESD-architecture encoder and decoder"
+  timeout 200 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want anonymize_compiled; then  # the same compiled (UNet, VAE encoder, TAESD decoder): the target's run
   echo; echo "== anonymize end to end as anonymize_fast, + channels_last + torch.compile (anonymize --compile)"
-  timeout 400 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --compile \
+  timeout 420 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --compile \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want sample_compiled; then

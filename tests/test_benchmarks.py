@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -49,17 +50,47 @@ def test_train_step_with_cached_latents_and_breakdown(capsys):
 
 def test_anonymize_throughput_with_and_without_io_threads(capsys):
     """The whole file pipeline on JPEG photos, once per I/O and detection-ahead setting: same faces,
-    all anonymized."""
+    all anonymized; --steady runs the photos twice over and rates the second half alone."""
     figures, out = run_script("anonymize_throughput", ["--photos", "2", "--faces-per-photo", "2", "--batch-sizes", "4",
                                                        "--steps", "2", "--io-workers", "0", "2", "--pipeline-depth",
                                                        "0", "2", "--photo-format", "jpg", "--photo-size", "800",
-                                                       "600"], capsys)
+                                                       "600", "--steady"], capsys)
     rows = figures["rows"]
     assert [(row["io_workers"], row["pipeline_depth"]) for row in rows] == [(0, 0), (0, 2), (2, 0), (2, 2)]
     assert all(row["faces"] == row["anonymized"] == 4 and row["photos"] == 2 for row in rows)
+    assert all(row["faces_twice"] == 8 and row["photos_twice"] == 4 for row in rows)
+    for row in rows:  # 4 more faces in the extra seconds (each figure rounded to 0.01 s)
+        extra = row["seconds_twice"] - row["seconds"]
+        assert 4 / (extra + 0.011) <= row["steady_faces_per_s"] <= 4 / (extra - 0.011)
+    assert figures["steady_faces_per_s"] == max(row["steady_faces_per_s"] for row in rows)
     assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
     assert figures["faces_per_s"] == max(row["faces_per_s"] for row in rows)
     assert "file decode + encode alone" in out
+
+
+COMPILED_ANONYMIZE = ["anonymize_throughput.py", "--photos", "1", "--faces-per-photo", "2", "--steps", "2",
+                      "--io-workers", "0", "--compile", "--precision", "bf16-mixed"]
+
+
+def test_dynamo_check_passes_the_compiled_pipeline_and_counts_what_would_split_it(monkeypatch, capsys):
+    """The compiled file pipeline (tiny) traces as whole graphs, once; the check counts the graph
+    breaks of an autocast query dynamo cannot trace (torch 2.11's) and the recompilation of a
+    second batch size, and exits 1 for them."""
+    check = load_script("dynamo_check")
+
+    def figures_of(argv, status):
+        assert check.main(argv) == status
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    clean = figures_of([*COMPILED_ANONYMIZE, "--batch-sizes", "2"], 0)
+    assert clean["graphs"] >= 1 and clean["graph_breaks"] == clean["recompilations"] == 0
+    resized = figures_of([*COMPILED_ANONYMIZE, "--batch-sizes", "2", "4"], 1)
+    assert resized["graph_breaks"] == 0 and resized["recompilations"] >= 1
+    import id2face.precision as precision
+
+    monkeypatch.setattr(precision, "_autocast_available", torch._dynamo.disable(precision._autocast_available))
+    split = figures_of([*COMPILED_ANONYMIZE, "--batch-sizes", "2"], 1)
+    assert split["graph_breaks"] >= 2 and split["graphs"] > clean["graphs"]  # a break in each cross-attention layer
 
 
 def test_switch_quality_evaluates_each_arithmetic_beside_a_seed_change(tmp_path, capsys):
