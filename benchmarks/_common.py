@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -29,6 +30,15 @@ SD15_OVERRIDES = (
 PROFILE_IMAGE_SIZE = {"tiny": 32, "sd15": 512}
 # H100 SXM HBM3 (spec sheet): the memory side of the --traffic roofline.
 DEFAULT_BANDWIDTH = 3.35e12
+
+
+_IMPORTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """``message`` on stderr at once, after the seconds since this module's import: a run that a
+    time cap cuts off prints its table never, and these lines say where its time went."""
+    print(f"[{time.perf_counter() - _IMPORTED:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def add_device_arguments(parser, peak_flops_help: str) -> None:

@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, a sibling o
 
 import torch  # noqa: E402
 
+import _common as C  # noqa: E402
+
 from id2face.anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,  # noqa: E402
                                build_audit_recognizer, training_template)
 from id2face.errors import UntrainedWeightsWarning  # noqa: E402
@@ -89,8 +91,6 @@ def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | N
     """(model, cfg, info) of a profile's model with its initial weights, built here, as ``load_model``
     builds a checkpoint's (its speed does not depend on the weights): ``tiny``, or ``sd15`` (the
     SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint)."""
-    import _common as C
-
     from id2face.inference import inference_overrides
     from id2face.model import ID2Face
 
@@ -189,6 +189,8 @@ def main(argv=None) -> int:
         warm_photos = -(-max(args.batch_sizes) // args.faces_per_photo)
         make_photos(warm, 1, args.faces_per_photo, seed=1, size=args.photo_size, fmt=args.photo_format)
         make_photos(warm, warm_photos - 1, args.faces_per_photo, seed=2, fmt=args.photo_format, prefix="small")
+        C.progress(f"{args.photos} photos made ({args.photo_size[0]}x{args.photo_size[1]} {args.photo_format}), "
+                   f"{warm_photos} for the warm-up")
         if args.checkpoint:
             model, cfg, info = load_model(args.checkpoint, args.device, compile=args.compile,
                                           first_stage_dtype=args.vae_dtype, unet_dtype=args.unet_dtype,
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
         detector = FaceDetector(device=args.device)
         audit = build_audit_recognizer(args.audit_recognizer, cfg, dlib_workers=args.audit_workers)
         audit = audit.to(args.device) if audit is not None else None
+        C.progress(f"model, detector and audit built on {args.device}")
 
         from id2face.anonymize import write_photo
         from id2face.data.imageio import read_image
@@ -220,10 +223,12 @@ def main(argv=None) -> int:
         for index, p in enumerate(pixels):
             write_photo(p, tmp / f"io{index}.{args.photo_format}")
         io_seconds = time.perf_counter() - started
+        C.progress(f"file decode + encode alone: {io_seconds:.2f} s")
         detector(pixels[0])
         started = time.perf_counter()
         detected = sum(int((detector(p)[1] >= 0.8).sum()) for p in pixels)
         detect_seconds = time.perf_counter() - started
+        C.progress(f"detection alone: {detect_seconds:.2f} s")
 
         for batch, workers, ahead in ((b, w, a) for b in args.batch_sizes for w in args.io_workers
                                       for a in args.pipeline_depth):
@@ -233,8 +238,11 @@ def main(argv=None) -> int:
                                     pipeline_depth=ahead)
             run = f"{len(rows)}-{batch}-{workers}-{ahead}"  # a fresh folder per row, repeated settings too
             anonymize_files([warm], tmp / f"warm{run}", anonymizer, info=info, progress=False, io_workers=workers)
+            C.progress(f"warm-up run done: batch {batch}, io {workers}, depth {ahead}"
+                       f"{' (compiles first)' if args.compile else ''}")
             load = os.getloadavg()[0]
             summary, wall = timed_run(photos, tmp / f"out{run}", anonymizer, info, workers, args.device)
+            C.progress(f"timed run: {summary['faces']['total']} faces in {wall:.2f} s")
             faces = summary["faces"]["total"]
             row = {"batch_size": batch, "io_workers": workers, "pipeline_depth": ahead,
                    "photos": summary["images"]["written"], "faces": faces,
@@ -243,6 +251,7 @@ def main(argv=None) -> int:
                    "load_average_1min": round(load, 2)}
             if args.steady:
                 summary_twice, wall_twice = timed_run(twice, tmp / f"twice{run}", anonymizer, info, workers, args.device)
+                C.progress(f"timed run twice over: {summary_twice['faces']['total']} faces in {wall_twice:.2f} s")
                 row.update(photos_twice=summary_twice["images"]["written"], faces_twice=summary_twice["faces"]["total"],
                            seconds_twice=round(wall_twice, 2),
                            steady_faces_per_s=round((summary_twice["faces"]["total"] - faces) / (wall_twice - wall), 3)

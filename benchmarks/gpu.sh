@@ -38,6 +38,7 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   echo "On CPU run: $PY benchmarks/train_step.py --profile tiny --device cpu (see BENCHMARKS.md)" >&2
   exit 2
 fi
+exec 2>&1  # the scripts' progress lines (stderr) go wherever the tables go: a capped part says where its time went
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if it failed (not timed out)

@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     if args.cfg:
         guidances["cfg"] = GUIDANCES.build({"name": "cfg", "params": {}})
 
+    C.progress(f"model built on {device.type}")
     grid, rows = [], []
     for decoder, batch, steps, sampler, guidance in itertools.product(args.decoders, args.batch, args.steps, samplers,
                                                                        guidances):
@@ -116,7 +117,9 @@ def main(argv=None) -> int:
                 model.anonymize(images, masks, generator=generator, key=0, num_inference_steps=steps)
 
         call()  # warm-up: allocator, cuDNN autotuning, compilation for this shape
+        C.progress(f"warm-up call done: {decoder}, batch {batch}, {steps} {sampler} steps, guidance {guidance}")
         seconds = C.median([C.timed(call, device) for _ in range(args.repeats)])
+        C.progress(f"timed: {batch / seconds:.2f} faces/s")
         unet_batch = batch * (2 if guidance != "none" else 1)
         entry = {"decoder": decoder, "batch": batch, "steps": steps, "sampler": sampler, "guidance": guidance,
                  "unet_batch": unet_batch, "s_per_call": seconds, "faces_per_s": batch / seconds,

@@ -338,6 +338,7 @@ def main(argv=None) -> int:
     fused = not args.no_fused
     full_opt = make_optimizer(full_params, device, fused)
     bare_opt = make_optimizer(bare_params, device, fused)
+    C.progress(f"both models built on {device.type}, inputs ready")
 
     def full_step(timer=C.NullTimer()):
         with timer.span("forward"), C.autocast(device, args.bf16):
@@ -369,6 +370,7 @@ def main(argv=None) -> int:
     flops_by_role = {name: int(sum(ops.values())) for name, ops in full_flop_counter.get_flop_counts().items()
                      if "." not in name and name != "Global"}
     bare_flops = C.count_flops(bare_step)
+    C.progress(f"FLOPs counted (one eager step each): full {full_flops / 1e12:.2f}, bare {bare_flops / 1e12:.2f} TFLOP")
 
     if args.compile:  # what model.backbone.params.compile does, after the eager FLOP count
         model.backbone.unet.compile()
@@ -385,6 +387,7 @@ def main(argv=None) -> int:
             # The first warm-up step compiles under --compile: its memory is not the step's.
             if index > 0 or warmup == 1:
                 memory[name] = max(memory[name], out["peak"])
+            C.progress(f"warm-up step {index + 1} of {name} done{' (compiles first)' if args.compile else ''}")
 
     syncs = {}
     if device.type == "cuda":
@@ -396,6 +399,8 @@ def main(argv=None) -> int:
         order = ("full", "bare") if step % 2 == 0 else ("bare", "full")
         for name in order:
             times[name].append(C.timed(steps[name], device))
+    C.progress(f"{args.steps} timed steps each: median full {C.median(times['full']) * 1e3:.1f} ms, "
+               f"bare {C.median(times['bare']) * 1e3:.1f} ms")
 
     # Each timed step above starts with an empty GPU queue, so a step's host-bound start (our
     # conditioning networks' small kernels) is exposed; back to back, it overlaps the previous step.

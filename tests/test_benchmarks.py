@@ -20,10 +20,11 @@ def load_script(name):
 
 
 def run_script(name, argv, capsys) -> tuple[dict, str]:
+    """(figures of the JSON last line, stdout + stderr: the table and the progress lines)."""
     module = load_script(name)
     assert module.main(argv) == 0
-    out = capsys.readouterr().out
-    return json.loads(out.strip().splitlines()[-1]), out
+    captured = capsys.readouterr()
+    return json.loads(captured.out.strip().splitlines()[-1]), captured.out + captured.err
 
 
 def test_train_step_with_cached_latents_and_breakdown(capsys):
@@ -41,6 +42,7 @@ def test_train_step_with_cached_latents_and_breakdown(capsys):
     assert sum(full[c] for c in components) <= full["forward"]  # spans inside the forward span
     assert full["cross-attention layers"] < full["backbone"] and 0 < bare["cross-attention layers"] < bare["forward"]
     assert "cross-attention layers" in out
+    assert "] FLOPs counted" in out and out.count("] warm-up step 1 of") == 2
     table = figures["kernel_table"]
     assert len(table["top"]) == 5 and all(row["kernel"].startswith("aten::") for row in table["top"])
     for row in table["top"]:
@@ -63,6 +65,8 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
         extra = row["seconds_twice"] - row["seconds"]
         assert 4 / (extra + 0.011) <= row["steady_faces_per_s"] <= 4 / (extra - 0.011)
     assert figures["steady_faces_per_s"] == max(row["steady_faces_per_s"] for row in rows)
+    # progress as it goes, so a run a time cap cuts off still says where its time went
+    assert out.count("] warm-up run done") == 4 and out.count("] timed run twice over: 8 faces") == 4
     assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
     assert figures["faces_per_s"] == max(row["faces_per_s"] for row in rows)
     assert "file decode + encode alone" in out
