@@ -259,6 +259,37 @@ def test_sampler_with_an_oracle_denoiser_recovers_the_clean_sample(name, predict
     assert len(calls) == 14
 
 
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_sampler_steps_its_scheduler_with_host_ints_and_denoises_with_device_timesteps(name, monkeypatch):
+    """A device timestep indexing the scheduler's host tables made the host wait for the GPU at
+    every step; the loop now hands the scheduler ints, the denoiser tensors, and samples as the
+    device-timestep loop did."""
+    train = SCHEDULERS.build({"name": "ddpm", "params": {}})
+    sampler = SAMPLERS.build({"name": name, "params": {"num_inference_steps": 6}}, train_scheduler=train)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def denoise(x, t):
+        assert torch.is_tensor(t) and t.shape == () and t.device == x.device
+        return 0.1 * x + 1e-3 * t.float()
+
+    stepped_with = []
+    step = type(sampler.scheduler).step
+    monkeypatch.setattr(type(sampler.scheduler), "step",
+                        lambda self, output, t, *a, **k: stepped_with.append(t) or step(self, output, t, *a, **k))
+    out = sampler.sample(denoise, noise, generator=torch.Generator().manual_seed(1))
+    assert len(stepped_with) == 6 and all(type(t) is int for t in stepped_with)
+    monkeypatch.undo()
+
+    reference = SAMPLERS.build({"name": name, "params": {"num_inference_steps": 6}}, train_scheduler=train).scheduler
+    reference.set_timesteps(6, device=noise.device)
+    x, g = noise * reference.init_noise_sigma, torch.Generator().manual_seed(1)
+    for t in reference.timesteps:  # the device-timestep loop
+        x = reference.step(denoise(reference.scale_model_input(x, t), t), t, x, return_dict=False,
+                           **sampler.step_kwargs(g))[0]
+    assert stepped_with == reference.timesteps.tolist()
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ SD-1.5-shaped path
 @pytest.mark.slow
 def test_sd15_shaped_unet_and_vae_build_and_round_trip_through_local_dirs(tmp_path):

@@ -57,6 +57,38 @@ def test_ema_update_waits_on_the_host_nowhere():
     assert int(module.ema.n_averaged) == 2
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpm_solver"])
+def test_sampler_steps_wait_on_the_host_nowhere(name):
+    """A sync per sampler step empties the GPU queue 25 times a call: the scheduler steps on host
+    ints, the denoiser gets device timesteps copied once."""
+    from id2face.registry import SAMPLERS, SCHEDULERS
+
+    sampler = SAMPLERS.build({"name": name, "params": {"num_inference_steps": 10}},
+                             train_scheduler=SCHEDULERS.build({"name": "ddpm", "params": {}}))
+    noise = torch.randn(4, 4, 32, 32, device=CUDA)
+    weight = torch.randn(4, 4, 1, 1, device=CUDA) * 0.1
+
+    def denoise(x, t):
+        return torch.nn.functional.conv2d(x, weight) + t.float() * 1e-4
+
+    sampler.sample(denoise, noise)  # first call: lazy scheduler state, cuBLAS/cuDNN handles
+    syncs = host_syncs(lambda: sampler.sample(denoise, noise))
+    assert syncs == [], "\n".join(syncs)
+
+
+def test_anonymize_syncs_do_not_grow_with_the_sampler_steps():
+    """Whatever the model's set-up waits for once a call, its sampling loop adds nothing per step."""
+    model = tiny_model().to(CUDA).eval()
+    batch = pair_batch(device=CUDA)["a"]
+
+    def anonymize(steps):
+        return lambda: model.anonymize(batch["image"], batch["mask"], num_inference_steps=steps)
+
+    anonymize(2)()
+    counts = {steps: len(host_syncs(anonymize(steps))) for steps in (2, 6)}
+    assert counts[2] == counts[6], counts
+
+
 def _load_bench_common():
     # The benchmarks' helpers (benchmarks/_common.py, not a package module).
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"

@@ -447,7 +447,12 @@ class Sampler(nn.Module):
     """Reverse process with a diffusers scheduler configured from the training scheduler.
 
     ``denoise(x_t, t) -> model output`` in the training ``prediction_type``; ``t`` is a scalar
-    timestep tensor. Returns the final clean latents.
+    timestep tensor on the latents' device. Returns the final clean latents.
+
+    The scheduler keeps its timesteps on the host and steps with Python ints: its tables
+    (``alphas_cumprod``, ``sigmas``) live on the host, and a device timestep indexing them (or
+    compared with ``>= 0`` in DDIM's step) made the host wait for the GPU at every step, emptying
+    its queue. The denoiser gets the same timesteps as one device tensor, copied once a call.
     """
 
     scheduler_class: str
@@ -468,10 +473,11 @@ class Sampler(nn.Module):
     def sample(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
                generator: torch.Generator | None = None, num_inference_steps: int | None = None) -> torch.Tensor:
         scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps or self.num_inference_steps, device=noise.device)
+        scheduler.set_timesteps(num_inference_steps or self.num_inference_steps)
+        on_device = scheduler.timesteps.to(noise.device, non_blocking=True)
         x = noise * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            output = denoise(scheduler.scale_model_input(x, t), t)
+        for index, t in enumerate(scheduler.timesteps.tolist()):
+            output = denoise(scheduler.scale_model_input(x, t), on_device[index])
             x = scheduler.step(output, t, x, return_dict=False, **self.step_kwargs(generator))[0]
         return x
 
