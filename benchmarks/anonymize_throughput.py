@@ -242,20 +242,22 @@ def main(argv=None) -> int:
                        f"{' (compiles first)' if args.compile else ''}")
             load = os.getloadavg()[0]
             summary, wall = timed_run(photos, tmp / f"out{run}", anonymizer, info, workers, args.device)
-            C.progress(f"timed run: {summary['faces']['total']} faces in {wall:.2f} s")
             faces = summary["faces"]["total"]
+            C.progress(f"timed run: {faces} faces in {wall:.2f} s")
             row = {"batch_size": batch, "io_workers": workers, "pipeline_depth": ahead,
                    "photos": summary["images"]["written"], "faces": faces,
                    "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
                    "faces_per_s": round(faces / wall, 3), "photos_per_s": round(args.photos / wall, 3),
                    "load_average_1min": round(load, 2)}
             if args.steady:
-                summary_twice, wall_twice = timed_run(twice, tmp / f"twice{run}", anonymizer, info, workers, args.device)
-                C.progress(f"timed run twice over: {summary_twice['faces']['total']} faces in {wall_twice:.2f} s")
-                row.update(photos_twice=summary_twice["images"]["written"], faces_twice=summary_twice["faces"]["total"],
-                           seconds_twice=round(wall_twice, 2),
-                           steady_faces_per_s=round((summary_twice["faces"]["total"] - faces) / (wall_twice - wall), 3)
-                           if wall_twice > wall else None)
+                twice_summary, twice_wall = timed_run(twice, tmp / f"twice{run}", anonymizer, info, workers,
+                                                      args.device)
+                twice_faces = twice_summary["faces"]["total"]
+                C.progress(f"timed run twice over: {twice_faces} faces in {twice_wall:.2f} s")
+                steady = (twice_faces - faces) / (twice_wall - wall) if twice_wall > wall else None
+                row.update(photos_twice=twice_summary["images"]["written"], faces_twice=twice_faces,
+                           seconds_twice=round(twice_wall, 2),
+                           steady_faces_per_s=None if steady is None else round(steady, 3))
             rows.append(row)
 
     steps = args.steps or int(cfg.model.sampler.params.num_inference_steps)

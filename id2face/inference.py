@@ -109,10 +109,10 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     whatever the checkpoint trained with; ``first_stage_dtype``: an SD VAE's weights and arithmetic
     in that dtype (``model.first_stage.params.dtype``); ``tiny_decoder``: a local AutoencoderTiny
     folder that decodes instead of the checkpoint's first stage (``DecoderSwap``; the same dtype
-    and speed switches), and with ``tiny_encoder`` encodes too; ``unet_dtype``: the UNet's (and harmonizer's) weights and arithmetic in
-    that dtype (``model.backbone.params.dtype``); ``harmonizer_attention``: a decoupled
-    harmonizer's attention path (``weights`` | ``sdpa``, same values). All change how the model
-    runs, not its trained weights (loaded in fp32, then cast)."""
+    and speed switches), and with ``tiny_encoder`` encodes too; ``unet_dtype``: the UNet's (and
+    harmonizer's) weights and arithmetic in that dtype (``model.backbone.params.dtype``);
+    ``harmonizer_attention``: a decoupled harmonizer's attention path (``weights`` | ``sdpa``, same
+    values). All change how the model runs, not its trained weights (loaded in fp32, then cast)."""
     from omegaconf import OmegaConf
 
     from .config import merge_layer, parse_overrides

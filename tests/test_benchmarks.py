@@ -61,10 +61,14 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     assert [(row["io_workers"], row["pipeline_depth"]) for row in rows] == [(0, 0), (0, 2), (2, 0), (2, 2)]
     assert all(row["faces"] == row["anonymized"] == 4 and row["photos"] == 2 for row in rows)
     assert all(row["faces_twice"] == 8 and row["photos_twice"] == 4 for row in rows)
-    for row in rows:  # 4 more faces in the extra seconds (each figure rounded to 0.01 s)
+    # 4 more faces in the extra seconds (each figure rounded to 0.01 s); none where timing noise made
+    # the longer run no slower (a row of a loaded machine), but not in every row
+    rated = [row for row in rows if row["steady_faces_per_s"] is not None]
+    assert len(rated) >= 2 and all(row["seconds_twice"] - row["seconds"] <= 0.01 for row in rows if row not in rated)
+    for row in rated:
         extra = row["seconds_twice"] - row["seconds"]
-        assert 4 / (extra + 0.011) <= row["steady_faces_per_s"] <= 4 / (extra - 0.011)
-    assert figures["steady_faces_per_s"] == max(row["steady_faces_per_s"] for row in rows)
+        assert 4 / (extra + 0.011) <= row["steady_faces_per_s"] <= (4 / (extra - 0.011) if extra > 0.011 else 1e9)
+    assert figures["steady_faces_per_s"] == max(row["steady_faces_per_s"] for row in rated)
     # progress as it goes, so a run a time cap cuts off still says where its time went
     assert out.count("] warm-up run done") == 4 and out.count("] timed run twice over: 8 faces") == 4
     assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
