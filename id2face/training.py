@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,17 @@ def build_trainer(cfg: DictConfig, folder: Path, callbacks: list[Callback] = (),
     return L.Trainer(**kwargs)
 
 
+def latent_cache_hint(cfg: DictConfig, model) -> str | None:
+    """A line for a run whose autoencoder first stage encodes every image in every step: at SD-1.5
+    size the two 512 px encodes are half the step's FLOPs (2.58x the bare UNet step on an H100,
+    1.09x from a cache; BENCHMARKS.md)."""
+    if cfg.data.get("latent_cache") or model.first_stage.downscale == 1:
+        return None
+    return ("id2face train: no data.latent_cache: the first stage encodes each image and its masked copy in "
+            "every step (half a step's FLOPs at SD-1.5 size); encode them once with `id2face cache-latents "
+            "CONFIG -o DIR` and train with data.latent_cache=DIR")
+
+
 def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **trainer_overrides: Any) -> Path:
     """Train the run described by ``cfg`` in its run folder; returns the folder.
 
@@ -190,6 +202,9 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming {folder} from {ckpt.name}", flush=True)
     module = ID2FaceModule(cfg)
+    hint = latent_cache_hint(cfg, module.model)
+    if hint and trainer.is_global_zero:
+        print(hint, file=sys.stderr, flush=True)
     # The split is saved in the run folder so evaluation (and a resumed run) use the same identities.
     # Its training order depends on run.seed (seeds are replicates) and resumes mid-epoch.
     datamodule = FacePairDataModule(cfg.data, split_file=folder / "split.json", shuffle_seed=int(cfg.run.seed))

@@ -232,3 +232,18 @@ def test_training_reads_the_identity_embeddings_its_encoder_made(tmp_path, monke
     with pytest.warns(UserWarning, match="made by another identity encoder"):
         trainer.fit(other, FacePairDataModule(cfg.data))
     assert trainer.global_step == 1
+
+
+def test_training_without_a_cache_hints_at_one_where_the_first_stage_encodes(tmp_path, capsys):
+    from id2face.training import latent_cache_hint
+
+    assert latent_cache_hint(load_config(["tiny"]), tiny_model()) is None  # pixels: nothing to encode
+    encoding = tiny_model(*TOY_SD_VAE)
+    hint = latent_cache_hint(load_config(["tiny"], TOY_SD_VAE), encoding)
+    assert "id2face cache-latents" in hint and "\n" not in hint
+    assert latent_cache_hint(load_config(["tiny"], [*TOY_SD_VAE, "data.latent_cache=DIR"]), encoding) is None
+
+    capsys.readouterr()
+    assert main(["train", "tiny", *SMALL_DATA, *TOY_SD_VAE, f"run.root={tmp_path}", "trainer.max_steps=1",
+                 "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0"]) == 0
+    assert capsys.readouterr().err.count(hint) == 1
