@@ -624,6 +624,30 @@ def test_tiny_encoder_encodes_with_the_tiny_decoders_autoencoder(tmp_path, sd_va
     assert (out / "face.png").is_file()
 
 
+def test_compile_keeps_its_kernels_in_the_user_cache_unless_told_otherwise(tmp_path, monkeypatch, checkpoint,
+                                                                          capsys):
+    """A node's /tmp rarely outlives a cluster job: compiled kernels (minutes at SD size) go to
+    $ID2FACE_CACHE/torchinductor, where the next job finds them."""
+    seen = []
+
+    def stop_before_loading(*args, **kwargs):
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        raise UserError("stopped before loading")
+
+    monkeypatch.setattr("id2face.inference.load_model", stop_before_loading)
+    monkeypatch.setenv("ID2FACE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    photo = tmp_path / "face.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    command = ["anonymize", "--checkpoint", str(checkpoint), "-i", str(photo), "-o", str(tmp_path / "out"),
+               "--device", "cpu", "--audit-recognizer", "none", "--quiet"]
+    assert main(command) == 2 and seen == [None]  # eager: nothing to cache
+    assert main([*command, "--compile"]) == 2 and seen[-1] == str(tmp_path / "cache" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert main([*command, "--compile"]) == 2 and seen[-1] == str(tmp_path / "mine")
+    assert capsys.readouterr().err.count("stopped before loading") == 3
+
+
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):
     """~30 s: one CPU compile of the tiny UNet's forward."""
     detector = GroundTruthDetector()

@@ -9,6 +9,7 @@ A rerun skips finished photos. See ``id2face/anonymize.py`` for the pipeline and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..precision import PRECISION_CHOICES
@@ -145,8 +146,6 @@ def audit_pace_note(audit, device: str) -> str | None:
 def default_audit_workers() -> int:
     """dlib worker processes by default: min(4, CPUs). Even on 2 cores beside the CPU sampling they
     pay (BENCHMARKS.md: 12 photos, dlib audit, 13.45 -> 8.98 s); they start at the first audit."""
-    import os
-
     return min(4, os.cpu_count() or 1)
 
 
@@ -159,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..inference import load_model
     from ..precision import resolve_precision
+    from ..user_cache import user_cache
 
     settings = AnonymizeSettings(key=_read_key(args), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                                  pad_last_batch=args.compile,
@@ -174,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
     roots, target = check_paths(args.input, args.output)
     plan_jobs(roots, target, args.output_format)  # refuse bad inputs before loading anything heavy
     device = str(resolve_device(args.device))
+    if args.compile:  # minutes at SD size: the next job on any node loads the kernels instead
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache("torchinductor")))
 
     # Same values either way; without a backward pass the fused kernels move fewer bytes (BENCHMARKS.md).
     attention = args.harmonizer_attention or ("sdpa" if device.startswith("cuda") else None)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import MissingWeightsError, UserError
 from ..registry import to_plain
+from ..user_cache import user_cache
 
 ORACLE_FORMAT = 1
 ORACLE_SOURCE = "`id2face train-oracle CONFIG...` with the evaluation config (cached by config hash)"
@@ -39,7 +40,7 @@ EXPRESSION_NAMES = ("smile", "mouth_open", "eye_open", "brow_raise", "gaze_x")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ID2FACE_CACHE", "~/.cache/id2face")).expanduser() / "oracle"
+    return user_cache("oracle")
 
 
 @dataclass(frozen=True)
