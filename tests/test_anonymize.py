@@ -316,7 +316,7 @@ def test_pipeline_stages_in_worker_threads_give_what_in_turn_gives(loaded, key):
     assert all(face["residual_similarity"] is not None and (face["cluster"] is None) == (key is None) for face in faces)
 
 
-@pytest.mark.parametrize("failure", ["raise", "nan", "unchanged", "blur"])
+@pytest.mark.parametrize("failure", ["raise", "nan", "unchanged", "blur", "shape"])
 def test_fail_closed_covers_every_face_the_model_cannot_anonymize(loaded, failure, monkeypatch):
     detector = GroundTruthDetector()
     photo, truth = compose(detector, skimage_data.coffee(), [(0, 0, 30, 40), (1, 0, 200, 60), (2, 0, 340, 150)])
@@ -325,12 +325,14 @@ def test_fail_closed_covers_every_face_the_model_cannot_anonymize(loaded, failur
     def broken(images, masks, **kwargs):
         if failure in ("raise", "blur"):
             raise RuntimeError("sampler exploded")
+        if failure == "shape":  # a face short, whatever the batch
+            return images[1:].clone()
         return images.clone() if failure == "unchanged" else torch.full_like(images, float("nan"))
 
     monkeypatch.setattr(engine.model, "anonymize", broken)
     (result,) = engine.anonymize_photos([photo])
     reason = {"raise": "sampling_error", "blur": "sampling_error", "nan": "non_finite",
-              "unchanged": "unchanged"}[failure]
+              "unchanged": "unchanged", "shape": "sampling_error"}[failure]
     assert result.status == "covered" and result.pixels is not None
     assert [f["status"] for f in result.faces] == ["covered"] * 3 and {f["reason"] for f in result.faces} == {reason}
     for known in truth:

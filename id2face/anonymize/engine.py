@@ -397,18 +397,31 @@ class Anonymizer:
 
     # -- stage 2: batched sampling -----------------------------------------------------------
     @torch.no_grad()
-    def _generate(self, faces: list[Face], pad_to: int | None = None) -> torch.Tensor:
-        # Only sampling runs in reduced precision: keyed substitutes come from _embed's fp32 latents,
-        # so a person's pseudonym does not depend on the precision.
+    def _generate(self, faces: list[Face], pad_to: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images (N, 3, S, S) clamped to [-1, 1], finite (N,), identity change (N,)) of ``faces``,
+        on the host. The checks run batched on the device before the one copy back: per face on the
+        host they took ~0.1-0.4 s a batch of 64 (2 slow cores), with the GPU idle in between."""
         # A short batch padded with repeats of its last face: under torch.compile a new batch size
         # recompiles the UNet (minutes at SD size), a repeat costs one batch's sampling at most.
         rows = faces + faces[-1:] * (pad_to - len(faces)) if pad_to else faces
+        crops = torch.stack([face.crop for face in rows]).to(self.device)
+        masks = torch.stack([face.mask for face in rows]).to(self.device)
+        # Only sampling runs in reduced precision: keyed substitutes come from _embed's fp32 latents,
+        # so a person's pseudonym does not depend on the precision.
         with autocast(self.settings.precision, self.device):
-            return self._generate_batch(rows)[:len(faces)]
+            out = self._generate_batch(rows, crops, masks)
+        expected = (len(rows), 3, self.size, self.size)
+        if not torch.is_tensor(out) or tuple(out.shape) != expected:
+            raise RuntimeError(f"the model returned {tuple(out.shape) if torch.is_tensor(out) else type(out)}, "
+                               f"expected {expected}")
+        n = len(faces)
+        out, crops, masks = out[:n].detach().float(), crops[:n], masks[:n]
+        finite = torch.isfinite(out).flatten(1).all(1)
+        change = ((out - crops).abs() * masks).flatten(1).sum(1) / (3 * masks.flatten(1).sum(1)).clamp_min(1)
+        return out.clamp(-1, 1).cpu(), finite.cpu(), change.cpu()
 
-    def _generate_batch(self, faces: list[Face]) -> torch.Tensor:
-        crops = torch.stack([face.crop for face in faces]).to(self.device)
-        masks = torch.stack([face.mask for face in faces]).to(self.device)
+    def _generate_batch(self, faces: list[Face], crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         if self.clusters is None:
             return self.model.anonymize(crops, masks, generator=self.generator,
                                         num_inference_steps=self.settings.steps)
@@ -422,10 +435,7 @@ class Anonymizer:
         and retry the halves, unpadded, so one bad face (or a batch too large for memory) costs only
         itself: a single face that fails is covered."""
         try:
-            out = self._generate(faces, pad_to)
-            if not torch.is_tensor(out) or tuple(out.shape) != (len(faces), 3, self.size, self.size):
-                raise RuntimeError(f"the model returned {tuple(out.shape) if torch.is_tensor(out) else type(out)}, "
-                                   f"expected {(len(faces), 3, self.size, self.size)}")
+            images, finite, change = self._generate(faces, pad_to)
         except Exception as err:  # noqa: BLE001 - fail closed, whatever went wrong
             out_of_memory = _is_out_of_memory(err)
             if out_of_memory and self.device.type == "cuda":
@@ -438,17 +448,13 @@ class Anonymizer:
             self._log(f"face {faces[0].index}", "sampling", err)
             faces[0].cover("out_of_memory" if out_of_memory else "sampling_error", describe(err))
             return
-        out = out.detach().float().cpu()
-        for face, image in zip(faces, out):
-            if not torch.isfinite(image).all():
+        for face, image, is_finite, moved in zip(faces, images, finite.tolist(), change.tolist()):
+            if not is_finite:
                 face.cover("non_finite", "the model returned NaN or infinite values")
-                continue
-            change = ((image - face.crop).abs() * face.mask).sum() / (3 * face.mask.sum()).clamp_min(1)
-            if float(change) < MIN_IDENTITY_CHANGE:
-                face.cover("unchanged", "the model left the identity region as it was "
-                                        f"(mean change {float(change):.4f})")
-                continue
-            face.result, face.status = image.clamp(-1, 1), "anonymized"
+            elif moved < MIN_IDENTITY_CHANGE:
+                face.cover("unchanged", f"the model left the identity region as it was (mean change {moved:.4f})")
+            else:
+                face.result, face.status = image, "anonymized"
 
     # -- stage 3: paste back, cover, audit ---------------------------------------------------
     def _flush(self, pending: deque, finisher: "StageWorker", finishing: deque,
