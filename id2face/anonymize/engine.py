@@ -118,8 +118,8 @@ class Face:
     reason: str | None = None             # why covered
     message: str = ""
     matrix: np.ndarray | None = None      # (2, 3) photo -> crop
-    crop: torch.Tensor | None = None      # (3, S, S) [-1, 1]
-    mask: torch.Tensor | None = None      # (1, S, S) {0, 1}
+    crop: torch.Tensor | None = None      # (S, S, 3) uint8 aligned crop (a quarter of float's bytes)
+    mask: torch.Tensor | None = None      # (1, S, S) uint8 {0, 1}
     weight: np.ndarray | None = None      # (S, S) paste weight in [0, 1]
     embedding: torch.Tensor | None = None  # (D,) clustering embedding
     source_latent: torch.Tensor | None = None  # (L,)
@@ -342,15 +342,15 @@ class Anonymizer:
             face.matrix = None
             face.cover("alignment_failed", describe(err))
             return
-        face.crop = torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        face.crop = torch.from_numpy(np.array(crop, dtype=np.uint8))  # a copy: crop may be read-only
         own = inner_face_mask(transform_points(face.landmarks, face.matrix), self.size)
         mask = grow_mask(np.maximum(self.template_mask, own), self.settings.mask_margin * self.size)
-        face.mask = torch.from_numpy(mask)[None]
+        face.mask = torch.from_numpy(mask.astype(np.uint8))[None]
         face.weight = feathered_mask(mask, self.settings.feather * self.size)
 
     @torch.no_grad()
     def _embed(self, pixels: np.ndarray, faces: list[Face]) -> None:
-        crops = torch.stack([face.crop for face in faces]).to(self.device)
+        crops = self._device_crops(faces)
         encoded = self.model.identity_embedding(crops)
         # What stage 1 hands to sampling lives on the host: sampling may run on another thread and
         # another CUDA stream (pipeline_depth).
@@ -395,6 +395,12 @@ class Anonymizer:
         draw = prior(1, torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
         return orthogonalize(draw.to(representative), representative)[0]
 
+    def _device_crops(self, faces: list[Face]) -> torch.Tensor:
+        """(N, 3, S, S) in [-1, 1] on the device from the faces' uint8 crops: a quarter of the bytes
+        of float crops to stack and copy (between two batches, with the GPU waiting)."""
+        pixels = torch.stack([face.crop for face in faces]).to(self.device)
+        return (pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
+
     # -- stage 2: batched sampling -----------------------------------------------------------
     @torch.no_grad()
     def _generate(self, faces: list[Face], pad_to: int | None = None
@@ -405,8 +411,8 @@ class Anonymizer:
         # A short batch padded with repeats of its last face: under torch.compile a new batch size
         # recompiles the UNet (minutes at SD size), a repeat costs one batch's sampling at most.
         rows = faces + faces[-1:] * (pad_to - len(faces)) if pad_to else faces
-        crops = torch.stack([face.crop for face in rows]).to(self.device)
-        masks = torch.stack([face.mask for face in rows]).to(self.device)
+        crops = self._device_crops(rows)
+        masks = torch.stack([face.mask for face in rows]).to(self.device).float()
         # Only sampling runs in reduced precision: keyed substitutes come from _embed's fp32 latents,
         # so a person's pseudonym does not depend on the precision.
         with autocast(self.settings.precision, self.device):
