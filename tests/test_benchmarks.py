@@ -85,6 +85,8 @@ def test_dynamo_check_passes_the_compiled_pipeline_and_counts_what_would_split_i
     breaks of an autocast query dynamo cannot trace (torch 2.11's) and the recompilation of a
     second batch size, and exits 1 for them."""
     check = load_script("dynamo_check")
+    assert check.main(["no_such_benchmark.py"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
     def figures_of(argv, status):
         assert check.main(argv) == status
