@@ -48,8 +48,8 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
-from id2face.anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,  # noqa: E402
-                               build_audit_recognizer, training_template)
+from id2face.anonymize import (DEFAULT_IO_WORKERS, DETECT_MAX_SIDE, AnonymizeSettings, Anonymizer,  # noqa: E402
+                               anonymize_files, build_audit_recognizer, training_template)
 from id2face.errors import UntrainedWeightsWarning  # noqa: E402
 from id2face.inference import load_model  # noqa: E402
 from id2face.precision import resolve_precision  # noqa: E402
@@ -151,6 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steady", action="store_true",
                         help="also time each setting on the photos twice over and report the marginal faces/s of "
                              "the second half (the pipeline's fill and drain cancel: a long job's rate)")
+    parser.add_argument("--detect-max-side", type=int, default=DETECT_MAX_SIDE,
+                        help=f"photos downscaled to this for detection, as `id2face anonymize --detect-max-side` "
+                             f"(default {DETECT_MAX_SIDE}, the command's)")
     parser.add_argument("--photo-format", choices=("png", "jpg"), default="png")
     parser.add_argument("--photo-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"),
                         help="photo size (>= 640 x 480; e.g. 4032 3024, a 12 MP phone photo)")
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
-        detector = FaceDetector(device=args.device)
+        detector = FaceDetector(max_side=args.detect_max_side, device=args.device)
         audit = build_audit_recognizer(args.audit_recognizer, cfg, dlib_workers=args.audit_workers)
         audit = audit.to(args.device) if audit is not None else None
         C.progress(f"model, detector and audit built on {args.device}")

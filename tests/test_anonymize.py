@@ -650,6 +650,32 @@ def test_compile_keeps_its_kernels_in_the_user_cache_unless_told_otherwise(tmp_p
     assert capsys.readouterr().err.count("stopped before loading") == 3
 
 
+def test_detection_downscales_group_photos_to_the_commands_side_only(tmp_path, monkeypatch, checkpoint, loaded,
+                                                                      capsys):
+    """The command's detector (default 2048 px, for the small faces of group photos) and the
+    engine's own are the same; nonsense values are one-line errors."""
+    from id2face.anonymize import DETECT_MAX_SIDE
+
+    built = []
+
+    def recorded(**kwargs):
+        built.append(kwargs)
+        raise UserError("stopped after the detector")
+
+    monkeypatch.setattr("id2face.data.prepare.FaceDetector", recorded)
+    photo = tmp_path / "face.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    command = ["anonymize", "--checkpoint", str(checkpoint), "-i", str(photo), "-o", str(tmp_path / "out"),
+               "--device", "cpu", "--audit-recognizer", "none", "--quiet"]
+    assert main(command) == 2 and built[-1]["max_side"] == DETECT_MAX_SIDE == 2048
+    assert main([*command, "--detect-max-side", "1024"]) == 2 and built[-1]["max_side"] == 1024
+    assert main([*command, "--detect-max-side", "16"]) == 2 and len(built) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--detect-max-side >= 32")
+    with pytest.raises(UserError, match="stopped after the detector"):
+        anonymizer(loaded).detector_fn  # the engine's own, where the caller gives none
+    assert built[-1] == {"max_side": DETECT_MAX_SIDE, "device": "cpu"}
+
+
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):
     """~30 s: one CPU compile of the tiny UNet's forward."""
     detector = GroundTruthDetector()

@@ -74,6 +74,9 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
     assert figures["faces_per_s"] == max(row["faces_per_s"] for row in rows)
     assert "file decode + encode alone" in out
+    from id2face.anonymize import DETECT_MAX_SIDE
+
+    assert load_script("anonymize_throughput").parse_args([]).detect_max_side == DETECT_MAX_SIDE  # the command's
 
 
 COMPILED_ANONYMIZE = ["anonymize_throughput.py", "--photos", "1", "--faces-per-photo", "2", "--steps", "2",

@@ -32,6 +32,9 @@ COVER_MODES = ("fill", "blur")
 # A regenerated identity region must differ from the source by at least this mean absolute value
 # (images in [-1, 1]); below it the model has returned the face as it was and the face is covered.
 MIN_IDENTITY_CHANGE = 0.01
+# Photos larger than this are downscaled for detection only: group photos hold small faces (MTCNN's
+# 20 px minimum at 2048 is 40 px of a 12 MP photo; `prepare`'s portraits do with 1024).
+DETECT_MAX_SIDE = 2048
 
 
 @dataclass
@@ -287,7 +290,7 @@ class Anonymizer:
         if self.detector is None:
             from ..data.prepare import FaceDetector
 
-            self.detector = FaceDetector(device=str(self.device))
+            self.detector = FaceDetector(max_side=DETECT_MAX_SIDE, device=str(self.device))
         return self.detector
 
     # -- stage 1: detect, align, embed, cluster ---------------------------------------------

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
     parser.add_argument("--min-face-size", type=int, default=20,
                         help="smallest face MTCNN looks for, px (default 20)")
-    parser.add_argument("--detect-max-side", type=int, default=2048,
+    parser.add_argument("--detect-max-side", type=int, default=None,
                         help="photos larger than this are downscaled for detection only (default 2048)")
     parser.add_argument("--cover", choices=("fill", "blur"), default="fill",
                         help="how a face that cannot be anonymized is covered (default fill)")
@@ -152,7 +152,7 @@ def default_audit_workers() -> int:
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from ..anonymize import (DEFAULT_IO_WORKERS, AnonymizeSettings, Anonymizer, anonymize_files,
+    from ..anonymize import (DEFAULT_IO_WORKERS, DETECT_MAX_SIDE, AnonymizeSettings, Anonymizer, anonymize_files,
                              build_audit_recognizer, check_paths, exit_code, plan_jobs, training_template)
     from ..data.prepare import FaceDetector
     from ..errors import UserError
@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
                                  min_score=args.min_score, cover=args.cover, cluster_threshold=args.cluster_threshold,
                                  cover_if_recognized=args.cover_if_recognized, face_scale=args.face_scale)
     settings.check()
-    if args.min_face_size < 4 or args.detect_max_side < 32:
+    detect_max_side = DETECT_MAX_SIDE if args.detect_max_side is None else args.detect_max_side
+    if args.min_face_size < 4 or detect_max_side < 32:
         raise UserError("--min-face-size must be >= 4 and --detect-max-side >= 32")
     for flag in ("io_workers", "pipeline_depth", "audit_workers"):
         value = getattr(args, flag)
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if cluster_by is not None:
         cluster_by = cluster_by.to(device)
 
-    detector = FaceDetector(min_face_size=args.min_face_size, max_side=args.detect_max_side, device=device)
+    detector = FaceDetector(min_face_size=args.min_face_size, max_side=detect_max_side, device=device)
     pipeline_depth = args.pipeline_depth
     if pipeline_depth is None:
         pipeline_depth = min(settings.batch_size, 16) if device.startswith("cuda") else 0
