@@ -251,7 +251,7 @@ def main(argv=None) -> int:
                    "photos": summary["images"]["written"], "faces": faces,
                    "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
                    "faces_per_s": round(faces / wall, 3), "photos_per_s": round(args.photos / wall, 3),
-                   "load_average_1min": round(load, 2)}
+                   "load_average_1min": round(load, 2), "stage_seconds": summary["stage_seconds"]}
             if args.steady:
                 twice_summary, twice_wall = timed_run(twice, tmp / f"twice{run}", anonymizer, info, workers,
                                                       args.device)
@@ -280,14 +280,17 @@ def main(argv=None) -> int:
     print(f"file decode + encode alone, one thread: {io_seconds:.2f} s for {args.photos} photos")
     steady_header = f" {'2N s':>7} {'steady faces/s':>14}" if args.steady else ""
     print(f"{'batch':>5} {'io':>3} {'depth':>5} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} "
-          f"{'faces/s':>8} {'photos/s':>8} {'load':>5}{steady_header}")
+          f"{'faces/s':>8} {'photos/s':>8} {'load':>5} {'busy s: prepare/sample/finish':>29}{steady_header}")
     for r in rows:
         steady = (f" {r['seconds_twice']:>7.2f} {r['steady_faces_per_s'] or float('nan'):>14.3f}"
                   if args.steady else "")
+        busy = "/".join(f"{seconds:.2f}" for seconds in r["stage_seconds"].values())
         print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['pipeline_depth']:>5} {r['photos']:>6} {r['faces']:>5} "
               f"{r['anonymized']:>10} "
               f"{r['seconds']:>8.2f} {r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}"
-              f"{steady}")
+              f" {busy:>29}{steady}")
+    print("busy s: the seconds each stage worked on the N photos (detection, alignment, identity encoding; "
+          "sampling, waiting for the GPU included; paste-back and audit): in worker threads the busiest sets the pace")
     if args.steady:
         print("steady faces/s: (faces of 2N photos - faces of N) / (seconds of 2N - seconds of N), the photos twice "
               "over: the pipeline's fill and drain cancel")

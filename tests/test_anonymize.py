@@ -182,6 +182,9 @@ def test_scenes_every_face_replaced_nothing_else_touched_and_audited(tmp_path, l
     assert summary["images"] == {"total": 2, "processed": 2, "skipped": 0, "written": 2, "failed": 0}
     assert summary["faces"] == {"total": 5, "anonymized": 5, "covered": 0, "covered_reasons": {}}
     assert exit_code(summary) == 0 and summary["faces_per_second"] > 0 and summary["seconds"] > 0
+    busy = summary["stage_seconds"]  # stages in turn (pipeline depth 0): their sum is the call's time at most
+    assert set(busy) == {"prepare", "sample", "finish"} and all(seconds > 0 for seconds in busy.values())
+    assert sum(busy.values()) <= summary["seconds"] + 0.01
     assert summary["audit_recognizer"].startswith("dlib")
     assert summary["model"]["ema_weights"] is True and "SynthFaces" in summary["model"]["template"]
 

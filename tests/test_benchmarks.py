@@ -61,6 +61,9 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     assert [(row["io_workers"], row["pipeline_depth"]) for row in rows] == [(0, 0), (0, 2), (2, 0), (2, 2)]
     assert all(row["faces"] == row["anonymized"] == 4 and row["photos"] == 2 for row in rows)
     assert all(row["faces_twice"] == 8 and row["photos_twice"] == 4 for row in rows)
+    for row in rows:  # each stage's busy time; in turn (depth 0) within the run's
+        assert set(row["stage_seconds"]) == {"prepare", "sample", "finish"} and min(row["stage_seconds"].values()) > 0
+        assert row["pipeline_depth"] or sum(row["stage_seconds"].values()) <= row["seconds"] + 0.01
     # 4 more faces in the extra seconds (each figure rounded to 0.01 s); none where timing noise made
     # the longer run no slower (a row of a loaded machine), but not in every row
     rated = [row for row in rows if row["steady_faces_per_s"] is not None]

@@ -8,9 +8,11 @@ import hmac
 import json
 import math
 import secrets
+import time
 import traceback
 from collections import deque
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,9 @@ MIN_IDENTITY_CHANGE = 0.01
 # Photos larger than this are downscaled for detection only: group photos hold small faces (MTCNN's
 # 20 px minimum at 2048 is 40 px of a 12 MP photo; `prepare`'s portraits do with 1024).
 DETECT_MAX_SIDE = 2048
+# What ``Anonymizer.stage_seconds`` times: detection, alignment and identity encoding; the batched
+# sampling (waiting for the GPU included); paste-back, cover and audit.
+STAGES = ("prepare", "sample", "finish")
 
 
 @dataclass
@@ -219,7 +224,9 @@ class Anonymizer:
     up to that many are detected, aligned and identity-encoded ahead (stage 1) in one worker thread,
     and as many pasted back and audited behind (stage 3) in another, each on a CUDA stream of its
     own on a GPU (0: every stage in turn, in the caller's thread). Same results either way: each
-    stage still sees the photos in order.
+    stage still sees the photos in order. ``stage_seconds``: the seconds each of ``STAGES`` was busy
+    in the last ``process`` call; with the stages in threads the busiest one, near the call's time,
+    sets the pace.
     """
 
     def __init__(self, model, image_size: int, template: np.ndarray, settings: AnonymizeSettings | None = None,
@@ -247,6 +254,7 @@ class Anonymizer:
         self.keyed_mapping = None
         self.clusters = None
         self._cell_counts: dict[bytes, int] = {}
+        self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         from ..components.id_mapping import KeyedIdentityMapping
 
         if self.settings.key is not None:
@@ -271,6 +279,7 @@ class Anonymizer:
         finishing: deque[tuple[Any, Future]] = deque()
         queue: list[Face] = []
         batch, depth = self.settings.batch_size, self.pipeline_depth
+        self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         with StageWorker(depth > 0, self.device, "prepare") as preparer, \
                 StageWorker(depth > 0, self.device, "finish") as finisher:
             for _, prepared in ahead(preparer, self._start_item, items, depth):
@@ -278,12 +287,23 @@ class Anonymizer:
                 pending.append(entry)
                 queue.extend(face for face in entry.faces if face.status == "pending")
                 while len(queue) >= batch:
-                    self._sample(queue[:batch])
+                    with self._busy("sample"):
+                        self._sample(queue[:batch])
                     queue = queue[batch:]
                 yield from self._flush(pending, finisher, finishing, keep=depth)
             if queue:
-                self._sample(queue, pad_to=batch if self.settings.pad_last_batch else None)
+                with self._busy("sample"):
+                    self._sample(queue, pad_to=batch if self.settings.pad_last_batch else None)
             yield from self._flush(pending, finisher, finishing, keep=0)
+
+    @contextmanager
+    def _busy(self, stage: str):
+        # Each stage runs in one thread, so each key has one writer.
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] += time.perf_counter() - started
 
     @property
     def detector_fn(self) -> Callable:
@@ -295,7 +315,8 @@ class Anonymizer:
 
     # -- stage 1: detect, align, embed, cluster ---------------------------------------------
     def _start_item(self, item: tuple[Any, np.ndarray]) -> _Pending:
-        return self._start(*item)
+        with self._busy("prepare"):
+            return self._start(*item)
 
     def _start(self, tag, pixels: np.ndarray) -> _Pending:
         pixels = np.ascontiguousarray(pixels)
@@ -478,12 +499,13 @@ class Anonymizer:
             yield tag, future.result()
 
     def _finish_or_error(self, entry: _Pending) -> ImageResult:
-        try:
-            return self._finish(entry)
-        except Exception as err:  # noqa: BLE001 - never write a photo we could not finish
-            self._log(entry.tag, "finish", err)
-            return ImageResult(None, "error", f"internal error: {describe(err)}",
-                               [face.record() for face in entry.faces], entry.notes)
+        with self._busy("finish"):
+            try:
+                return self._finish(entry)
+            except Exception as err:  # noqa: BLE001 - never write a photo we could not finish
+                self._log(entry.tag, "finish", err)
+                return ImageResult(None, "error", f"internal error: {describe(err)}",
+                                   [face.record() for face in entry.faces], entry.notes)
 
     def _finish(self, entry: _Pending) -> ImageResult:
         if entry.error is not None:

@@ -319,6 +319,7 @@ def summarize(jobs: Sequence[Job], sidecars: Mapping[str, dict], skipped: int, s
                             (type(anonymizer.audit).__name__ if anonymizer.audit is not None else None),
         "seed": anonymizer.seed if anonymizer.settings.key is None else None,
         "seconds": round(seconds, 3),
+        "stage_seconds": {stage: round(busy, 3) for stage, busy in anonymizer.stage_seconds.items()},
         "faces_this_run": faces_this_run,
         "faces_per_second": round(faces_this_run / seconds, 4) if seconds > 0 and faces_this_run else 0.0,
         "images_per_second": round(processed / seconds, 4) if seconds > 0 and processed else 0.0,
