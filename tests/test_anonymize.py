@@ -624,6 +624,7 @@ def test_tiny_encoder_encodes_with_the_tiny_decoders_autoencoder(tmp_path, sd_va
     assert len(err.strip().splitlines()) == 1 and "--tiny-decoder DIR" in err, err
     assert not out.exists()
     assert main([*command, "--tiny-decoder", str(tmp_path / "taesd")]) == 0
+    assert "faces/s (busy s: prepare " in capsys.readouterr().err.strip().splitlines()[-1]
     summary = json.loads((out / "anonymize_summary.json").read_text())
     assert summary["model"]["tiny_encoder"] is True and summary["faces"]["anonymized"] == 1
     assert (out / "face.png").is_file()

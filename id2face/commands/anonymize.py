@@ -233,5 +233,6 @@ def run(args: argparse.Namespace) -> int:
                    f"{worst['residual_distance']:.3f}, cosine {worst['residual_similarity']:.3f}{judged})")
     print(f"id2face anonymize: {images['written']} photo(s) written ({images['skipped']} by an earlier run), "
           f"{images['failed']} failed; {faces['anonymized']} face(s) anonymized, {faces['covered']} covered"
-          f"{verdict}; {summary['faces_per_second']:.2f} faces/s", file=sys.stderr)
+          f"{verdict}; {summary['faces_per_second']:.2f} faces/s (busy s: "
+          f"{', '.join(f'{stage} {busy:.1f}' for stage, busy in summary['stage_seconds'].items())})", file=sys.stderr)
     return exit_code(summary)
