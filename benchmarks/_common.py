@@ -81,13 +81,13 @@ def first_stage_description(model) -> str:
 FIRST_STAGE_VARIANTS = ("own", "taesd", "taesd_both")
 
 
-def first_stage_with_decoder(first_stage, decoder: str, channels_last: bool = False, compile: bool = False):
-    """``first_stage`` with the coder variant ``decoder`` of ``FIRST_STAGE_VARIANTS``."""
-    if decoder == "own":
+def first_stage_variant(first_stage, variant: str, channels_last: bool = False, compile: bool = False):
+    """``first_stage`` with the coders of ``variant``, one of ``FIRST_STAGE_VARIANTS``."""
+    if variant == "own":
         return first_stage
     from id2face.inference import with_tiny_decoder
 
-    return with_tiny_decoder(first_stage, None, also_encodes=decoder == "taesd_both", channels_last=channels_last,
+    return with_tiny_decoder(first_stage, None, also_encodes=variant == "taesd_both", channels_last=channels_last,
                              compile=compile, random_init=True)
 
 

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     model, cfg = C.build_model(args.profile, device, [*args.override, *switches], seed=args.seed)
     model.eval()
     # One model, one (compiled) UNet: the decoders swap in around it.
-    first_stages = {name: C.first_stage_with_decoder(model.first_stage, name, args.channels_last, args.compile)
+    first_stages = {name: C.first_stage_variant(model.first_stage, name, args.channels_last, args.compile)
                     .to(device) for name in args.decoders}
     size = C.PROFILE_IMAGE_SIZE[args.profile]
     samplers = {name: SAMPLERS.build({"name": name, "params": {}}, train_scheduler=model.scheduler).to(device)
@@ -176,7 +176,7 @@ def flops_only(args) -> int:
     device = torch.device("meta")
     with device:
         model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
-        model.first_stage = C.first_stage_with_decoder(model.first_stage, args.decoders[0])
+        model.first_stage = C.first_stage_variant(model.first_stage, args.decoders[0])
     model.eval()
     n, steps, size = 2, args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
     # Not under no_grad: FlopCounterMode's module tracker trips over parameters without a graph.
@@ -205,7 +205,7 @@ def traffic_only(args) -> int:
 
     with torch.device("meta"):
         model, cfg = C.build_model(args.profile, torch.device("meta"), args.override, seed=args.seed)
-        model.first_stage = C.first_stage_with_decoder(model.first_stage, args.decoders[0])
+        model.first_stage = C.first_stage_variant(model.first_stage, args.decoders[0])
     model.to_empty(device="cpu").eval()  # uninitialised storage: fake tensors never read it
     n, steps, size = args.batch[0], args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
     device = torch.device("cpu")
