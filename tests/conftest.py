@@ -48,3 +48,21 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def group_photo():
+    """(768, 1024, 3) uint8: four SynthFaces faces on coarse colour noise, which gives MTCNN's first
+    stage hundreds of candidates (930): where per-candidate work shows."""
+    import numpy as np
+    from PIL import Image
+
+    from id2face.data.synthfaces import render_sample
+
+    noise = np.random.default_rng(0).integers(0, 256, (192, 256, 3), dtype=np.uint8)
+    photo = np.asarray(Image.fromarray(noise).resize((1024, 768), Image.BICUBIC)).copy()
+    for index in range(4):
+        face = render_sample(index, 0, 128)["image"].permute(1, 2, 0).numpy()
+        x = 40 + 180 * index
+        photo[40:168, x:x + 128] = np.rint((face + 1) * 127.5)
+    return photo

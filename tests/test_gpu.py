@@ -89,6 +89,23 @@ def test_anonymize_syncs_do_not_grow_with_the_sampler_steps():
     assert counts[2] == counts[6], counts
 
 
+def test_face_detection_waits_on_the_host_per_stage_not_per_candidate(group_photo):
+    """facenet-pytorch's MTCNN waits on the GPU once per candidate face (hundreds here, each behind
+    whatever the sampler has queued); ours a few times per pyramid scale and refinement stage."""
+    from facenet_pytorch import MTCNN
+
+    from id2face.data.mtcnn import _pyramid, detect
+
+    mtcnn = MTCNN(keep_all=True, select_largest=True, min_face_size=20, device=CUDA).eval()
+    boxes, _ = detect(mtcnn, group_photo)
+    assert len(boxes) == 4
+    ours = host_syncs(lambda: detect(mtcnn, group_photo))
+    theirs = host_syncs(lambda: mtcnn.detect(group_photo, landmarks=True))
+    scales = len(_pyramid(*group_photo.shape[:2], mtcnn.min_face_size, mtcnn.factor))
+    assert len(ours) <= 3 * scales + 10, "\n".join(ours)
+    assert len(theirs) > 5 * len(ours)
+
+
 def _load_bench_common():
     # The benchmarks' helpers (benchmarks/_common.py, not a package module).
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"

@@ -88,7 +88,8 @@ class Job:
 
 
 class FaceDetector:
-    """MTCNN (facenet-pytorch; its weights ship in the wheel) on CPU or a given device.
+    """MTCNN (facenet-pytorch's networks, whose weights ship in the wheel, run by ``id2face.data.mtcnn.detect``)
+    on CPU or a given device.
 
     ``__call__(pixels (H, W, 3) uint8)`` -> ``(boxes (K, 4), scores (K,), landmarks (K, 5, 2))``
     float64 in ``pixels`` coordinates, largest box first. Photos larger than ``max_side`` are
@@ -107,6 +108,8 @@ class FaceDetector:
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from PIL import Image
 
+        from .mtcnn import detect
+
         height, width = pixels.shape[:2]
         scale = min(1.0, self.max_side / max(height, width))
         if scale < 1.0:
@@ -120,13 +123,9 @@ class FaceDetector:
             where = " after downscaling for detection" if scale < 1.0 else ""
             raise ImageReadError("too_small", f"{width}x{height} is below the {self.min_face_size} px "
                                               f"minimum face size{where}")
-        boxes, scores, points = self.mtcnn.detect(detect_on, landmarks=True)
-        if boxes is None:
-            return np.zeros((0, 4)), np.zeros((0,)), np.zeros((0, 5, 2))
-        # MTCNN returns dtype=object arrays; work in float64 in source coordinates.
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-        points = np.asarray(points, dtype=np.float64).reshape(-1, 5, 2)
+        found, points = detect(self.mtcnn, detect_on)
+        boxes, scores, points = (found[:, :4].astype(np.float64), found[:, 4].astype(np.float64),
+                                 points.astype(np.float64))
         to_source = np.array([scale_x, scale_y])
         boxes = (boxes.reshape(-1, 2, 2) + 0.5) / to_source - 0.5
         points = (points + 0.5) / to_source - 0.5

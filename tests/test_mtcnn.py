@@ -1,0 +1,88 @@
+"""MTCNN without a host read per candidate (id2face.data.mtcnn): facenet-pytorch's detections, with
+the per-candidate reads (a GPU round trip each) gone."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from id2face.data.mtcnn import _refine, detect
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+FACES = {"portrait": 1, "group": 4, "no_face": 0}
+
+
+@pytest.fixture(scope="module")
+def photos(group_photo):
+    return {"portrait": skimage_data.astronaut(), "group": group_photo,
+            "no_face": np.full((300, 400, 3), 128, np.uint8)}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def mtcnn():
+    from facenet_pytorch import MTCNN
+
+    return MTCNN(keep_all=True, select_largest=True, min_face_size=20).eval()
+
+
+@pytest.mark.parametrize("name", sorted(FACES))
+def test_detections_are_facenet_pytorchs(mtcnn, photos, name):
+    boxes, points = detect(mtcnn, photos[name])
+    reference_boxes, reference_scores, reference_points = mtcnn.detect(photos[name], landmarks=True)
+    assert boxes.shape == (FACES[name], 5) and points.shape == (FACES[name], 5, 2)
+    assert boxes.dtype == points.dtype == np.float32
+    if FACES[name] == 0:
+        assert reference_boxes is None
+        return
+    np.testing.assert_allclose(boxes[:, :4], reference_boxes.astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(boxes[:, 4], reference_scores.astype(np.float32), atol=1e-5)
+    np.testing.assert_allclose(points, reference_points.astype(np.float32), atol=1e-3)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert np.all(np.diff(areas) <= 0)  # largest first, as MTCNN(select_largest=True)
+
+
+def test_no_host_read_per_candidate(mtcnn, group_photo):
+    """facenet-pytorch reads each candidate's image index from its tensor (hundreds here; on a GPU a
+    round trip each); ours reads none."""
+    photo = group_photo
+    with OpCounter() as theirs:
+        mtcnn.detect(photo, landmarks=True)
+    with OpCounter() as ours:
+        detect(mtcnn, photo)
+    assert theirs.counts["aten._local_scalar_dense"] > 500
+    assert ours.counts["aten._local_scalar_dense"] == 0
+    assert sum(ours.counts.values()) < 0.7 * sum(theirs.counts.values())
+
+
+def test_a_candidate_outside_the_photo_scores_zero_and_leaves_the_others_alone(mtcnn):
+    images = torch.as_tensor(skimage_data.astronaut().copy()).unsqueeze(0).permute(0, 3, 1, 2).float()
+    boxes = torch.tensor([[180.7, 60.2, 270.9, 175.5, 0.9], [900.0, 40.0, 980.0, 120.0, 0.9],
+                          [-30.0, -20.0, 60.0, 70.0, 0.9]])
+    regression, landmarks, scores = _refine(mtcnn.onet, images, boxes, 48)
+    assert scores[1].tolist() == [0.0, 0.0]
+    for row, (top, bottom, left, right) in ((0, (59, 175, 179, 270)), (2, (0, 70, 0, 60))):
+        crop = torch.nn.functional.interpolate(images[:, :, top:bottom, left:right], size=(48, 48), mode="area")
+        expected = mtcnn.onet((crop - 127.5) * 0.0078125)
+        for got, want in zip((regression, landmarks, scores), expected):
+            torch.testing.assert_close(got[row], want[0], atol=1e-5, rtol=1e-5)
+    assert scores[0, 1] > 0.99  # the astronaut's face
+
+
+def test_a_photo_below_the_smallest_face_has_no_detections(mtcnn):
+    boxes, points = detect(mtcnn, np.zeros((15, 40, 3), np.uint8))
+    assert boxes.shape == (0, 5) and points.shape == (0, 5, 2)
