@@ -82,6 +82,21 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     assert load_script("anonymize_throughput").parse_args([]).detect_max_side == DETECT_MAX_SIDE  # the command's
 
 
+def test_face_detection_compares_both_mtcnn_drivers_on_the_same_photos(capsys):
+    """Same faces from facenet-pytorch's detect and ours; ours without its per-candidate host reads."""
+    figures, out = run_script("face_detection", ["--photos", "2", "--sides", "512", "1024", "--photo-size", "1024",
+                                                 "768", "--threads", "1"], capsys)
+    for side in ("512", "1024"):
+        by_side = figures["sides"][side]
+        theirs, ours = by_side["facenet-pytorch"], by_side["id2face"]
+        assert by_side["same_faces"] and by_side["max_difference_px"] < 1e-3
+        assert theirs["faces"] == ours["faces"] == 8
+        assert theirs["host_reads_per_photo"] > 20 and ours["host_reads_per_photo"] == 0
+        assert ours["ops_per_photo"] < theirs["ops_per_photo"]
+        assert by_side["speedup"] == pytest.approx(theirs["ms_per_photo"] / ours["ms_per_photo"])
+    assert "host reads/photo" in out
+
+
 COMPILED_ANONYMIZE = ["anonymize_throughput.py", "--photos", "1", "--faces-per-photo", "2", "--steps", "2",
                       "--io-workers", "0", "--compile", "--precision", "bf16-mixed"]
 
@@ -351,7 +366,8 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
     python.write_text(f'#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nprintf "%s\\t" "$@" >> {calls_log}\necho >> {calls_log}\n')
     python.chmod(0o755)
     parts = re.findall(r"want (\w+)", (BENCHMARKS / "gpu.sh").read_text())
-    assert {"cached", "cached_low_norms", "sample_bf16", "anonymize", "anonymize_fast", "anonymize_compiled"} <= set(parts)
+    assert {"cached", "cached_low_norms", "sample_bf16", "anonymize", "anonymize_fast", "anonymize_compiled",
+            "detection"} <= set(parts)
     proc = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), *parts], env={**os.environ, "PYTHON": str(python)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -361,4 +377,5 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
     for script, *argv in calls:
         name = Path(script).stem
         modules.setdefault(name, load_script(name)).parse_args(argv)  # SystemExit on an unknown flag or value
-    assert set(modules) == {"train_step", "sample", "harmonizer_attention", "anonymize_throughput", "fid_features"}
+    assert set(modules) == {"train_step", "sample", "harmonizer_attention", "anonymize_throughput", "fid_features",
+                            "face_detection"}
