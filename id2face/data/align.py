@@ -88,26 +88,51 @@ def crop_face(image: np.ndarray | Image.Image, matrix: np.ndarray, size: int) ->
     """Warp a photo (H, W, 3) uint8 into the ``size`` x ``size`` crop of ``matrix`` (bicubic,
     black outside the photo). Large downscales are box-filtered first, so faces from big photos
     do not alias."""
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     matrix = np.asarray(matrix, dtype=np.float64)
     inverse = invert_affine(matrix)
     factor = int(1.0 / matrix_scale(matrix))
+    # Only the region the crop sees (plus the resampling's reach) is converted and warped: a 512 px
+    # crop of a 12 MP photo otherwise copied all 36 MB of it twice, 83 ms a face on a laptop core.
+    corners = transform_points(np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]]), inverse)
+    margin = 2 * factor if factor >= 2 else 4
+    x0, y0 = (np.floor(corners.min(0)).astype(int) - margin).tolist()
+    x1, y1 = (np.ceil(corners.max(0)).astype(int) + margin).tolist()
     if factor >= 2:
-        # Cut out the region the crop sees (plus a margin), box-reduce it by `factor`, and fold
-        # the cut + reduction into the matrix: src = x0 + factor * reduced + (factor - 1) / 2.
-        corners = transform_points(np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]]), inverse)
-        margin = 2 * factor
-        x0, y0 = np.floor(corners.min(0)).astype(int) - margin
-        x1, y1 = np.ceil(corners.max(0)).astype(int) + margin
-        pil = pil.crop((int(x0), int(y0), int(x1), int(y1))).reduce(factor)
+        # Box-reduce the cut by `factor` and fold the cut + reduction into the matrix:
+        # src = x0 + factor * reduced + (factor - 1) / 2.
+        pil = _photo_region(image, (x0, y0, x1, y1)).reduce(factor)
         offset = np.array([x0, y0], dtype=np.float64) + (factor - 1) / 2.0
         inverse = np.concatenate([inverse[:, :2] / factor, ((inverse[:, 2] - offset) / factor)[:, None]], axis=1)
+    else:
+        # Cut within the photo only: outside it the warp fills black, at its edges bicubic clamps
+        # to the photo's own edge pixels, exactly as on the whole photo.
+        width, height = image.size if isinstance(image, Image.Image) else np.asarray(image).shape[1::-1]
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((size, size, 3), dtype=np.uint8)
+        pil = _photo_region(image, (x0, y0, x1, y1))
+        inverse = np.concatenate([inverse[:, :2], (inverse[:, 2] - np.array([x0, y0], np.float64))[:, None]], axis=1)
     # PIL samples in continuous coordinates (pixel centres at i + 0.5): convert the index matrix.
     linear, shift = inverse[:, :2], inverse[:, 2]
     shift = shift + 0.5 - linear @ np.array([0.5, 0.5])
     coefficients = (linear[0, 0], linear[0, 1], shift[0], linear[1, 0], linear[1, 1], shift[1])
     out = pil.convert("RGB").transform((size, size), Image.AFFINE, coefficients, resample=Image.BICUBIC, fillcolor=(0, 0, 0))
     return np.asarray(out)
+
+
+def _photo_region(image: np.ndarray | Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """``image.crop(box)`` of the photo as a PIL image (black where ``box`` leaves the photo),
+    converting only the part of an array inside ``box``."""
+    if isinstance(image, Image.Image):
+        return image.crop(box)
+    array = np.asarray(image)
+    height, width = array.shape[:2]
+    x0, y0, x1, y1 = box
+    inside = (max(x0, 0), max(y0, 0), min(x1, width), min(y1, height))
+    if inside[2] <= inside[0] or inside[3] <= inside[1]:
+        return Image.new("RGB", (x1 - x0, y1 - y0))
+    part = Image.fromarray(np.ascontiguousarray(array[inside[1]:inside[3], inside[0]:inside[2]]))
+    return part.crop((x0 - inside[0], y0 - inside[1], x1 - inside[0], y1 - inside[1]))
 
 
 def warp_tensor(images: torch.Tensor, matrices: torch.Tensor | np.ndarray, out_size: tuple[int, int],
