@@ -18,7 +18,8 @@
 # encoding too),
 # anonymize_fast (the anonymize part with those, TAESD's architecture encoding too, and depth 64:
 # what the 20 faces/s target needs, eager), anonymize_compiled (the same compiled, < 420 s),
-# detection (MTCNN per photo, facenet-pytorch's and ours, the GPU idle and kept busy: < 60 s),
+# detection (MTCNN per photo, facenet-pytorch's and ours, the GPU idle and kept busy; the host's
+# alignment per face: < 110 s),
 # compiled, cached_compiled
 # (+ channels_last + torch.compile of both UNets), sample, sample_compiled (+ channels_last +
 # compile of the UNet and the VAE), anonymize (the whole file pipeline end to end: MTCNN,
@@ -92,12 +93,14 @@ if want anonymize; then  # the issue's end-to-end figure: files in, files out
       --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 4 --pipeline-depth 0 64 --threads 4 \
       --photo-size 4032 3024 --photo-format jpg --steady || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
-if want detection; then  # MTCNN per photo at the anonymize command's 2048 px, GPU idle and kept busy (< 60 s)
+if want detection; then  # MTCNN per photo at anonymize's 2048 px, GPU idle and busy; alignment (< 110 s)
   echo; echo "== MTCNN per photo: facenet-pytorch's detect vs id2face's (no host read per candidate), 12 MP photos"
-  timeout 30 "$PY" benchmarks/face_detection.py --device cuda --photos 8 --sides 1024 2048 \
+  timeout 45 "$PY" benchmarks/face_detection.py --device cuda --photos 8 --sides 1024 2048 \
       || echo "== face_detection failed or timed out (exit $?)"
-  timeout 30 "$PY" benchmarks/face_detection.py --device cuda --photos 8 --sides 2048 --busy-gpu \
+  timeout 45 "$PY" benchmarks/face_detection.py --device cuda --photos 8 --sides 2048 --busy-gpu \
       || echo "== face_detection failed or timed out (exit $?)"
+  echo; echo "== alignment per face on this machine's host, 512 px crops of 12 MP photos"
+  timeout 20 "$PY" benchmarks/face_alignment.py || echo "== face_alignment failed or timed out (exit $?)"
 fi
 FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 --faces-per-photo 4 --batch-sizes 64
   --io-workers 4 --pipeline-depth 64 --threads 4 --vae-dtype bfloat16 --unet-dtype bfloat16 --tiny-decoder random

@@ -83,11 +83,8 @@ def test_crop_places_source_points_where_the_matrix_says(angle, scale):
 
 def _whole_photo_crop(photo: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """PIL's bicubic affine warp of the whole photo: what crop_face computes where it need not reduce."""
-    inverse = A.invert_affine(matrix)
-    linear, shift = inverse[:, :2], inverse[:, 2] + 0.5 - inverse[:, :2] @ np.array([0.5, 0.5])
-    coefficients = (linear[0, 0], linear[0, 1], shift[0], linear[1, 0], linear[1, 1], shift[1])
-    return np.asarray(Image.fromarray(photo).transform((size, size), Image.AFFINE, coefficients, resample=Image.BICUBIC,
-                                                       fillcolor=(0, 0, 0)))
+    return np.asarray(Image.fromarray(photo).transform((size, size), Image.AFFINE, A.pil_affine(A.invert_affine(matrix)),
+                                                       resample=Image.BICUBIC, fillcolor=(0, 0, 0)))
 
 
 @pytest.mark.parametrize("centre, angle, face", [((600, 400), 0.0, 120), ((15, 30), 0.5, 150), ((1190, 890), -2.0, 90),

@@ -97,6 +97,18 @@ def test_face_detection_compares_both_mtcnn_drivers_on_the_same_photos(capsys):
     assert "host reads/photo" in out
 
 
+def test_face_alignment_times_each_part_and_checks_the_crop_against_the_whole_photo_warp(capsys):
+    figures, out = run_script("face_alignment", ["--size", "128", "--photo-size", "1600", "1200", "--repeats", "1"],
+                              capsys)
+    assert set(figures["ms_per_face"]) == {"crop (whole-photo warp, before)", "crop (crop_face)", "identity mask",
+                                           "mask grown", "feathered (paste-back thread)"}
+    assert min(figures["ms_per_face"].values()) > 0
+    assert figures["crop_max_difference"] <= 1 and figures["crop_differing_fraction"] < 1e-3
+    assert figures["crop_speedup"] == pytest.approx(figures["ms_per_face"]["crop (whole-photo warp, before)"]
+                                                    / figures["ms_per_face"]["crop (crop_face)"])
+    assert "crop_face" in out
+
+
 COMPILED_ANONYMIZE = ["anonymize_throughput.py", "--photos", "1", "--faces-per-photo", "2", "--steps", "2",
                       "--io-workers", "0", "--compile", "--precision", "bf16-mixed"]
 
@@ -378,4 +390,4 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
         name = Path(script).stem
         modules.setdefault(name, load_script(name)).parse_args(argv)  # SystemExit on an unknown flag or value
     assert set(modules) == {"train_step", "sample", "harmonizer_attention", "anonymize_throughput", "fid_features",
-                            "face_detection"}
+                            "face_detection", "face_alignment"}

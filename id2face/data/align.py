@@ -112,12 +112,16 @@ def crop_face(image: np.ndarray | Image.Image, matrix: np.ndarray, size: int) ->
             return np.zeros((size, size, 3), dtype=np.uint8)
         pil = _photo_region(image, (x0, y0, x1, y1))
         inverse = np.concatenate([inverse[:, :2], (inverse[:, 2] - np.array([x0, y0], np.float64))[:, None]], axis=1)
-    # PIL samples in continuous coordinates (pixel centres at i + 0.5): convert the index matrix.
-    linear, shift = inverse[:, :2], inverse[:, 2]
-    shift = shift + 0.5 - linear @ np.array([0.5, 0.5])
-    coefficients = (linear[0, 0], linear[0, 1], shift[0], linear[1, 0], linear[1, 1], shift[1])
-    out = pil.convert("RGB").transform((size, size), Image.AFFINE, coefficients, resample=Image.BICUBIC, fillcolor=(0, 0, 0))
+    out = pil.convert("RGB").transform((size, size), Image.AFFINE, pil_affine(inverse), resample=Image.BICUBIC,
+                                       fillcolor=(0, 0, 0))
     return np.asarray(out)
+
+
+def pil_affine(inverse: np.ndarray) -> tuple[float, ...]:
+    """``Image.transform(..., Image.AFFINE, data)``'s data for a pixel-index output -> input matrix:
+    PIL samples in continuous coordinates (pixel centres at i + 0.5)."""
+    linear, shift = inverse[:, :2], inverse[:, 2] + 0.5 - inverse[:, :2] @ np.array([0.5, 0.5])
+    return (linear[0, 0], linear[0, 1], shift[0], linear[1, 0], linear[1, 1], shift[1])
 
 
 def _photo_region(image: np.ndarray | Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
