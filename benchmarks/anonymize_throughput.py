@@ -5,7 +5,7 @@
         [--precision auto|32-true|bf16-mixed|16-mixed]
         [--compile] [--vae-dtype float32|bfloat16|float16] [--unet-dtype float32|bfloat16|float16]
         [--tiny-decoder DIR|random [--tiny-encoder]] [--threads 1]
-        [--io-workers 0 4] [--pipeline-depth 0 16]
+        [--io-workers 0 4] [--pipeline-depth 0 16] [--detect-workers 1 4]
         [--photo-format png|jpg] [--photo-size 640 480] [--audit-recognizer none|dlib|encoder|...] [--steady]
 
 Writes N photos (skimage backgrounds, 640 x 480 unless --photo-size, each with K SynthFaces faces
@@ -143,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pipeline-depth", type=int, nargs="+", default=[0], metavar="N",
                         help="photos detected ahead and pasted back behind in worker threads while the model "
                              "samples, each a run, as `id2face anonymize --pipeline-depth` (default: 0)")
+    parser.add_argument("--detect-workers", type=int, nargs="+", default=[1], metavar="N",
+                        help="with a depth > 0: threads that detect and align ahead, each a run, as `id2face "
+                             "anonymize --detect-workers` (default: 1)")
     parser.add_argument("--audit-recognizer", default="none", metavar="NAME",
                         help="the residual-identity judge, as `id2face anonymize --audit-recognizer` (default none; "
                              "the command's own default is dlib where installed)")
@@ -233,21 +236,22 @@ def main(argv=None) -> int:
         detect_seconds = time.perf_counter() - started
         C.progress(f"detection alone: {detect_seconds:.2f} s")
 
-        for batch, workers, ahead in ((b, w, a) for b in args.batch_sizes for w in args.io_workers
-                                      for a in args.pipeline_depth):
+        settings_grid = [(b, w, a, d) for b in args.batch_sizes for w in args.io_workers for a in args.pipeline_depth
+                         for d in (args.detect_workers if a else [1])]  # in turn (depth 0), no detect threads
+        for batch, workers, ahead, detecting in settings_grid:
             settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision,
                                          pad_last_batch=args.compile)  # as `anonymize --compile`
             anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, device=args.device,
-                                    pipeline_depth=ahead)
-            run = f"{len(rows)}-{batch}-{workers}-{ahead}"  # a fresh folder per row, repeated settings too
+                                    pipeline_depth=ahead, detect_workers=detecting)
+            run = f"{len(rows)}-{batch}-{workers}-{ahead}-{detecting}"  # a fresh folder per row, repeated settings too
             anonymize_files([warm], tmp / f"warm{run}", anonymizer, info=info, progress=False, io_workers=workers)
-            C.progress(f"warm-up run done: batch {batch}, io {workers}, depth {ahead}"
+            C.progress(f"warm-up run done: batch {batch}, io {workers}, depth {ahead}, detect threads {detecting}"
                        f"{' (compiles first)' if args.compile else ''}")
             load = os.getloadavg()[0]
             summary, wall = timed_run(photos, tmp / f"out{run}", anonymizer, info, workers, args.device)
             faces = summary["faces"]["total"]
             C.progress(f"timed run: {faces} faces in {wall:.2f} s")
-            row = {"batch_size": batch, "io_workers": workers, "pipeline_depth": ahead,
+            row = {"batch_size": batch, "io_workers": workers, "pipeline_depth": ahead, "detect_workers": detecting,
                    "photos": summary["images"]["written"], "faces": faces,
                    "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
                    "faces_per_s": round(faces / wall, 3), "photos_per_s": round(args.photos / wall, 3),
@@ -279,18 +283,21 @@ def main(argv=None) -> int:
           f"({args.photos / detect_seconds:.2f} photos/s, {detected} faces)")
     print(f"file decode + encode alone, one thread: {io_seconds:.2f} s for {args.photos} photos")
     steady_header = f" {'2N s':>7} {'steady faces/s':>14}" if args.steady else ""
-    print(f"{'batch':>5} {'io':>3} {'depth':>5} {'photos':>6} {'faces':>5} {'anonymized':>10} {'seconds':>8} "
-          f"{'faces/s':>8} {'photos/s':>8} {'load':>5} {'busy s: prepare/sample/finish':>29}{steady_header}")
+    print(f"{'batch':>5} {'io':>3} {'depth':>5} {'detect':>6} {'photos':>6} {'faces':>5} {'anonymized':>10} "
+          f"{'seconds':>8} {'faces/s':>8} {'photos/s':>8} {'load':>5} {'busy s: detect/encode/sample/finish':>35}"
+          f"{steady_header}")
     for r in rows:
         steady = (f" {r['seconds_twice']:>7.2f} {r['steady_faces_per_s'] or float('nan'):>14.3f}"
                   if args.steady else "")
         busy = "/".join(f"{seconds:.2f}" for seconds in r["stage_seconds"].values())
-        print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['pipeline_depth']:>5} {r['photos']:>6} {r['faces']:>5} "
-              f"{r['anonymized']:>10} "
+        print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['pipeline_depth']:>5} {r['detect_workers']:>6} "
+              f"{r['photos']:>6} {r['faces']:>5} {r['anonymized']:>10} "
               f"{r['seconds']:>8.2f} {r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}"
-              f" {busy:>29}{steady}")
-    print("busy s: the seconds each stage worked on the N photos (detection, alignment, identity encoding; "
-          "sampling, waiting for the GPU included; paste-back and audit): in worker threads the busiest sets the pace")
+              f" {busy:>35}{steady}")
+    print("detect: threads that detect and align ahead (with depth > 0). busy s: the seconds each stage worked on the "
+          "N photos (detection and alignment, summed over its threads; identity encoding; sampling, waiting for the "
+          "GPU included; paste-back and audit): in worker threads the busiest (detect's over its threads) sets the "
+          "pace")
     if args.steady:
         print("steady faces/s: (faces of 2N photos - faces of N) / (seconds of 2N - seconds of N), the photos twice "
               "over: the pipeline's fill and drain cancel")
@@ -304,7 +311,7 @@ def main(argv=None) -> int:
                       "faces_per_s": best["faces_per_s"],
                       "steady_faces_per_s": max(steady_rates) if steady_rates else None,
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
-                      "best_pipeline_depth": best["pipeline_depth"],
+                      "best_pipeline_depth": best["pipeline_depth"], "best_detect_workers": best["detect_workers"],
                       "photo_size": args.photo_size, "photo_format": args.photo_format,
                       "audit_recognizer": args.audit_recognizer, "audit_workers": args.audit_workers,
                       "io_seconds_one_thread": round(io_seconds, 3),

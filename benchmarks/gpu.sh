@@ -17,7 +17,8 @@
 # bf16 and the harmonizer's sdpa path, decoded by the VAE, by TAESD's architecture, and with that
 # encoding too),
 # anonymize_fast (the anonymize part with those, TAESD's architecture encoding too, and depth 64:
-# what the 20 faces/s target needs, eager), anonymize_compiled (the same compiled, < 420 s),
+# what the 20 faces/s target needs, eager; detection and alignment in 1 and in 4 threads),
+# anonymize_compiled (the same compiled, 4 detect threads, < 420 s),
 # detection (MTCNN per photo, facenet-pytorch's and ours, the GPU idle and kept busy; the host's
 # alignment per face: < 110 s),
 # compiled, cached_compiled
@@ -106,13 +107,14 @@ FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 
   --io-workers 4 --pipeline-depth 64 --threads 4 --vae-dtype bfloat16 --unet-dtype bfloat16 --tiny-decoder random
   --tiny-encoder --harmonizer-attention sdpa --photo-size 4032 3024 --photo-format jpg --steady"
 if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline, eager
-  echo; echo "== anonymize end to end as above, depth 64, UNet in bf16, TAESD-architecture encoder and decoder"
-  timeout 200 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE \
+  echo; echo "== anonymize end to end as above, depth 64, UNet in bf16, TAESD-architecture encoder and decoder,"
+  echo "   detection and alignment in 1 and in 4 threads (--detect-workers)"
+  timeout 200 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --detect-workers 1 4 \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want anonymize_compiled; then  # the same compiled (UNet, VAE encoder, TAESD decoder): the target's run
-  echo; echo "== anonymize end to end as anonymize_fast, + channels_last + torch.compile (anonymize --compile)"
-  timeout 420 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --compile \
+  echo; echo "== anonymize end to end as anonymize_fast (4 detect threads), + channels_last + torch.compile"
+  timeout 420 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --compile --detect-workers 4 \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want sample_compiled; then

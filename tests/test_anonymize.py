@@ -143,7 +143,8 @@ def sha(path: Path) -> str:
 
 def anonymizer(loaded, **kwargs) -> Anonymizer:
     model, cfg, _, template = loaded
-    options = {k: kwargs.pop(k) for k in ("detector", "audit", "cluster_by", "pipeline_depth") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("detector", "audit", "cluster_by", "pipeline_depth", "detect_workers")
+               if k in kwargs}
     settings = AnonymizeSettings(**{"steps": STEPS, "seed": 0, "batch_size": 4, **kwargs})
     return Anonymizer(model, int(cfg.data.image_size), template, settings, **options)
 
@@ -183,7 +184,7 @@ def test_scenes_every_face_replaced_nothing_else_touched_and_audited(tmp_path, l
     assert summary["faces"] == {"total": 5, "anonymized": 5, "covered": 0, "covered_reasons": {}}
     assert exit_code(summary) == 0 and summary["faces_per_second"] > 0 and summary["seconds"] > 0
     busy = summary["stage_seconds"]  # stages in turn (pipeline depth 0): their sum is the call's time at most
-    assert set(busy) == {"prepare", "sample", "finish"} and all(seconds > 0 for seconds in busy.values())
+    assert set(busy) == {"detect", "encode", "sample", "finish"} and all(seconds > 0 for seconds in busy.values())
     assert sum(busy.values()) <= summary["seconds"] + 0.01
     assert summary["audit_recognizer"].startswith("dlib")
     assert summary["model"]["ema_weights"] is True and "SynthFaces" in summary["model"]["template"]
@@ -280,9 +281,10 @@ def test_io_threads_write_what_one_thread_writes_and_report_a_failed_write(tmp_p
 
 @pytest.mark.parametrize("key", [None, "secret"])
 def test_pipeline_stages_in_worker_threads_give_what_in_turn_gives(loaded, key):
-    """Detection (stage 1) ahead and paste-back + audit (stage 3) behind, each in a worker thread,
-    while the caller's thread samples: the same pixels, faces, clusters, substitutes and audit
-    figures, photos in order, and a detector failure is still that photo's error."""
+    """Detection (stage 1) ahead, in one or three threads, and paste-back + audit (stage 3) behind,
+    in worker threads, while the caller's thread samples: the same pixels, faces, clusters,
+    substitutes and audit figures, photos in order, and a detector failure is still that photo's
+    error."""
     import threading
 
 
@@ -300,21 +302,24 @@ def test_pipeline_stages_in_worker_threads_give_what_in_turn_gives(loaded, key):
     audit = build_audit_recognizer("encoder", loaded[1])
     audit.register_forward_pre_hook(lambda module, args: threads["audit"].append(threading.current_thread().name))
     runs = {}
-    for depth in (0, 3):
+    for depth, workers in ((0, 1), (3, 1), (4, 3)):
         threads["detect"].clear(), threads["audit"].clear()
-        engine = anonymizer(loaded, detector=detector, audit=audit, key=key, batch_size=3, pipeline_depth=depth)
-        runs[depth] = list(engine.process(enumerate([*photos[:2], broken, *photos[2:]])))
-        assert {name.startswith("id2face-prepare") for name in threads["detect"]} == {depth > 0}
+        engine = anonymizer(loaded, detector=detector, audit=audit, key=key, batch_size=3, pipeline_depth=depth,
+                            detect_workers=workers)
+        runs[depth, workers] = list(engine.process(enumerate([*photos[:2], broken, *photos[2:]])))
+        assert {name.startswith("id2face-detect") for name in threads["detect"]} == {depth > 0}
+        assert len(set(threads["detect"])) <= workers
         assert {name.startswith("id2face-finish") for name in threads["audit"]} == {depth > 0}
-    in_turn, threaded = runs[0], runs[3]
-    assert [tag for tag, _ in threaded] == [0, 1, 2, 3, 4]
-    assert threaded[2][1].status == in_turn[2][1].status == "error"
-    assert "face detection failed" in threaded[2][1].message
-    for (_, a), (_, b) in zip(in_turn, threaded):
-        assert a.status == b.status and a.faces == b.faces  # records: clusters, regions, audit residuals
-        if a.pixels is not None:
-            assert np.array_equal(a.pixels, b.pixels)
-    faces = [face for _, result in threaded for face in result.faces]
+    in_turn = runs[0, 1]
+    for threaded in (runs[3, 1], runs[4, 3]):
+        assert [tag for tag, _ in threaded] == [0, 1, 2, 3, 4]
+        assert threaded[2][1].status == in_turn[2][1].status == "error"
+        assert "face detection failed" in threaded[2][1].message
+        for (_, a), (_, b) in zip(in_turn, threaded):
+            assert a.status == b.status and a.faces == b.faces  # records: clusters, regions, audit residuals
+            if a.pixels is not None:
+                assert np.array_equal(a.pixels, b.pixels)
+    faces = [face for _, result in runs[4, 3] for face in result.faces]
     assert [face["status"] for face in faces] == ["anonymized"] * 8
     assert all(face["residual_similarity"] is not None and (face["cluster"] is None) == (key is None) for face in faces)
 
@@ -624,7 +629,7 @@ def test_tiny_encoder_encodes_with_the_tiny_decoders_autoencoder(tmp_path, sd_va
     assert len(err.strip().splitlines()) == 1 and "--tiny-decoder DIR" in err, err
     assert not out.exists()
     assert main([*command, "--tiny-decoder", str(tmp_path / "taesd")]) == 0
-    assert "faces/s (busy s: prepare " in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "faces/s (busy s: detect " in capsys.readouterr().err.strip().splitlines()[-1]
     summary = json.loads((out / "anonymize_summary.json").read_text())
     assert summary["model"]["tiny_encoder"] is True and summary["faces"]["anonymized"] == 1
     assert (out / "face.png").is_file()
@@ -861,6 +866,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--io-workers", "-1"], "--io-workers must be >= 0"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--pipeline-depth", "-2"], "--pipeline-depth must be >= 0"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--audit-workers", "-1"], "--audit-workers must be >= 0"),
+        (["-i", str(photos), "-o", str(tmp_path / "o"), "--detect-workers", "0"], "--detect-workers must be >= 1"),
     ]
     for extra, message in cases:
         assert main(["anonymize", "--checkpoint", str(checkpoint), *extra]) == 2

@@ -55,14 +55,16 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     all anonymized; --steady runs the photos twice over and rates the second half alone."""
     figures, out = run_script("anonymize_throughput", ["--photos", "2", "--faces-per-photo", "2", "--batch-sizes", "4",
                                                        "--steps", "2", "--io-workers", "0", "2", "--pipeline-depth",
-                                                       "0", "2", "--photo-format", "jpg", "--photo-size", "800",
-                                                       "600", "--steady"], capsys)
+                                                       "0", "2", "--detect-workers", "2", "--photo-format", "jpg",
+                                                       "--photo-size", "800", "600", "--steady"], capsys)
     rows = figures["rows"]
-    assert [(row["io_workers"], row["pipeline_depth"]) for row in rows] == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    assert [(row["io_workers"], row["pipeline_depth"], row["detect_workers"]) for row in rows] == [
+        (0, 0, 1), (0, 2, 2), (2, 0, 1), (2, 2, 2)]  # in turn (depth 0): no detect threads
     assert all(row["faces"] == row["anonymized"] == 4 and row["photos"] == 2 for row in rows)
     assert all(row["faces_twice"] == 8 and row["photos_twice"] == 4 for row in rows)
     for row in rows:  # each stage's busy time; in turn (depth 0) within the run's
-        assert set(row["stage_seconds"]) == {"prepare", "sample", "finish"} and min(row["stage_seconds"].values()) > 0
+        assert set(row["stage_seconds"]) == {"detect", "encode", "sample", "finish"}
+        assert min(row["stage_seconds"].values()) > 0
         assert row["pipeline_depth"] or sum(row["stage_seconds"].values()) <= row["seconds"] + 0.01
     # 4 more faces in the extra seconds (each figure rounded to 0.01 s); none where timing noise made
     # the longer run no slower (a row of a loaded machine), but not in every row

@@ -8,6 +8,7 @@ import hmac
 import json
 import math
 import secrets
+import threading
 import time
 import traceback
 from collections import deque
@@ -37,9 +38,10 @@ MIN_IDENTITY_CHANGE = 0.01
 # Photos larger than this are downscaled for detection only: group photos hold small faces (MTCNN's
 # 20 px minimum at 2048 is 40 px of a 12 MP photo; `prepare`'s portraits do with 1024).
 DETECT_MAX_SIDE = 2048
-# What ``Anonymizer.stage_seconds`` times: detection, alignment and identity encoding; the batched
-# sampling (waiting for the GPU included); paste-back, cover and audit.
-STAGES = ("prepare", "sample", "finish")
+# What ``Anonymizer.stage_seconds`` times: detection and alignment (summed over the detect threads);
+# identity encoding and clustering; the batched sampling (waiting for the GPU included); paste-back,
+# cover and audit.
+STAGES = ("detect", "encode", "sample", "finish")
 
 
 @dataclass
@@ -221,20 +223,23 @@ class Anonymizer:
     encoder, cosine) or a recognizer. ``anonymize_photos(list of (H, W, 3) uint8)`` returns
     ``ImageResult``s; ``process(iterable of (tag, pixels))`` streams ``(tag, ImageResult)`` in order.
     ``pipeline_depth``: photos in flight beside the sampling, which stays in the caller's thread:
-    up to that many are detected, aligned and identity-encoded ahead (stage 1) in one worker thread,
-    and as many pasted back and audited behind (stage 3) in another, each on a CUDA stream of its
-    own on a GPU (0: every stage in turn, in the caller's thread). Same results either way: each
-    stage still sees the photos in order. ``stage_seconds``: the seconds each of ``STAGES`` was busy
-    in the last ``process`` call; with the stages in threads the busiest one, near the call's time,
-    sets the pace.
+    up to that many are detected and aligned ahead in ``detect_workers`` threads and identity-encoded
+    in one more (stage 1), and as many pasted back and audited behind (stage 3) in another, each
+    thread on a CUDA stream of its own on a GPU (0: every stage in turn, in the caller's thread).
+    Same results either way: photos are detected in any order but encoded, clustered, sampled and
+    finished in input order. ``stage_seconds``: the seconds each of ``STAGES`` was busy in the last
+    ``process`` call (detect: summed over its threads); with the stages in threads the busiest one
+    (detect's over its thread count), near the call's time, sets the pace.
     """
 
     def __init__(self, model, image_size: int, template: np.ndarray, settings: AnonymizeSettings | None = None,
                  detector: Callable | None = None, audit=None, cluster_by=None, device: str | torch.device = "cpu",
-                 error_log: Callable[[str], None] | None = None, pipeline_depth: int = 0):
-        if pipeline_depth < 0:
-            raise UserError(f"pipeline_depth must be >= 0, got {pipeline_depth}")
-        self.pipeline_depth = int(pipeline_depth)
+                 error_log: Callable[[str], None] | None = None, pipeline_depth: int = 0, detect_workers: int = 1):
+        if pipeline_depth < 0 or detect_workers < 1:
+            raise UserError(f"pipeline_depth must be >= 0 and detect_workers >= 1, got {pipeline_depth} and "
+                            f"{detect_workers}")
+        self.pipeline_depth, self.detect_workers = int(pipeline_depth), int(detect_workers)
+        self._stage_lock = threading.Lock()
         self.settings = settings or AnonymizeSettings()
         self.settings.check()
         self.model = model
@@ -280,9 +285,15 @@ class Anonymizer:
         queue: list[Face] = []
         batch, depth = self.settings.batch_size, self.pipeline_depth
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
-        with StageWorker(depth > 0, self.device, "prepare") as preparer, \
+        self.detector = self.detector_fn  # built here, once, not by racing detect threads
+        with StageWorker(depth > 0, self.device, "detect", threads=self.detect_workers) as detector, \
+                StageWorker(depth > 0, self.device, "encode") as encoder, \
                 StageWorker(depth > 0, self.device, "finish") as finisher:
-            for _, prepared in ahead(preparer, self._start_item, items, depth):
+
+            def prepare(item) -> Future:  # detected in any order, encoded (so clustered) in input order
+                return encoder.submit(self._encode_item, detector.submit(self._locate_item, item))
+
+            for _, prepared in ahead(prepare, items, depth):
                 entry = prepared.result()
                 pending.append(entry)
                 queue.extend(face for face in entry.faces if face.status == "pending")
@@ -298,12 +309,12 @@ class Anonymizer:
 
     @contextmanager
     def _busy(self, stage: str):
-        # Each stage runs in one thread, so each key has one writer.
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.stage_seconds[stage] += time.perf_counter() - started
+            with self._stage_lock:  # detect's threads add to one key
+                self.stage_seconds[stage] += time.perf_counter() - started
 
     @property
     def detector_fn(self) -> Callable:
@@ -313,12 +324,18 @@ class Anonymizer:
             self.detector = FaceDetector(max_side=DETECT_MAX_SIDE, device=str(self.device))
         return self.detector
 
-    # -- stage 1: detect, align, embed, cluster ---------------------------------------------
-    def _start_item(self, item: tuple[Any, np.ndarray]) -> _Pending:
-        with self._busy("prepare"):
-            return self._start(*item)
+    # -- stage 1: detect and align (any order), embed and cluster (in order) -----------------
+    def _locate_item(self, item: tuple[Any, np.ndarray]) -> _Pending:
+        with self._busy("detect"):
+            return self._locate(*item)
 
-    def _start(self, tag, pixels: np.ndarray) -> _Pending:
+    def _encode_item(self, located: Future) -> _Pending:
+        entry = located.result()
+        with self._busy("encode"):
+            self._encode(entry)
+        return entry
+
+    def _locate(self, tag, pixels: np.ndarray) -> _Pending:
         pixels = np.ascontiguousarray(pixels)
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
             return _Pending(tag, pixels, [],
@@ -341,15 +358,17 @@ class Anonymizer:
             except Exception as err:  # noqa: BLE001 - a face we cannot prepare is covered, not skipped
                 self._log(tag, "alignment", err)
                 face.cover("alignment_failed", describe(err))
-        live = [face for face in faces if face.status == "pending"]
+        return _Pending(tag, pixels, faces)
+
+    def _encode(self, entry: _Pending) -> None:
+        live = [face for face in entry.faces if face.status == "pending"]
         if live:
             try:
-                self._embed(pixels, live)
+                self._embed(entry.pixels, live)
             except Exception as err:  # noqa: BLE001
-                self._log(tag, "identity encoding", err)
+                self._log(entry.tag, "identity encoding", err)
                 for face in live:
                     face.cover("encoder_error", describe(err))
-        return _Pending(tag, pixels, faces)
 
     def _align(self, pixels: np.ndarray, face: Face) -> None:
         x0, y0, x1, y1 = face.box

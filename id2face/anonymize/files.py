@@ -11,6 +11,7 @@ import traceback
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -222,7 +223,7 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
     depth = 2 * max(io_workers, 1)  # photos decoded ahead, and photos whose writes may be in flight
 
     def decoded(executor) -> Iterator[tuple[tuple[Job, dict], np.ndarray]]:
-        for job, future in ahead(executor, _decode, todo, depth):
+        for job, future in ahead(partial(executor.submit, _decode), todo, depth):
             meta, pixels = future.result()
             if isinstance(pixels, ImageReadError):
                 finish(job, {**meta, "status": pixels.status, "message": str(pixels), "output": None, "faces": []})

@@ -1,7 +1,8 @@
-"""Where the pipeline's calls run: in the caller's thread, in a pool of file threads, or in one
-stage worker thread with a CUDA stream of its own; same order and results either way."""
+"""Where the pipeline's calls run: in the caller's thread, in a pool of file threads, or in stage
+worker threads with a CUDA stream each; same results either way."""
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator
@@ -28,29 +29,33 @@ class InlineExecutor:
 
 
 class StageWorker:
-    """Runs one pipeline stage's calls in order: in the caller's thread (``threaded`` false), or in
-    one worker thread, on a GPU with a CUDA stream of its own (its host reads then wait for its own
-    kernels only, not for the sampling queued on the default stream) that is synchronized before a
-    call's future completes, so another stage reads finished results."""
+    """Runs one pipeline stage's calls: in the caller's thread, in order (``threaded`` false), or in
+    ``threads`` worker threads (one: in order), each on a GPU with a CUDA stream of its own (its host
+    reads then wait for its own kernels only, not for the sampling queued on the default stream)
+    that is synchronized before a call's future completes, so another stage reads finished results."""
 
-    def __init__(self, threaded: bool, device: torch.device, name: str):
-        self._stream = None
+    def __init__(self, threaded: bool, device: torch.device, name: str, threads: int = 1):
+        self._device = device
+        self._streams = None
         self._pool = InlineExecutor()
         if threaded:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"id2face-{name}")
-            self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"id2face-{name}")
+            self._streams = threading.local() if device.type == "cuda" else None
 
     def submit(self, fn: Callable, *args) -> Future:
         return self._pool.submit(self._call, fn, *args)
 
     def _call(self, fn: Callable, *args):
-        if self._stream is None:
+        if self._streams is None:
             return fn(*args)
-        with torch.cuda.stream(self._stream):
+        if not hasattr(self._streams, "stream"):
+            self._streams.stream = torch.cuda.Stream(self._device)
+        stream = self._streams.stream
+        with torch.cuda.stream(stream):
             result = fn(*args)
-            self._stream.synchronize()
+            stream.synchronize()
         return result
 
     def __enter__(self) -> "StageWorker":
@@ -70,11 +75,11 @@ def io_executor(workers: int):
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="id2face-io")
 
 
-def ahead(executor, fn: Callable, items: Iterable, depth: int) -> Iterator[tuple[Any, Future]]:
-    """``(item, future of fn(item))`` in order, with up to ``depth`` calls submitted ahead."""
+def ahead(submit: Callable[[Any], Future], items: Iterable, depth: int) -> Iterator[tuple[Any, Future]]:
+    """``(item, submit(item))`` in order, with up to ``depth`` items submitted ahead."""
     window: deque = deque()
     for item in items:
-        window.append((item, executor.submit(fn, item)))
+        window.append((item, submit(item)))
         if len(window) > depth:
             yield window.popleft()
     while window:
