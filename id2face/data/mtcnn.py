@@ -1,13 +1,15 @@
-"""MTCNN's three-stage cascade on facenet-pytorch's networks and box arithmetic, with no host
-read per candidate face.
+"""MTCNN's three-stage cascade on facenet-pytorch's networks and box arithmetic, with a fixed few
+host reads per photo, not one per candidate face and several per pyramid scale.
 
 facenet-pytorch's ``detect_face`` cuts each of the first stage's candidates out of the photo with
 its image index read from the device (``imgs[image_inds[k], ...]``): at 2048 px a group photo has
 hundreds of candidates, and on a GPU each read is a host-device round trip, queued behind whatever
-the sampler runs on the same GPU (for one photo the index is always 0). Here each
-refinement stage reads its candidates' clipped boxes to the host once. The arithmetic, the order
-of operations and so the results are facenet-pytorch's; a candidate whose clipped box is empty
-scores 0 instead of shifting the scores of those after it.
+the sampler runs on the same GPU (for one photo the index is always 0). It also thresholds and
+suppresses the P-Net's maps scale by scale, three data-sized outputs each. Here the first stage
+thresholds all scales at once and suppresses them in one batched NMS, and each refinement stage
+reads its candidates' clipped boxes to the host once. The arithmetic and so the results are
+facenet-pytorch's; a candidate whose clipped box is empty scores 0 instead of shifting the scores
+of those after it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def detect(mtcnn, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``MTCNN.detect(pixels, landmarks=True)`` for one (H, W, 3) uint8 photo of a facenet-pytorch
     ``MTCNN(select_largest=True)``: ``boxes`` (K, 5) [x0, y0, x1, y1, score] and ``points``
     (K, 5, 2), float32, largest box first; K may be 0."""
-    from facenet_pytorch.models.utils.detect_face import batched_nms, batched_nms_numpy, generateBoundingBox
+    from facenet_pytorch.models.utils.detect_face import batched_nms, batched_nms_numpy
 
     device = mtcnn.device
     dtype = next(mtcnn.pnet.parameters()).dtype
@@ -35,16 +37,14 @@ def detect(mtcnn, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images = torch.as_tensor(pixels.copy(), device=device).unsqueeze(0).permute(0, 3, 1, 2).to(dtype)
         height, width = images.shape[2:]
 
-        boxes, picks, offset = [], [], 0
+        maps = []
         for scale in scales:
             scaled = torch.nn.functional.interpolate(images, size=(int(height * scale + 1), int(width * scale + 1)),
                                                      mode="area")
             regression, probabilities = mtcnn.pnet((scaled - 127.5) * 0.0078125)
-            found, found_images = generateBoundingBox(regression, probabilities[:, 1], scale, threshold[0])
-            boxes.append(found)
-            picks.append(batched_nms(found[:, :4], found[:, 4], found_images, 0.5) + offset)
-            offset += found.shape[0]
-        boxes = torch.cat(boxes)[torch.cat(picks)]
+            maps.append((probabilities[0, 1], regression[0], scale))
+        boxes, scale_index = _first_stage_boxes(maps, threshold[0])
+        boxes = boxes[batched_nms(boxes[:, :4], boxes[:, 4], scale_index, 0.5)]  # within each scale
         boxes = boxes[batched_nms(boxes[:, :4], boxes[:, 4], torch.zeros_like(boxes[:, 0], dtype=torch.long), 0.7)]
         size = boxes[:, 2:4] - boxes[:, 0:2]
         boxes = _square(torch.cat([boxes[:, 0:2] + boxes[:, 5:7] * size, boxes[:, 2:4] + boxes[:, 7:9] * size,
@@ -52,14 +52,14 @@ def detect(mtcnn, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         points = torch.zeros(0, 5, 2, device=device)
         if len(boxes):
             regression, scores = _refine(mtcnn.rnet, images, boxes, REFINE_SIDE)
-            keep = scores[:, 1] > threshold[1]
+            keep = (scores[:, 1] > threshold[1]).nonzero()[:, 0]  # indices: one host read, not one per mask use
             boxes = torch.cat([boxes[keep, :4], scores[keep, 1:2]], dim=1)
             regression = regression[keep]
             pick = batched_nms(boxes[:, :4], boxes[:, 4], torch.zeros_like(boxes[:, 0], dtype=torch.long), 0.7)
             boxes = _square(_regress(boxes[pick], regression[pick]))
         if len(boxes):
             regression, landmarks, scores = _refine(mtcnn.onet, images, boxes, OUTPUT_SIDE)
-            keep = scores[:, 1] > threshold[2]
+            keep = (scores[:, 1] > threshold[2]).nonzero()[:, 0]
             boxes = torch.cat([boxes[keep, :4], scores[keep, 1:2]], dim=1)
             regression, landmarks = regression[keep], landmarks[keep]
             size = (boxes[:, 2:4] - boxes[:, 0:2] + 1).repeat(1, 5).view(-1, 5, 2)  # (K, 5, [w, h])
@@ -72,6 +72,31 @@ def detect(mtcnn, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         boxes, points = boxes.cpu().numpy(), points.cpu().numpy()
     order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]
     return boxes[order], points[order]
+
+
+def _first_stage_boxes(maps: list[tuple[torch.Tensor, torch.Tensor, float]], threshold: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """facenet-pytorch's ``generateBoundingBox`` over all scales at once (one host read, where it
+    reads three per scale): ``maps`` of (face probability (h, w), regression (4, h, w), scale) ->
+    boxes (K, 9) [x0, y0, x1, y1, score, regression] in the photo and each box's scale index (K,),
+    in facenet-pytorch's order (scale by scale, row-major)."""
+    device = maps[0][0].device
+    probabilities = torch.cat([probability.flatten() for probability, _, _ in maps])
+    regression = torch.cat([offsets.flatten(1) for _, offsets, _ in maps], dim=1)
+    cells = torch.cat([torch.arange(probability.numel(), device=device) for probability, _, _ in maps])
+    widths = torch.cat([torch.full((probability.numel(),), probability.shape[1], device=device)
+                        for probability, _, _ in maps])
+    scale_index = torch.cat([torch.full((probability.numel(),), index, device=device)
+                             for index, (probability, _, _) in enumerate(maps)])
+    scales = torch.tensor([scale for _, _, scale in maps], dtype=probabilities.dtype, device=device)
+    keep = (probabilities >= threshold).nonzero()[:, 0]
+    cells, widths, scale_index = cells[keep], widths[keep], scale_index[keep]
+    corner = torch.stack([cells % widths, cells // widths], dim=1).to(probabilities.dtype)  # (x, y) of the cell
+    scale = scales[scale_index].unsqueeze(1)
+    # P-Net: stride 2, 12 px cells
+    boxes = torch.cat([((2 * corner + 1) / scale).floor(), ((2 * corner + 12) / scale).floor(),
+                       probabilities[keep].unsqueeze(1), regression[:, keep].T], dim=1)
+    return boxes, scale_index
 
 
 def _refine(network, images, boxes, side: int) -> tuple[torch.Tensor, ...]:
