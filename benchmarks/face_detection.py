@@ -8,7 +8,8 @@ Photos: anonymize_throughput.py's group photos (4032 x 3024, 4 SynthFaces faces 
 to each --side as the anonymize pipeline's ``FaceDetector`` does. Per implementation and side: ms
 per photo (median, after a warm-up photo), faces found (score >= 0.8), torch ops dispatched and
 host reads per photo (CUDA: synchronizing calls, as ``torch.cuda.set_sync_debug_mode`` reports
-them; CPU: ``aten._local_scalar_dense`` calls, the reads that would be syncs on a GPU), and the
+them; CPU: the ops that would be syncs on a GPU: scalar reads, nonzero, NMS, boolean-mask
+indexing; torchvision's CPU NMS goes class by class beyond 1000 boxes, its GPU NMS not), and the
 largest difference between the two implementations' boxes and landmarks (px). ``--busy-gpu``: a
 second thread keeps bf16 matmuls queued on the default stream while detection runs on a stream of
 its own, as in the anonymize pipeline (its detection worker thread and the sampling thread).
@@ -55,12 +56,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class _OpCounter(TorchDispatchMode):
+    """Ops dispatched, and ``host_reads``: those that would make the host wait for a GPU (a value read
+    to the host, an output whose size depends on the data: nonzero, NMS, boolean-mask indexing)."""
+
     def __init__(self):
         super().__init__()
         self.counts: Counter = Counter()
+        self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        self.counts[name] += 1
+        masked = name in ("aten.index", "aten.index_put") and any(
+            torch.is_tensor(index) and index.dtype == torch.bool for index in (args[1] or ()) if index is not None)
+        self.host_reads += masked or name in ("aten._local_scalar_dense", "aten.nonzero", "torchvision.nms")
         return func(*args, **(kwargs or {}))
 
 
@@ -135,7 +144,7 @@ def measure(mtcnn, photos: list[np.ndarray], device: torch.device, busy: bool) -
         if device.type == "cuda":
             reads = len(C.host_syncs(lambda: run_one(name, mtcnn, photos[0], device, stream)))
         else:
-            reads = counter.counts["aten._local_scalar_dense"]
+            reads = counter.host_reads
         figures[name] = {"ms_per_photo": 1000 * C.median(seconds), "faces": sum(int((b[:, 4] >= 0.8).sum())
                                                                                for b, _ in results),
                          "ops_per_photo": sum(counter.counts.values()), "host_reads_per_photo": reads,

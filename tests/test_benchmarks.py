@@ -93,7 +93,7 @@ def test_face_detection_compares_both_mtcnn_drivers_on_the_same_photos(capsys):
         theirs, ours = by_side["facenet-pytorch"], by_side["id2face"]
         assert by_side["same_faces"] and by_side["max_difference_px"] < 1e-3
         assert theirs["faces"] == ours["faces"] == 8
-        assert theirs["host_reads_per_photo"] > 20 and ours["host_reads_per_photo"] == 0
+        assert theirs["host_reads_per_photo"] > 5 * ours["host_reads_per_photo"] > 0
         assert ours["ops_per_photo"] < theirs["ops_per_photo"]
         assert by_side["speedup"] == pytest.approx(theirs["ms_per_photo"] / ours["ms_per_photo"])
     assert "host reads/photo" in out
