@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     print(f"crop_face {speedup:.1f}x the whole-photo warp; pixels differing: {(difference > 0).mean():.1e} "
           f"(at most {difference.max()} level)")
     C.print_json({"benchmark": "face_alignment", "ms_per_face": figures, "crop_speedup": speedup,
-                  "crop_max_difference": int(difference.max()), "crop_differing_fraction": float((difference > 0).mean()),
+                  "crop_max_difference": int(difference.max()),
+                  "crop_differing_fraction": float((difference > 0).mean()),
                   "size": args.size, "photo_size": args.photo_size, "face": args.face})
     return 0
 

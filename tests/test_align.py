@@ -83,7 +83,8 @@ def test_crop_places_source_points_where_the_matrix_says(angle, scale):
 
 def _whole_photo_crop(photo: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """PIL's bicubic affine warp of the whole photo: what crop_face computes where it need not reduce."""
-    return np.asarray(Image.fromarray(photo).transform((size, size), Image.AFFINE, A.pil_affine(A.invert_affine(matrix)),
+    coefficients = A.pil_affine(A.invert_affine(matrix))
+    return np.asarray(Image.fromarray(photo).transform((size, size), Image.AFFINE, coefficients,
                                                        resample=Image.BICUBIC, fillcolor=(0, 0, 0)))
 
 

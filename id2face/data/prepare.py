@@ -88,8 +88,8 @@ class Job:
 
 
 class FaceDetector:
-    """MTCNN (facenet-pytorch's networks, whose weights ship in the wheel, run by ``id2face.data.mtcnn.detect``)
-    on CPU or a given device.
+    """MTCNN on CPU or a given device: facenet-pytorch's networks (their weights ship in the wheel)
+    run by ``id2face.data.mtcnn.detect``.
 
     ``__call__(pixels (H, W, 3) uint8)`` -> ``(boxes (K, 4), scores (K,), landmarks (K, 5, 2))``
     float64 in ``pixels`` coordinates, largest box first. Photos larger than ``max_side`` are
