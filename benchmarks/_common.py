@@ -12,10 +12,12 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # bf16 dense peak of one H100 SXM (989 TFLOP/s spec sheet); the issue measures ~790-800 in practice.
 DEFAULT_PEAK_FLOPS = 989e12
@@ -225,6 +227,27 @@ def kernel_times(fn: Callable[[], object], device: torch.device) -> dict[str, tu
         if seconds > 0:
             times[event.key] = (int(event.count), seconds)
     return times
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Ops dispatched by name (``counts``), and ``host_reads``: those that would make the host wait for
+    a GPU (a value read to the host; an output whose size depends on the data: nonzero, NMS,
+    boolean-mask indexing), counted on any device, a CPU included."""
+
+    WAITING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "torchvision.nms")
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] += 1
+        masked = name in ("aten.index", "aten.index_put") and any(
+            torch.is_tensor(index) and index.dtype == torch.bool for index in (args[1] or ()) if index is not None)
+        self.host_reads += masked or name in self.WAITING_OPS
+        return func(*args, **(kwargs or {}))
 
 
 def host_syncs(fn: Callable[[], object]) -> list[str]:

@@ -21,7 +21,6 @@ import argparse
 import sys
 import tempfile
 import threading
-from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -32,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, a sibling of this script
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import _common as C  # noqa: E402
 from anonymize_throughput import make_photos  # noqa: E402
@@ -53,24 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.busy_gpu and args.device != "cuda":
         parser.error("--busy-gpu needs --device cuda")
     return args
-
-
-class _OpCounter(TorchDispatchMode):
-    """Ops dispatched, and ``host_reads``: those that would make the host wait for a GPU (a value read
-    to the host, an output whose size depends on the data: nonzero, NMS, boolean-mask indexing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: Counter = Counter()
-        self.host_reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] += 1
-        masked = name in ("aten.index", "aten.index_put") and any(
-            torch.is_tensor(index) and index.dtype == torch.bool for index in (args[1] or ()) if index is not None)
-        self.host_reads += masked or name in ("aten._local_scalar_dense", "aten.nonzero", "torchvision.nms")
-        return func(*args, **(kwargs or {}))
 
 
 def downscaled(photo: np.ndarray, side: int) -> np.ndarray:
@@ -138,7 +118,7 @@ def measure(mtcnn, photos: list[np.ndarray], device: torch.device, busy: bool) -
         with BusyGPU(device) if busy else nullcontext():
             for photo in photos:
                 seconds.append(C.timed(lambda: results.append(run_one(name, mtcnn, photo, device, stream)), device))
-        counter = _OpCounter()
+        counter = C.HostReadCounter()
         with counter:
             run_one(name, mtcnn, photos[0], device, stream)
         if device.type == "cuda":

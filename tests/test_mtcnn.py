@@ -1,15 +1,18 @@
-"""MTCNN without a host read per candidate (id2face.data.mtcnn): facenet-pytorch's detections, with
-the per-candidate reads (a GPU round trip each) gone."""
+"""MTCNN with a fixed few host reads a photo (id2face.data.mtcnn): facenet-pytorch's detections,
+without its reads per candidate face and per pyramid scale (on a GPU a round trip each)."""
 from __future__ import annotations
 
-from collections import Counter
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from id2face.data.mtcnn import _pyramid, _refine, detect
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import HostReadCounter  # noqa: E402  (one definition of a host read, shared with face_detection.py)
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -30,24 +33,6 @@ def photos(group_photo):
             "no_face": np.full((300, 400, 3), 128, np.uint8), "coffee": coffee()}
 
 
-class OpCounter(TorchDispatchMode):
-    """Ops by name, and ``host_reads``: the ones that would make the host wait for a GPU (a value read
-    to the host, or an output whose size depends on the data)."""
-
-    WAITS = ("aten._local_scalar_dense", "aten.nonzero", "torchvision.nms")
-
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-        self.host_reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] += 1
-        masked = name in ("aten.index", "aten.index_put") and any(
-            torch.is_tensor(index) and index.dtype == torch.bool for index in (args[1] or ()) if index is not None)
-        self.host_reads += name in self.WAITS or masked
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +63,9 @@ def test_host_reads_do_not_grow_with_candidates_or_scales(mtcnn):
     round trip each) and thresholds and suppresses scale by scale; ours reads a fixed few. (A photo
     with fewer than 1000 first-stage boxes: beyond, torchvision's CPU NMS goes class by class.)"""
     photo = coffee()
-    with OpCounter() as theirs:
+    with HostReadCounter() as theirs:
         mtcnn.detect(photo, landmarks=True)
-    with OpCounter() as ours:
+    with HostReadCounter() as ours:
         detect(mtcnn, photo)
     scales = len(_pyramid(*photo.shape[:2], mtcnn.min_face_size, mtcnn.factor))
     assert theirs.counts["aten._local_scalar_dense"] > 300 and theirs.counts["aten.nonzero"] >= scales
