@@ -36,6 +36,7 @@ import _common as C  # noqa: E402
 from anonymize_throughput import make_photos  # noqa: E402
 
 from id2face.data.mtcnn import detect  # noqa: E402
+from id2face.data.prepare import FaceDetector  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,16 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.busy_gpu and args.device != "cuda":
         parser.error("--busy-gpu needs --device cuda")
     return args
-
-
-def downscaled(photo: np.ndarray, side: int) -> np.ndarray:
-    """As ``FaceDetector`` hands a photo to MTCNN."""
-    height, width = photo.shape[:2]
-    scale = min(1.0, side / max(height, width))
-    if scale == 1.0:
-        return photo
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(photo).resize(size, Image.BILINEAR, reducing_gap=3.0))
 
 
 class BusyGPU:
@@ -151,7 +142,8 @@ def main(argv=None) -> int:
     C.progress(f"{len(originals)} photos made")
     rows, figures = [], {"device": C.machine_description(device), "busy_gpu": args.busy_gpu, "sides": {}}
     for side in args.sides:
-        by_side = measure(mtcnn, [downscaled(photo, side) for photo in originals], device, args.busy_gpu)
+        as_detected = FaceDetector(max_side=side).downscaled  # as the anonymize pipeline hands photos to MTCNN
+        by_side = measure(mtcnn, [as_detected(photo)[0] for photo in originals], device, args.busy_gpu)
         figures["sides"][str(side)] = by_side
         for name in IMPLEMENTATIONS:
             row = by_side[name]

@@ -105,22 +105,25 @@ class FaceDetector:
         self.mtcnn = MTCNN(min_face_size=self.min_face_size, thresholds=list(thresholds), keep_all=True,
                            select_largest=True, device=device).eval()
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def downscaled(self, pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """(the photo MTCNN sees, its x and y scale): ``pixels`` downscaled to ``max_side`` if larger."""
         from PIL import Image
-
-        from .mtcnn import detect
 
         height, width = pixels.shape[:2]
         scale = min(1.0, self.max_side / max(height, width))
-        if scale < 1.0:
-            small = Image.fromarray(pixels).resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                                                   Image.BILINEAR, reducing_gap=3.0)
-            detect_on = np.asarray(small)
-            scale_x, scale_y = small.width / width, small.height / height
-        else:
-            detect_on, scale_x, scale_y = pixels, 1.0, 1.0
+        if scale == 1.0:
+            return pixels, 1.0, 1.0
+        small = Image.fromarray(pixels).resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                                               Image.BILINEAR, reducing_gap=3.0)
+        return np.asarray(small), small.width / width, small.height / height
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from .mtcnn import detect
+
+        height, width = pixels.shape[:2]
+        detect_on, scale_x, scale_y = self.downscaled(pixels)
         if min(detect_on.shape[:2]) < self.min_face_size:
-            where = " after downscaling for detection" if scale < 1.0 else ""
+            where = " after downscaling for detection" if detect_on is not pixels else ""
             raise ImageReadError("too_small", f"{width}x{height} is below the {self.min_face_size} px "
                                               f"minimum face size{where}")
         found, points = detect(self.mtcnn, detect_on)
