@@ -109,7 +109,7 @@ FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 
 if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline, eager
   echo; echo "== anonymize end to end as above, depth 64, UNet in bf16, TAESD-architecture encoder and decoder,"
   echo "   detection and alignment in 1 and in 4 threads (--detect-workers)"
-  timeout 200 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --detect-workers 1 4 \
+  timeout 260 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --detect-workers 1 4 \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want anonymize_compiled; then  # the same compiled (UNet, VAE encoder, TAESD decoder): the target's run
