@@ -10,7 +10,9 @@ per photo (median, after a warm-up photo), faces found (score >= 0.8), torch ops
 host reads per photo (CUDA: synchronizing calls, as ``torch.cuda.set_sync_debug_mode`` reports
 them; CPU: the ops that would be syncs on a GPU: scalar reads, nonzero, NMS, boolean-mask
 indexing; torchvision's CPU NMS goes class by class beyond 1000 boxes, its GPU NMS not), and the
-largest difference between the two implementations' boxes and landmarks (px). ``--busy-gpu``: a
+largest difference between the two implementations' boxes and landmarks (px). Per side also the host
+time to make what MTCNN sees from the 12 MP photo (PIL's resize, as before, against ``FaceDetector.downscaled``)
+and whether MTCNN finds the same faces on both. ``--busy-gpu``: a
 second thread keeps bf16 matmuls queued on the default stream while detection runs on a stream of
 its own, as in the anonymize pipeline (its detection worker thread and the sampling thread).
 Prints a table and a final JSON line.
@@ -128,6 +130,33 @@ def measure(mtcnn, photos: list[np.ndarray], device: torch.device, busy: bool) -
     return figures
 
 
+def pil_downscaled(photo: np.ndarray, side: int) -> np.ndarray:
+    """What MTCNN saw until FaceDetector.downscaled used torch: PIL's bilinear resize of its own copy of the photo."""
+    scale = side / max(photo.shape[:2])
+    size = (round(photo.shape[1] * scale), round(photo.shape[0] * scale))
+    return np.asarray(Image.fromarray(photo).resize(size, Image.BILINEAR, reducing_gap=3.0))
+
+
+def downscale_figures(mtcnn, originals: list[np.ndarray], side: int) -> dict:
+    """Host ms per photo of making what MTCNN sees, PIL's way and ``FaceDetector.downscaled``'s, and
+    whether MTCNN finds the same faces on both."""
+    ours = FaceDetector(max_side=side).downscaled
+    figures = {}
+    for name, resize in (("pil", lambda photo: pil_downscaled(photo, side)), ("id2face", lambda photo: ours(photo)[0])):
+        resize(originals[0])
+        figures[f"{name}_ms"] = 1000 * C.median([C.timed(lambda: resize(photo), torch.device("cpu"))
+                                                 for photo in originals])
+    pairs = [(pil_downscaled(photo, side), ours(photo)[0]) for photo in originals]
+    figures["max_level_difference"] = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in pairs)
+    found = [(detect(mtcnn, a)[0], detect(mtcnn, b)[0]) for a, b in pairs]
+    figures["same_faces"] = all(len(a) == len(b) for a, b in found)
+    # each box against its nearest on the other photo: faces of about equal size may swap places
+    # in the largest-first order
+    figures["max_box_difference_px"] = max((float(np.abs(a[:, None, :4] - b[None, :, :4]).max(-1).min(1).max())
+                                            for a, b in found if len(a) == len(b) > 0), default=0.0)
+    return figures
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -151,6 +180,7 @@ def main(argv=None) -> int:
                          row["host_reads_per_photo"]])
         figures["sides"][str(side)]["speedup"] = (by_side["facenet-pytorch"]["ms_per_photo"]
                                                   / by_side["id2face"]["ms_per_photo"])
+        by_side["downscale"] = downscale_figures(mtcnn, originals, side)
     print(f"MTCNN per photo: {args.photos} photos {args.photo_size[0]}x{args.photo_size[1]} x 4 SynthFaces faces, "
           f"device {args.device} ({figures['device']}){', GPU kept busy by matmuls' if args.busy_gpu else ''}")
     C.print_table(["side", "implementation", "ms/photo", "faces", "ops/photo",
@@ -158,6 +188,10 @@ def main(argv=None) -> int:
     for side, by_side in figures["sides"].items():
         print(f"side {side}: id2face {by_side['speedup']:.2f}x facenet-pytorch's speed; same faces: "
               f"{by_side['same_faces']}, largest box difference {by_side['max_difference_px']:.2e} px")
+        shrink = by_side["downscale"]
+        print(f"side {side}: photo -> what MTCNN sees (host): PIL {shrink['pil_ms']:.1f} ms, id2face "
+              f"{shrink['id2face_ms']:.1f} ms (levels apart <= {shrink['max_level_difference']}); MTCNN on each: "
+              f"same faces {shrink['same_faces']}, largest box difference {shrink['max_box_difference_px']:.2f} px")
     C.print_json(figures)
     return 0
 

