@@ -12,9 +12,10 @@ them; CPU: the ops that would be syncs on a GPU: scalar reads, nonzero, NMS, boo
 indexing; torchvision's CPU NMS goes class by class beyond 1000 boxes, its GPU NMS not), and the
 largest difference between the two implementations' boxes and landmarks (px). Per side also the host
 time to make what MTCNN sees from the 12 MP photo (PIL's resize, as before, against ``FaceDetector.downscaled``)
-and whether MTCNN finds the same faces on both. ``--busy-gpu``: a
-second thread keeps bf16 matmuls queued on the default stream while detection runs on a stream of
-its own, as in the anonymize pipeline (its detection worker thread and the sampling thread).
+and whether MTCNN finds the same faces on both. ``--busy-gpu``: a second thread keeps bf16
+matmuls queued on the default stream while detection runs on a stream of its own, as in the
+anonymize pipeline (its detection worker threads and the sampling thread); ours runs twice, on a
+default-priority stream and on one of the pipeline's stage priority (``STAGE_STREAM_PRIORITY``).
 Prints a table and a final JSON line.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 from anonymize_throughput import make_photos  # noqa: E402
 
+from id2face.anonymize.workers import STAGE_STREAM_PRIORITY  # noqa: E402
 from id2face.data.mtcnn import detect  # noqa: E402
 from id2face.data.prepare import FaceDetector  # noqa: E402
 
@@ -81,10 +83,10 @@ class BusyGPU:
         self.thread.join()
 
 
-def run_one(name: str, mtcnn, photo: np.ndarray, device: torch.device, stream) -> tuple[np.ndarray, np.ndarray]:
+def run_one(driver: str, mtcnn, photo: np.ndarray, device: torch.device, stream) -> tuple[np.ndarray, np.ndarray]:
     """(boxes (K, 5), points (K, 5, 2)) of one implementation, on ``stream`` (CUDA) synchronized."""
     def call():
-        if name == "facenet-pytorch":
+        if driver == "facenet-pytorch":
             boxes, scores, points = mtcnn.detect(photo, landmarks=True)
             if boxes is None:
                 return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
@@ -100,30 +102,38 @@ def run_one(name: str, mtcnn, photo: np.ndarray, device: torch.device, stream) -
 
 
 IMPLEMENTATIONS = ("facenet-pytorch", "id2face")
+# With the GPU busy, ours also on a stream of the anonymize pipeline's stage priority
+# (``STAGE_STREAM_PRIORITY``: its blocks go before the queued matmuls').
+STAGE_STREAM = "id2face, stage-priority stream"
 
 
 def measure(mtcnn, photos: list[np.ndarray], device: torch.device, busy: bool) -> dict:
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    variants = [(name, name, 0) for name in IMPLEMENTATIONS]
+    if busy:
+        variants.append((STAGE_STREAM, "id2face", STAGE_STREAM_PRIORITY))
     figures: dict = {}
-    for name in IMPLEMENTATIONS:
-        run_one(name, mtcnn, photos[0], device, stream)  # warm-up: cuDNN plans, allocator
+    for label, driver, priority in variants:
+        stream = torch.cuda.Stream(device, priority=priority) if device.type == "cuda" else None
+        run_one(driver, mtcnn, photos[0], device, stream)  # warm-up: cuDNN plans, allocator
         seconds, results = [], []
         with BusyGPU(device) if busy else nullcontext():
             for photo in photos:
-                seconds.append(C.timed(lambda: results.append(run_one(name, mtcnn, photo, device, stream)), device))
+                seconds.append(C.timed(lambda: results.append(run_one(driver, mtcnn, photo, device, stream)), device))
         counter = C.HostReadCounter()
         with counter:
-            run_one(name, mtcnn, photos[0], device, stream)
+            run_one(driver, mtcnn, photos[0], device, stream)
         if device.type == "cuda":
-            reads = len(C.host_syncs(lambda: run_one(name, mtcnn, photos[0], device, stream)))
+            reads = len(C.host_syncs(lambda: run_one(driver, mtcnn, photos[0], device, stream)))
         else:
             reads = counter.host_reads
-        figures[name] = {"ms_per_photo": 1000 * C.median(seconds), "faces": sum(int((b[:, 4] >= 0.8).sum())
-                                                                               for b, _ in results),
-                         "ops_per_photo": sum(counter.counts.values()), "host_reads_per_photo": reads,
-                         "results": results}
-        C.progress(f"{name}: {figures[name]['ms_per_photo']:.1f} ms/photo")
-    theirs, ours = (figures[name].pop("results") for name in IMPLEMENTATIONS)
+        figures[label] = {"ms_per_photo": 1000 * C.median(seconds), "faces": sum(int((b[:, 4] >= 0.8).sum())
+                                                                                for b, _ in results),
+                          "ops_per_photo": sum(counter.counts.values()), "host_reads_per_photo": reads,
+                          "results": results}
+        C.progress(f"{label}: {figures[label]['ms_per_photo']:.1f} ms/photo")
+    theirs, ours = (figures[name]["results"] for name in IMPLEMENTATIONS)
+    for label, _, _ in variants:
+        figures[label].pop("results")
     figures["max_difference_px"] = max((float(np.abs(a[0][:, :4] - b[0][:, :4]).max(initial=0.0)) for a, b in
                                         zip(theirs, ours) if a[0].shape == b[0].shape), default=0.0)
     figures["same_faces"] = all(a[0].shape == b[0].shape for a, b in zip(theirs, ours))
@@ -174,10 +184,11 @@ def main(argv=None) -> int:
         as_detected = FaceDetector(max_side=side).downscaled  # as the anonymize pipeline hands photos to MTCNN
         by_side = measure(mtcnn, [as_detected(photo)[0] for photo in originals], device, args.busy_gpu)
         figures["sides"][str(side)] = by_side
-        for name in IMPLEMENTATIONS:
-            row = by_side[name]
-            rows.append([side, name, f"{row['ms_per_photo']:.1f}", row["faces"], row["ops_per_photo"],
-                         row["host_reads_per_photo"]])
+        for name in (*IMPLEMENTATIONS, STAGE_STREAM):
+            if name in by_side:
+                row = by_side[name]
+                rows.append([side, name, f"{row['ms_per_photo']:.1f}", row["faces"], row["ops_per_photo"],
+                             row["host_reads_per_photo"]])
         figures["sides"][str(side)]["speedup"] = (by_side["facenet-pytorch"]["ms_per_photo"]
                                                   / by_side["id2face"]["ms_per_photo"])
         by_side["downscale"] = downscale_figures(mtcnn, originals, side)

@@ -266,6 +266,18 @@ def test_pipeline_stages_on_their_own_cuda_streams_give_the_in_turn_faces(key):
             assert np.array_equal(a.pixels, b.pixels)
 
 
+def test_stage_streams_outrank_the_sampling_stream():
+    from id2face.anonymize.workers import StageWorker
+
+    least, greatest = torch.cuda.Stream.priority_range()
+    with StageWorker(True, CUDA, "detect", threads=2) as worker:
+        streams = [worker.submit(torch.cuda.current_stream, CUDA).result() for _ in range(4)]
+    sampling = torch.cuda.default_stream(CUDA)
+    assert all(stream != sampling for stream in streams)
+    if greatest < least:  # the device has priorities
+        assert all(stream.priority < sampling.priority for stream in streams)
+
+
 def test_bf16_unet_on_cuda_samples_as_close_to_fp32_as_bf16_autocast():
     batch = pair_batch(num_pairs=3)["a"]
     images, masks = batch["image"].to(CUDA), batch["mask"].to(CUDA)

@@ -28,11 +28,20 @@ class InlineExecutor:
         return None
 
 
+# The stages' streams outrank the default stream, where the sampler queues its UNet kernels: those
+# keep every SM busy, block after block, and a stage's few small kernels (detection, encoding,
+# paste-back) would otherwise wait for free SMs behind them before each of the stage's host reads.
+# The GPU's block scheduler takes a higher-priority stream's blocks first; the sampler loses only
+# the time those kernels take anyway. (CUDA: lower is higher; torch clamps to the device's range.)
+STAGE_STREAM_PRIORITY = -1
+
+
 class StageWorker:
     """Runs one pipeline stage's calls: in the caller's thread, in order (``threaded`` false), or in
     ``threads`` worker threads (one: in order), each on a GPU with a CUDA stream of its own (its host
-    reads then wait for its own kernels only, not for the sampling queued on the default stream)
-    that is synchronized before a call's future completes, so another stage reads finished results."""
+    reads then wait for its own kernels only, not for the sampling queued on the default stream;
+    ``STAGE_STREAM_PRIORITY``) that is synchronized before a call's future completes, so another
+    stage reads finished results."""
 
     def __init__(self, threaded: bool, device: torch.device, name: str, threads: int = 1):
         self._device = device
@@ -51,7 +60,7 @@ class StageWorker:
         if self._streams is None:
             return fn(*args)
         if not hasattr(self._streams, "stream"):
-            self._streams.stream = torch.cuda.Stream(self._device)
+            self._streams.stream = torch.cuda.Stream(self._device, priority=STAGE_STREAM_PRIORITY)
         stream = self._streams.stream
         with torch.cuda.stream(stream):
             result = fn(*args)
