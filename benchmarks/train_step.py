@@ -57,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast around forward + loss")
     parser.add_argument("--channels-last", action="store_true", help="UNets and their inputs in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (module.compile())")
+    parser.add_argument("--eager-bare", action="store_true",
+                        help="with --compile: compile our UNet only, the bare one stays eager (half the "
+                             "compilation, for the full step's own figures: MFU)")
     parser.add_argument("--no-fused", action="store_true", help="plain AdamW on CUDA (default: fused)")
     parser.add_argument("--cached-latents", action="store_true",
                         help="the full step reads float16 first-stage latents and identity embeddings from its "
@@ -96,6 +99,8 @@ def parse_args(argv=None):
     if args.breakdown and args.compile:
         parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
                      "break down an eager run")
+    if args.eager_bare and not args.compile:
+        parser.error("--eager-bare keeps the bare UNet eager under --compile: give --compile too")
     if args.batch is None:  # --host-overhead: the fewest images with every op (the alignment's needs 4)
         args.batch = 4 if args.host_overhead else 16 if args.profile == "tiny" else 32
     if args.batch < 2 or args.batch % 2:
@@ -372,8 +377,10 @@ def main(argv=None) -> int:
     bare_flops = C.count_flops(bare_step)
     C.progress(f"FLOPs counted (one eager step each): full {full_flops / 1e12:.2f}, bare {bare_flops / 1e12:.2f} TFLOP")
 
+    bare_compiled = args.compile and not args.eager_bare
     if args.compile:  # what model.backbone.params.compile does, after the eager FLOP count
         model.backbone.unet.compile()
+    if bare_compiled:
         bare.compile()
 
     steps = {"full": full_step, "bare": bare_step}
@@ -420,7 +427,7 @@ def main(argv=None) -> int:
         "latent_shape": list(latents.shape[1:]), "unet_in_channels": int(bare.config.in_channels),
         "context_tokens": context_tokens, "context_dim": context_dim,
         "first_stage": C.first_stage_description(model), "bf16": args.bf16,
-        "channels_last": args.channels_last, "compile": args.compile,
+        "channels_last": args.channels_last, "compile": args.compile, "bare_compiled": bare_compiled,
         "fused_adamw": fused and device.type == "cuda", "cached_latents": args.cached_latents,
         "steps": args.steps, "warmup": args.warmup,
         "torch": torch.__version__,
@@ -459,7 +466,8 @@ def main(argv=None) -> int:
     print(f"train step, profile {args.profile} on {figures['device']}: {images_per_step} images/step "
           f"({pairs} pairs x 2 directions), {size} px -> latents {tuple(latents.shape[1:])}, "
           f"first stage {figures['first_stage']}, context {context_tokens} x {context_dim}, "
-          f"bf16={args.bf16} channels_last={args.channels_last} compile={args.compile} "
+          f"bf16={args.bf16} channels_last={args.channels_last} compile={args.compile}"
+          f"{' (ours only: the bare step eager)' if args.compile and not bare_compiled else ''} "
           f"cached_latents={args.cached_latents}; "
           f"median of {args.steps} interleaved steps after {args.warmup} warm-up")
     C.print_table(["step", "ms", "img/s", "Mparams", "state MiB", "step MiB", "GFLOP/img", "TFLOP/s", "MFU %",

@@ -141,6 +141,22 @@ def test_dynamo_check_passes_the_compiled_pipeline_and_counts_what_would_split_i
     assert split["graph_breaks"] >= 2 and split["graphs"] > clean["graphs"]  # a break in each cross-attention layer
 
 
+def test_train_step_eager_bare_compiles_our_unet_alone(capsys):
+    """The MFU run's half compilation: one graph (ours), where compiling both makes two."""
+    check = load_script("dynamo_check")
+    argv = ["train_step.py", "--profile", "tiny", "--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "1",
+            "--cached-latents", "--compile", "--eager-bare"]
+    assert check.main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    traced = json.loads(out[-1])
+    assert traced["graphs"] == 1 and traced["graph_breaks"] == traced["recompilations"] == 0
+    step = next(json.loads(line) for line in reversed(out[:-1]) if '"benchmark": "train_step"' in line)
+    assert step["compile"] and not step["bare_compiled"] and "ours only" in "\n".join(out)
+    with pytest.raises(SystemExit):
+        load_script("train_step").parse_args(["--eager-bare"])
+    assert "give --compile too" in capsys.readouterr().err
+
+
 def test_switch_quality_evaluates_each_arithmetic_beside_a_seed_change(tmp_path, capsys):
     """The shipped demo model under fp32, another seed and bf16 autocast: one eval run each, and
     the shifts are the differences to fp32 (an untrained encoder judges: no oracle to train here)."""
