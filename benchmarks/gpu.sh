@@ -13,6 +13,7 @@
 # GroupNorms and LayerNorms in bf16: low_precision_norms), cached_sdpa (the same with the
 # harmonizer's attention computed by two SDPA kernels and a lerp: harmonizer attention=sdpa),
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
+# attention (the UNet's self-attention per SDPA backend: flash, memory-efficient, cuDNN),
 # sample_bf16 (the sample part's first row with the UNet's and the SD VAE's weights and norms in
 # bf16 and the harmonizer's sdpa path, decoded by the VAE, by TAESD's architecture, and with that
 # encoding too),
@@ -132,6 +133,11 @@ if want switches; then  # our step under each remaining switch; compare its "ful
   train 80 6 1 --bf16 --cached-latents --no-fused
   train 80 6 1 --bf16 --cached-latents --override "model.backbone.params.sdpa_backends=[flash_attention]"
   train 80 6 1 --bf16 --cached-latents --override model.backbone.params.gradient_checkpointing=true
+fi
+if want attention; then  # SD-1.5's self-attention under each SDPA backend (head dim 40 at 4096 tokens; < 60 s)
+  echo; echo "== SD-1.5 self-attention, forward + backward, batch $BATCH, bf16, per SDPA backend"
+  timeout 60 "$PY" benchmarks/attention_backends.py --device cuda --batch "$BATCH" \
+      || echo "== attention_backends failed or timed out (exit $?)"
 fi
 if want fid; then
   echo; echo "== FID feature extraction (Inception-v3, 512 px inputs) vs N"

@@ -114,6 +114,26 @@ def test_face_alignment_times_each_part_and_checks_the_crop_against_the_whole_ph
     assert "crop_face" in out
 
 
+def test_attention_backends_times_each_sdpa_backend_against_the_math_one(capsys):
+    figures, out = run_script("attention_backends", ["--device", "cpu", "--levels", "2", "3", "--batch", "2",
+                                                     "--repeats", "1"], capsys)
+    for level, (width, tokens) in {"2": (1280, 256), "3": (1280, 64)}.items():
+        entry = figures["levels"][level]
+        assert (entry["width"], entry["tokens"], entry["head_dim"]) == (width, tokens, 160)
+        assert entry["flops"] == 12 * 2 * 8 * tokens ** 2 * 160
+        backends = entry["backends"]
+        assert backends["math"]["max_difference"] == 0.0
+        for name in ("default", "flash_attention"):  # on a CPU: fp32, the same attention
+            assert backends[name]["available"] and backends[name]["ms"] > 0 and backends[name]["max_difference"] < 1e-4
+        assert not backends["cudnn_attention"]["available"] and backends["cudnn_attention"]["reason"]
+    unet = figures["unet_self_attention_ms"]
+    assert "cudnn_attention" not in unet  # not measured at every level
+    levels = figures["levels"]
+    assert unet["flash_attention"] == pytest.approx(5 * levels["2"]["backends"]["flash_attention"]["ms"]
+                                                    + levels["3"]["backends"]["flash_attention"]["ms"])
+    assert "self-attention layers (5 + 1), flash_attention" in out
+
+
 COMPILED_ANONYMIZE = ["anonymize_throughput.py", "--photos", "1", "--faces-per-photo", "2", "--steps", "2",
                       "--io-workers", "0", "--compile", "--precision", "bf16-mixed"]
 
@@ -400,7 +420,7 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
     python.chmod(0o755)
     parts = re.findall(r"want (\w+)", (BENCHMARKS / "gpu.sh").read_text())
     assert {"cached", "cached_low_norms", "sample_bf16", "anonymize", "anonymize_fast", "anonymize_compiled",
-            "detection"} <= set(parts)
+            "detection", "attention"} <= set(parts)
     proc = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), *parts], env={**os.environ, "PYTHON": str(python)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -411,4 +431,4 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
         name = Path(script).stem
         modules.setdefault(name, load_script(name)).parse_args(argv)  # SystemExit on an unknown flag or value
     assert set(modules) == {"train_step", "sample", "harmonizer_attention", "anonymize_throughput", "fid_features",
-                            "face_detection", "face_alignment"}
+                            "face_detection", "face_alignment", "attention_backends"}
