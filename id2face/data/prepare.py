@@ -116,8 +116,9 @@ class FaceDetector:
             return pixels, 1.0, 1.0
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         # torch's uint8 antialiased bilinear (the (H, W, 3) array is already its channels-last
-        # layout, no copy): within one level of PIL's resize and 5x faster, 23 vs 116 ms for a
-        # 12 MP photo to 2048 px on the CI machine, where PIL first copies the photo into its own.
+        # layout, no copy): within one level of PIL's resize and 3-5x faster, 20-32 vs 80-110 ms
+        # for a 12 MP photo to 2048 px on the CI machine (benchmarks/face_detection.py), where PIL
+        # first copies the photo into its own pixels.
         with warnings.catch_warnings():  # decoded photos are read-only arrays; nothing writes to this view
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             photo = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
