@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     for backend in args.backends:
         entries = [levels[level]["backends"][backend] for level in args.levels]
         if all(entry["available"] for entry in entries):
-            unet[backend] = sum(SD15_SELF_ATTENTION[level][2] * entry["ms"] for level, entry in zip(args.levels, entries))
+            unet[backend] = sum(SD15_SELF_ATTENTION[level][2] * entry["ms"]
+                                for level, entry in zip(args.levels, entries))
     print(f"SD-1.5 self-attention, forward + backward, batch {args.batch} x {HEADS} heads, "
           f"{'bf16' if device.type == 'cuda' else 'fp32'}, {C.machine_description(device)}; median of {args.repeats}")
     C.print_table(["level", "channels x tokens", "head dim", "backend", "ms", "TFLOP/s", "max diff to math"], rows)
