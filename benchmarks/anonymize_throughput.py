@@ -145,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "samples, each a run, as `id2face anonymize --pipeline-depth` (default: 0)")
     parser.add_argument("--detect-workers", type=int, nargs="+", default=[1], metavar="N",
                         help="with a depth > 0: threads that detect and align ahead, each a run, as `id2face "
-                             "anonymize --detect-workers` (default: 1)")
+                             "anonymize --detect-workers` (default: 1; the command's own: min(4, CPUs))")
     parser.add_argument("--audit-recognizer", default="none", metavar="NAME",
                         help="the residual-identity judge, as `id2face anonymize --audit-recognizer` (default none; "
                              "the command's own default is dlib where installed)")

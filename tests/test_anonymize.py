@@ -685,6 +685,26 @@ def test_detection_downscales_group_photos_to_the_commands_side_only(tmp_path, m
     assert built[-1] == {"max_side": DETECT_MAX_SIDE, "device": "cpu"}
 
 
+def test_the_command_detects_in_up_to_four_threads_unless_told(tmp_path, monkeypatch, checkpoint):
+    import os
+
+    from id2face.anonymize import DEFAULT_DETECT_WORKERS
+
+    built = []
+
+    def recorded(*args, **kwargs):
+        built.append(kwargs)
+        raise UserError("stopped after the engine")
+
+    monkeypatch.setattr("id2face.anonymize.Anonymizer", recorded)
+    photo = tmp_path / "face.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    command = ["anonymize", "--checkpoint", str(checkpoint), "-i", str(photo), "-o", str(tmp_path / "out"),
+               "--device", "cpu", "--audit-recognizer", "none", "--quiet"]
+    assert main(command) == 2 and built[-1]["detect_workers"] == DEFAULT_DETECT_WORKERS == min(4, os.cpu_count())
+    assert main([*command, "--detect-workers", "3"]) == 2 and built[-1]["detect_workers"] == 3
+
+
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):
     """~30 s: one CPU compile of the tiny UNet's forward."""
     detector = GroundTruthDetector()

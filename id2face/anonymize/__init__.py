@@ -43,12 +43,12 @@ Modules: ``engine`` (the ``Anonymizer``: photos in memory), ``files`` (photos on
 ``paste_back`` (crop -> photo geometry), ``workers`` (where the stages' calls run). Loading the
 checkpoint is ``id2face.inference``, shared with ``eval`` and the demo.
 """
-from .engine import (DETECT_MAX_SIDE, AnonymizeSettings, Anonymizer, Face, ImageResult, build_audit_recognizer,
-                     training_template)
+from .engine import (DEFAULT_DETECT_WORKERS, DETECT_MAX_SIDE, AnonymizeSettings, Anonymizer, Face, ImageResult,
+                     build_audit_recognizer, training_template)
 from .files import (DEFAULT_IO_WORKERS, SUMMARY_NAME, anonymize_files, check_paths, exit_code, plan_jobs,
                     write_photo)
 from .paste_back import feathered_mask
 
 __all__ = ["AnonymizeSettings", "Anonymizer", "ImageResult", "Face", "training_template", "anonymize_files",
            "check_paths", "plan_jobs", "exit_code", "feathered_mask", "build_audit_recognizer", "write_photo",
-           "SUMMARY_NAME", "DEFAULT_IO_WORKERS", "DETECT_MAX_SIDE"]
+           "SUMMARY_NAME", "DEFAULT_IO_WORKERS", "DEFAULT_DETECT_WORKERS", "DETECT_MAX_SIDE"]

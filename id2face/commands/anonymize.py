@@ -73,11 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "CUDA stream; each photo held decoded in memory); same results (default: "
                              "min(--batch-size, 16) on cuda, 0 on cpu, where the threads would share the sampling's "
                              "cores)")
-    parser.add_argument("--detect-workers", type=int, default=1, metavar="N",
+    parser.add_argument("--detect-workers", type=int, default=None, metavar="N",
                         help="with --pipeline-depth > 0: threads that detect and align the photos ahead (each on "
                              "its own CUDA stream); identity encoding stays in input order, so the results do not "
-                             "depend on N. More than 1 helps where detection, not sampling, sets the pace: the "
-                             "closing line's busy seconds say (default 1)")
+                             "depend on N. They matter where detection, not sampling, sets the pace: the closing "
+                             "line's busy seconds say (default: min(4, CPUs))")
     parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
     parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
     parser.add_argument("--min-face-size", type=int, default=20,
@@ -157,8 +157,9 @@ def default_audit_workers() -> int:
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from ..anonymize import (DEFAULT_IO_WORKERS, DETECT_MAX_SIDE, AnonymizeSettings, Anonymizer, anonymize_files,
-                             build_audit_recognizer, check_paths, exit_code, plan_jobs, training_template)
+    from ..anonymize import (DEFAULT_DETECT_WORKERS, DEFAULT_IO_WORKERS, DETECT_MAX_SIDE, AnonymizeSettings,
+                             Anonymizer, anonymize_files, build_audit_recognizer, check_paths, exit_code, plan_jobs,
+                             training_template)
     from ..data.prepare import FaceDetector
     from ..errors import UserError
     from ..inference import load_model
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
-    if args.detect_workers < 1:
+    if args.detect_workers is not None and args.detect_workers < 1:
         raise UserError(f"--detect-workers must be >= 1, got {args.detect_workers}")
     roots, target = check_paths(args.input, args.output)
     plan_jobs(roots, target, args.output_format)  # refuse bad inputs before loading anything heavy
@@ -226,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
     pipeline_depth = args.pipeline_depth
     if pipeline_depth is None:
         pipeline_depth = min(settings.batch_size, 16) if device.startswith("cuda") else 0
+    detect_workers = DEFAULT_DETECT_WORKERS if args.detect_workers is None else args.detect_workers
     anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, cluster_by=cluster_by,
-                            device=device, pipeline_depth=pipeline_depth, detect_workers=args.detect_workers)
+                            device=device, pipeline_depth=pipeline_depth, detect_workers=detect_workers)
     summary = anonymize_files(args.input, args.output, anonymizer, info=info, output_format=args.output_format,
                               progress=not args.quiet,
                               io_workers=DEFAULT_IO_WORKERS if args.io_workers is None else args.io_workers)
