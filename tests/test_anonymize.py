@@ -659,28 +659,34 @@ def test_compile_keeps_its_kernels_in_the_user_cache_unless_told_otherwise(tmp_p
     assert capsys.readouterr().err.count("stopped before loading") == 3
 
 
+def stopped_at(target: str, monkeypatch, tmp_path, checkpoint) -> tuple[list[dict], list[str]]:
+    """(the keyword arguments of each call of ``target``, an anonymize command line on one photo):
+    ``target`` is replaced by a recorder that stops the command there, with exit status 2."""
+    built = []
+
+    def recorded(*args, **kwargs):
+        built.append(kwargs)
+        raise UserError(f"stopped at {target}")
+
+    monkeypatch.setattr(target, recorded)
+    photo = tmp_path / "face.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    return built, ["anonymize", "--checkpoint", str(checkpoint), "-i", str(photo), "-o", str(tmp_path / "out"),
+                   "--device", "cpu", "--audit-recognizer", "none", "--quiet"]
+
+
 def test_detection_downscales_group_photos_to_the_commands_side_only(tmp_path, monkeypatch, checkpoint, loaded,
                                                                       capsys):
     """The command's detector (default 2048 px, for the small faces of group photos) and the
     engine's own are the same; nonsense values are one-line errors."""
     from id2face.anonymize import DETECT_MAX_SIDE
 
-    built = []
-
-    def recorded(**kwargs):
-        built.append(kwargs)
-        raise UserError("stopped after the detector")
-
-    monkeypatch.setattr("id2face.data.prepare.FaceDetector", recorded)
-    photo = tmp_path / "face.png"
-    Image.fromarray(skimage_data.astronaut()).save(photo)
-    command = ["anonymize", "--checkpoint", str(checkpoint), "-i", str(photo), "-o", str(tmp_path / "out"),
-               "--device", "cpu", "--audit-recognizer", "none", "--quiet"]
+    built, command = stopped_at("id2face.data.prepare.FaceDetector", monkeypatch, tmp_path, checkpoint)
     assert main(command) == 2 and built[-1]["max_side"] == DETECT_MAX_SIDE == 2048
     assert main([*command, "--detect-max-side", "1024"]) == 2 and built[-1]["max_side"] == 1024
     assert main([*command, "--detect-max-side", "16"]) == 2 and len(built) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--detect-max-side >= 32")
-    with pytest.raises(UserError, match="stopped after the detector"):
+    with pytest.raises(UserError, match="stopped at id2face.data.prepare.FaceDetector"):
         anonymizer(loaded).detector_fn  # the engine's own, where the caller gives none
     assert built[-1] == {"max_side": DETECT_MAX_SIDE, "device": "cpu"}
 
@@ -690,17 +696,7 @@ def test_the_command_detects_in_up_to_four_threads_unless_told(tmp_path, monkeyp
 
     from id2face.anonymize import DEFAULT_DETECT_WORKERS
 
-    built = []
-
-    def recorded(*args, **kwargs):
-        built.append(kwargs)
-        raise UserError("stopped after the engine")
-
-    monkeypatch.setattr("id2face.anonymize.Anonymizer", recorded)
-    photo = tmp_path / "face.png"
-    Image.fromarray(skimage_data.astronaut()).save(photo)
-    command = ["anonymize", "--checkpoint", str(checkpoint), "-i", str(photo), "-o", str(tmp_path / "out"),
-               "--device", "cpu", "--audit-recognizer", "none", "--quiet"]
+    built, command = stopped_at("id2face.anonymize.Anonymizer", monkeypatch, tmp_path, checkpoint)
     assert main(command) == 2 and built[-1]["detect_workers"] == DEFAULT_DETECT_WORKERS == min(4, os.cpu_count())
     assert main([*command, "--detect-workers", "3"]) == 2 and built[-1]["detect_workers"] == 3
 
