@@ -40,7 +40,7 @@ MIN_IDENTITY_CHANGE = 0.01
 # 20 px minimum at 2048 is 40 px of a 12 MP photo; `prepare`'s portraits do with 1024).
 DETECT_MAX_SIDE = 2048
 # Detect-and-align threads of `id2face anonymize` (with a pipeline depth): one thread spends ~160 ms
-# of host time on a 4-face 12 MP photo with MTCNN on a GPU (the downscale 20-30, MTCNN's ~2800 op
+# of host time on a 4-face 12 MP photo with MTCNN on a GPU (the downscale 20-30 ms, MTCNN's ~2800 op
 # dispatches, 4 aligned crops and masks at ~26 ms each; BENCHMARKS.md), where 20 faces/s leaves
 # it 200 ms. The results do not depend on the count.
 DEFAULT_DETECT_WORKERS = min(4, os.cpu_count() or 1)
