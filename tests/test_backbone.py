@@ -405,6 +405,37 @@ def test_low_precision_norms_run_in_the_autocast_dtype_and_change_nothing_withou
         assert (mine - exact).abs().mean() < 1.5 * (theirs - exact).abs().mean()
 
 
+class SdpaBackendsSeen(torch.overrides.TorchFunctionMode):
+    """Which SDPA backends each attention call may use, best first (PyTorch's priority order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            from torch.nn.attention import _cur_sdpa_kernel_backends
+
+            self.calls.append([backend.name for backend in _cur_sdpa_kernel_backends(with_priority=True)])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("order", [["cudnn_attention", "flash_attention"], ["math", "efficient_attention"]])
+def test_sdpa_backends_run_attention_in_the_listed_order_and_restore_pytorchs(order):
+    """A CPU picks its kernel whatever the order (flash, else math), so what is checked is what a
+    GPU's SDPA is told: only these backends, the list's first preferred (cuDNN comes after math in
+    PyTorch's own order, so a list is the only way to it)."""
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    before = _cur_sdpa_kernel_backends(with_priority=True)
+    seen = SdpaBackendsSeen()
+    with seen, torch.no_grad():
+        unet({"sdpa_backends": order})(*unet_inputs())
+    assert len(seen.calls) == 8  # TINY_UNET: 4 transformer blocks (down 1, mid 1, up 2) x self + cross
+    assert all(call == [name.upper() for name in order] for call in seen.calls)
+    assert _cur_sdpa_kernel_backends(with_priority=True) == before
+
+
 def test_unknown_sdpa_backend_names_the_valid_ones():
     with pytest.raises(UserError, match="flash_attention"):
         unet({"sdpa_backends": ["flash"]})

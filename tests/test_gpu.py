@@ -157,7 +157,9 @@ def unet_inputs(n=4):
 
 @pytest.mark.parametrize("switches", [{"sdpa_backends": ["flash_attention"]},
                                       {"sdpa_backends": ["efficient_attention"]},
-                                      {"channels_last": True, "compile": True}], ids=["flash", "efficient", "cl+compile"])
+                                      {"sdpa_backends": ["cudnn_attention", "flash_attention"]},
+                                      {"channels_last": True, "compile": True}],
+                         ids=["flash", "efficient", "cudnn-first", "cl+compile"])
 def test_speed_switches_on_cuda_keep_the_bf16_outputs_and_gradients(switches, fresh_dynamo):
     results = []
     for params in ({"sdpa_backends": ["math"]}, switches):

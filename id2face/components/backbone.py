@@ -251,9 +251,11 @@ class UNetBackbone(nn.Module):
     Speed switches (same numbers, measured by ``benchmarks/train_step.py`` and ``sample.py``):
     ``channels_last`` (NHWC weights and input: faster convolutions on tensor cores),
     ``compile`` (``torch.compile`` of the UNet in place; parameter names are unchanged, so
-    checkpoints move between compiled and eager runs), ``sdpa_backends`` (restrict SDPA attention to
-    these ``torch.nn.attention.SDPBackend`` names, e.g. ``[flash_attention]``; null = PyTorch's choice;
-    the decoupled harmonizers' cross-attention is two matmuls, not SDPA, so self-attention only),
+    checkpoints move between compiled and eager runs), ``sdpa_backends`` (SDPA attention by these
+    ``torch.nn.attention.SDPBackend`` names only, the first that takes the shape, in the list's order:
+    e.g. ``[cudnn_attention, flash_attention]``; null = PyTorch's choice, whose order puts cuDNN after
+    math, so never; ``benchmarks/attention_backends.py`` times them at SD-1.5's shapes; the decoupled
+    harmonizers' ``weights`` path is two matmuls, not SDPA, so self-attention only there),
     ``gradient_checkpointing`` (memory for compute).
 
     ``low_precision_norms``: under autocast, the UNet's GroupNorms and LayerNorms run in the
@@ -357,7 +359,7 @@ def _sdpa_kernel(backends):
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
 
-    return sdpa_kernel(backends)
+    return sdpa_kernel(backends, set_priority=True)
 
 
 def _load_unet(path: str, in_channels: int, out_channels: int, cross_attention_dim: int):
