@@ -26,6 +26,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _diffusers_logs_to_the_sessions_stderr():
+    """diffusers adds its log handler on first use, on that moment's sys.stderr: under a test's
+    capsys, a stream closed after the test, so each later diffusers warning wrote a "Logging error"
+    traceback into whatever test captured stderr next (its one-line error checks then failed: seen
+    with the benchmark tests run before test_anonymize). Made here, on the session's stderr."""
+    from diffusers.utils import logging
+
+    logging.get_logger("diffusers")
+
+
 @pytest.fixture(autouse=True)
 def _restore_inductor_cache_dir():
     """`id2face.training.fit` points torch.compile's cache at the run root (a tmp dir in tests):
