@@ -74,11 +74,13 @@ def _drop_stale(parent: dict, key: str, reference) -> list[str]:
 
 
 def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str | None = None,
-                        unet_dtype: str | None = None, harmonizer_attention: str | None = None) -> list[str]:
+                        unet_dtype: str | None = None, harmonizer_attention: str | None = None,
+                        attention_backends: list[str] | None = None) -> list[str]:
     """``key=value`` overrides that change how a model runs, not its weights: the speed switches
-    (``compile``), the dtypes of an autoencoder first stage and of the UNet, and the decoupled
-    harmonizers' attention path (same values); a role whose variant lacks the switch is a
-    UserError, except the attention path, which a harmonizer without one ignores."""
+    (``compile``), the dtypes of an autoencoder first stage and of the UNet, the decoupled
+    harmonizers' attention path (same values) and the UNet's SDPA backends in order of preference;
+    a role whose variant lacks the switch is a UserError, except the attention path, which a
+    harmonizer without one ignores."""
     from .model import speed_switch_overrides
     from .registry import MODEL_ROLES
 
@@ -87,22 +89,31 @@ def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str
                                    ("backbone", unet_dtype, "unet")):
         if dtype is None:
             continue
-        node = model_cfg[role]
-        name = node if isinstance(node, str) else node["name"]
+        name = _variant(model_cfg, role)
         if not MODEL_ROLES[role].declares(name, "dtype"):
             raise UserError(f"the checkpoint's {role.replace('_', ' ')} ({name}) has no dtype of its own: it runs "
                             f"in the sampling precision (only {takes_one} take one)")
         overrides.append(f"model.{role}.params.dtype={dtype}")
-    node = model_cfg["harmonizer"]
-    name = node if isinstance(node, str) else node["name"]
-    if harmonizer_attention is not None and MODEL_ROLES["harmonizer"].declares(name, "attention"):
+    if attention_backends:
+        if not MODEL_ROLES["backbone"].declares(_variant(model_cfg, "backbone"), "sdpa_backends"):
+            raise UserError(f"the checkpoint's backbone ({_variant(model_cfg, 'backbone')}) has no choice of "
+                            "attention backends (only unet has)")
+        overrides.append(f"model.backbone.params.sdpa_backends=[{','.join(attention_backends)}]")
+    if harmonizer_attention is not None and MODEL_ROLES["harmonizer"].declares(_variant(model_cfg, "harmonizer"),
+                                                                              "attention"):
         overrides.append(f"model.harmonizer.params.attention={harmonizer_attention}")
     return overrides
 
 
+def _variant(model_cfg, role: str) -> str:
+    node = model_cfg[role]
+    return node if isinstance(node, str) else node["name"]
+
+
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False,
                first_stage_dtype: str | None = None, tiny_decoder: str | Path | None = None,
-               unet_dtype: str | None = None, harmonizer_attention: str | None = None, tiny_encoder: bool = False):
+               unet_dtype: str | None = None, harmonizer_attention: str | None = None, tiny_encoder: bool = False,
+               attention_backends: list[str] | None = None):
     """The ``ID2Face`` of a training checkpoint with its EMA weights (the ones ``ID2FaceModule``
     samples with), in eval mode on ``device``; returns ``(model, cfg, info)``. ``compile``: the
     speed switches on (channels_last + torch.compile of the UNet and an SD VAE first stage),
@@ -112,7 +123,9 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     and speed switches), and with ``tiny_encoder`` encodes too; ``unet_dtype``: the UNet's (and
     harmonizer's) weights and arithmetic in that dtype (``model.backbone.params.dtype``);
     ``harmonizer_attention``: a decoupled harmonizer's attention path (``weights`` | ``sdpa``, same
-    values). All change how the model runs, not its trained weights (loaded in fp32, then cast)."""
+    values); ``attention_backends``: the UNet's SDPA kernels in order of preference
+    (``model.backbone.params.sdpa_backends``). All change how the model runs, not its trained
+    weights (loaded in fp32, then cast)."""
     from omegaconf import OmegaConf
 
     from .config import merge_layer, parse_overrides
@@ -120,7 +133,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
     if tiny_encoder and tiny_decoder is None:
         raise UserError("a tiny encoder is the tiny decoder's autoencoder: give its folder (--tiny-decoder DIR)")
     cfg, state, source = read_checkpoint_config(checkpoint)
-    overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype, harmonizer_attention)
+    overrides = inference_overrides(cfg.model, compile, first_stage_dtype, unet_dtype, harmonizer_attention,
+                                    attention_backends)
     if overrides:
         cfg = merge_layer(cfg, parse_overrides(overrides), "anonymize's speed switches")
     module, cfg, frozen_from_state = module_for_checkpoint(cfg, state)
@@ -145,6 +159,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compi
             "unet_dtype": unet_dtype, "tiny_decoder": None if tiny_decoder is None else str(tiny_decoder),
             "tiny_encoder": bool(tiny_encoder),
             "harmonizer_attention": OmegaConf.select(cfg, "model.harmonizer.params.attention"),
+            "attention_backends": list(OmegaConf.select(cfg, "model.backbone.params.sdpa_backends") or []) or None,
             "frozen_weights_from_checkpoint": frozen_from_state}
     return model, cfg, info
 

@@ -547,6 +547,23 @@ def test_harmonizer_attention_path_is_chosen_at_load_and_changes_no_face(checkpo
     torch.testing.assert_close(faces[1], faces[0], rtol=1e-4, atol=1e-4)
 
 
+def test_attention_backends_are_chosen_at_load_and_change_no_face(checkpoint, loaded, tmp_path):
+    from torch.nn.attention import SDPBackend
+
+    model, _, info = load_model(checkpoint, attention_backends=["math", "flash_attention"])
+    assert info["attention_backends"] == ["math", "flash_attention"] and loaded[2]["attention_backends"] is None
+    assert model.backbone.sdpa_backends == [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+    faces = anonymize_two_faces(loaded[0], model)
+    torch.testing.assert_close(faces[1], faces[0], rtol=1e-4, atol=1e-4)
+
+    Image.fromarray(skimage_data.astronaut()).save(tmp_path / "face.png")
+    assert main(["anonymize", "--checkpoint", str(checkpoint), "-i", str(tmp_path / "face.png"), "-o",
+                 str(tmp_path / "out"), "--device", "cpu", "--audit-recognizer", "none", "--steps", "2", "--quiet",
+                 "--attention-backends", "flash_attention", "math"]) == 0
+    summary = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
+    assert summary["model"]["attention_backends"] == ["flash_attention", "math"] and summary["faces"]["anonymized"] == 1
+
+
 def test_unet_dtype_loads_the_checkpoint_into_a_bf16_unet(checkpoint, loaded):
     model, _, info = load_model(checkpoint, unet_dtype="bfloat16")
     assert info["unet_dtype"] == "bfloat16"
@@ -883,6 +900,8 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--pipeline-depth", "-2"], "--pipeline-depth must be >= 0"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--audit-workers", "-1"], "--audit-workers must be >= 0"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--detect-workers", "0"], "--detect-workers must be >= 1"),
+        (["-i", str(photos), "-o", str(tmp_path / "o"), "--attention-backends", "flash", "--device", "cpu"],
+         "unknown ['flash']; valid: math, flash_attention"),
     ]
     for extra, message in cases:
         assert main(["anonymize", "--checkpoint", str(checkpoint), *extra]) == 2

@@ -283,7 +283,8 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
     summary["settings"] = settings
     summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled",
                                                  "first_stage_dtype", "unet_dtype", "tiny_decoder", "tiny_encoder",
-                                                 "harmonizer_attention", "frozen_weights_from_checkpoint")}
+                                                 "harmonizer_attention", "attention_backends",
+                                                 "frozen_weights_from_checkpoint")}
     write_atomic(target / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how a decoupled harmonizer computes its cross-attention (same values): sdpa, two "
                              "fused attention kernels, has fewer kernels and bytes without a backward pass "
                              "(default: sdpa on cuda, the checkpoint's on cpu)")
+    parser.add_argument("--attention-backends", nargs="+", metavar="NAME",
+                        help="the UNet's attention kernels in order of preference, the first that takes a shape runs "
+                             "it: flash_attention, efficient_attention, cudnn_attention, math (default: PyTorch's "
+                             "order, which never reaches cudnn_attention; which is fastest on a GPU: "
+                             "benchmarks/attention_backends.py --forward-only)")
     parser.add_argument("--tiny-decoder", metavar="DIR",
                         help="decode with this tiny autoencoder (a local diffusers AutoencoderTiny folder: "
                              "madebyollin/taesd for SD 1.x/2.x VAEs) instead of the checkpoint's VAE: ~1/18 of "
@@ -190,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
     attention = args.harmonizer_attention or ("sdpa" if device.startswith("cuda") else None)
     model, cfg, info = load_model(args.checkpoint, device, compile=args.compile, first_stage_dtype=args.vae_dtype,
                                   tiny_decoder=args.tiny_decoder, tiny_encoder=args.tiny_encoder,
-                                  unet_dtype=args.unet_dtype,
-                                  harmonizer_attention=attention)
+                                  unet_dtype=args.unet_dtype, harmonizer_attention=attention,
+                                  attention_backends=args.attention_backends)
     settings.precision = resolve_precision(args.precision, device, OmegaConf.select(cfg, "trainer.precision"))
     size = int(cfg.data.image_size)
     template, info["template"] = training_template(cfg, size, settings.face_scale)
