@@ -87,7 +87,7 @@ def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 
 
 
 def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | None, unet_dtype: str | None = None,
-                    harmonizer_attention: str | None = None):
+                    harmonizer_attention: str | None = None, attention_backends: list[str] | None = None):
     """(model, cfg, info) of a profile's model with its initial weights, built here, as ``load_model``
     builds a checkpoint's (its speed does not depend on the weights): ``tiny``, or ``sd15`` (the
     SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint)."""
@@ -95,7 +95,7 @@ def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | N
     from id2face.model import ID2Face
 
     cfg = C.profile_config(profile, inference_overrides(C.profile_config(profile).model, compile, vae_dtype,
-                                                        unet_dtype, harmonizer_attention))
+                                                        unet_dtype, harmonizer_attention, attention_backends))
     torch.manual_seed(0)
     model = ID2Face.from_config(cfg.model).to(device).eval()
     info = {"checkpoint": None, "config_source": f"untrained {profile} profile", "ema_weights": False,
@@ -132,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the UNet's weights and arithmetic in this dtype, as `id2face anonymize --unet-dtype`")
     parser.add_argument("--harmonizer-attention", choices=("weights", "sdpa"),
                         help="a decoupled harmonizer's attention path, as `id2face anonymize --harmonizer-attention`")
+    parser.add_argument("--attention-backends", nargs="+", metavar="NAME",
+                        help="the UNet's SDPA kernels, best first, as `id2face anonymize --attention-backends`")
     parser.add_argument("--tiny-decoder", metavar="DIR|random",
                         help="decode with this tiny autoencoder folder, as `id2face anonymize --tiny-decoder`; "
                              "random: TAESD's architecture untrained (the same cost)")
@@ -200,10 +202,11 @@ def main(argv=None) -> int:
         if args.checkpoint:
             model, cfg, info = load_model(args.checkpoint, args.device, compile=args.compile,
                                           first_stage_dtype=args.vae_dtype, unet_dtype=args.unet_dtype,
-                                          harmonizer_attention=args.harmonizer_attention)
+                                          harmonizer_attention=args.harmonizer_attention,
+                                          attention_backends=args.attention_backends)
         else:
             model, cfg, info = untrained_model(args.profile, args.device, args.compile, args.vae_dtype,
-                                               args.unet_dtype, args.harmonizer_attention)
+                                               args.unet_dtype, args.harmonizer_attention, args.attention_backends)
         if args.tiny_decoder:
             from id2face.inference import with_tiny_decoder
 
@@ -307,7 +310,7 @@ def main(argv=None) -> int:
                       "steps": steps, "image_size": size, "precision": precision, "compile": args.compile,
                       "vae_dtype": args.vae_dtype, "unet_dtype": args.unet_dtype, "tiny_decoder": args.tiny_decoder,
                       "tiny_encoder": args.tiny_encoder,
-                      "harmonizer_attention": args.harmonizer_attention,
+                      "harmonizer_attention": args.harmonizer_attention, "attention_backends": args.attention_backends,
                       "faces_per_s": best["faces_per_s"],
                       "steady_faces_per_s": max(steady_rates) if steady_rates else None,
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],

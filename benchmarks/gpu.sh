@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu.sh cached cached_sdpa harmonizer   # < 6 min: the step's overhead and its suspects
 #   bash benchmarks/gpu.sh sample_compiled    # torch.compile parts: sampling < 240 s,
 #   bash benchmarks/gpu.sh cached_compiled    # training up to 360 s (our UNet compiled, fwd + bwd: MFU)
+#   bash benchmarks/gpu.sh attention_sampling anonymize_compiled   # the 20 faces/s target's call (< 8 min)
+#   bash benchmarks/gpu.sh attention cached_compiled                # the MFU target's call (< 7 min)
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents and identity embeddings
 # read from the batch; also timed back to back, and its GPU kernels listed where they differ from
@@ -13,7 +15,9 @@
 # GroupNorms and LayerNorms in bf16: low_precision_norms), cached_sdpa (the same with the
 # harmonizer's attention computed by two SDPA kernels and a lerp: harmonizer attention=sdpa),
 # harmonizer (one cross-attention layer per SD-1.5 level: both attention paths vs stock),
-# attention (the UNet's self-attention per SDPA backend: flash, memory-efficient, cuDNN),
+# attention, attention_sampling (the UNet's self-attention per SDPA backend, flash, memory-efficient,
+# cuDNN, forward + backward and forward alone; they run first, and the train, resp. the sample and
+# anonymize, parts after them use the order they found fastest),
 # sample_bf16 (the sample part's first row with the UNet's and the SD VAE's weights and norms in
 # bf16 and the harmonizer's sdpa path, decoded by the VAE, by TAESD's architecture, and with that
 # encoding too),
@@ -23,7 +27,8 @@
 # detection (MTCNN per photo, facenet-pytorch's and ours, the GPU idle and kept busy; the host's
 # alignment per face: < 115 s),
 # compiled (+ channels_last + torch.compile of both UNets), cached_compiled (the cached step with
-# our UNet compiled, the bare one eager: the MFU target's figure), sample, sample_compiled (+ channels_last +
+# our UNet compiled and its and the attribute encoder's norms in bf16, the bare one eager: the MFU
+# target's figure), sample, sample_compiled (+ channels_last +
 # compile of the UNet and the VAE), anonymize (the whole file pipeline end to end: MTCNN,
 # alignment, sampling, paste-back, 12 MP JPEGs decoded and written by I/O threads, stages in turn
 # and in worker threads; < 4 min; the anonymize parts also run the photos twice over for the
@@ -49,16 +54,46 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
   local limit=$1 steps=$2 warmup=$3; shift 3
   echo; echo "== train_step sd15 $* (batch $BATCH)"
   timeout "$limit" "$PY" benchmarks/train_step.py --profile sd15 --device cuda --batch "$BATCH" --steps "$steps" \
-      --warmup "$warmup" --peak-flops "$PEAK" "$@"
+      --warmup "$warmup" --peak-flops "$PEAK" "${TRAIN_ATTENTION[@]}" "$@"
   local rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
     echo "== failed (exit $rc) at batch $BATCH, e.g. out of memory; retrying at batch $((BATCH / 2))"
     timeout "$limit" "$PY" benchmarks/train_step.py --profile sd15 --device cuda --batch $((BATCH / 2)) \
-        --steps "$steps" --warmup "$warmup" --peak-flops "$PEAK" "$@"
+        --steps "$steps" --warmup "$warmup" --peak-flops "$PEAK" "${TRAIN_ATTENTION[@]}" "$@"
   elif [ $rc -eq 124 ]; then
     echo "== timed out after ${limit}s"
   fi
 }
+
+# The attention parts run first: SD-1.5's self-attention (40-wide heads at 4096 tokens) under each
+# SDPA backend (< 60 s each). The parts after them run the UNet's attention in the order found
+# fastest (model.backbone.params.sdpa_backends): `attention` (forward + backward, batch BATCH) for
+# the train parts, `attention_sampling` (forward, batch 64) for the sample and anonymize parts.
+TRAIN_ATTENTION=() SAMPLE_ATTENTION=() ANONYMIZE_ATTENTION=()
+attention_order() {  # attention_order FLAGS...: runs attention_backends.py, prints its fastest order (a,b,c)
+  local log; log=$(mktemp)
+  timeout 60 "$PY" benchmarks/attention_backends.py --device cuda "$@" | tee "$log" >&2 \
+      || echo "== attention_backends failed or timed out (exit $?)" >&2
+  tail -n 1 "$log" | "$PY" -c 'import json, sys; print(",".join(json.load(sys.stdin)["fastest_first"]))' 2>/dev/null
+  rm -f "$log"
+}
+if want attention; then
+  echo; echo "== SD-1.5 self-attention, forward + backward, batch $BATCH, bf16, per SDPA backend"
+  order=$(attention_order --batch "$BATCH")
+  if [ -n "$order" ]; then
+    TRAIN_ATTENTION=(--override "model.backbone.params.sdpa_backends=[$order]")
+    echo "== the train parts below: model.backbone.params.sdpa_backends=[$order]"
+  fi
+fi
+if want attention_sampling; then
+  echo; echo "== SD-1.5 self-attention, forward only (sampling), batch 64, bf16, per SDPA backend"
+  order=$(attention_order --batch 64 --forward-only)
+  if [ -n "$order" ]; then
+    SAMPLE_ATTENTION=(--override "model.backbone.params.sdpa_backends=[$order]")
+    ANONYMIZE_ATTENTION=(--attention-backends ${order//,/ })
+    echo "== the sample and anonymize parts below: the UNet's attention in the order $order"
+  fi
+fi
 
 # Time caps keep the default parts under 5 minutes (a retry after an out-of-memory failure adds one).
 # An SD-1.5 train part spends ~45 s before its first timed step (imports, two UNets built, FLOPs
@@ -77,13 +112,14 @@ fi
 if want sample; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
   timeout 100 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      --samplers ddim --cfg --repeats 1 --breakdown || echo "== sample failed or timed out (exit $?)"
+      "${SAMPLE_ATTENTION[@]}" --samplers ddim --cfg --repeats 1 --breakdown \
+      || echo "== sample failed or timed out (exit $?)"
 fi
 if want sample_bf16; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, the UNet and the SD VAE with bf16 weights and arithmetic"
   echo "   (model.backbone/first_stage.params.dtype), decoded by the VAE, by TAESD's architecture, and that encoding too"
   timeout 90 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      --samplers ddim --repeats 1 --decoders own taesd taesd_both --breakdown \
+      "${SAMPLE_ATTENTION[@]}" --samplers ddim --repeats 1 --decoders own taesd taesd_both --breakdown \
       --override model.first_stage.params.dtype=bfloat16 model.backbone.params.dtype=bfloat16 \
                  model.harmonizer.params.attention=sdpa \
       || echo "== sample failed or timed out (exit $?)"
@@ -92,8 +128,9 @@ if want anonymize; then  # the issue's end-to-end figure: files in, files out
   echo; echo "== anonymize end to end, untrained sd15 at 512 px, 25 DDIM steps, bf16: 32 photos 12 MP JPEG x 4 faces,"
   echo "   4 I/O threads, stages in turn (depth 0) and in worker threads 64 photos deep (--pipeline-depth)"
   timeout 240 "$PY" benchmarks/anonymize_throughput.py --profile sd15 --device cuda --precision bf16-mixed \
-      --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 4 --pipeline-depth 0 64 --threads 4 \
-      --photo-size 4032 3024 --photo-format jpg --steady || echo "== anonymize_throughput failed or timed out (exit $?)"
+      "${ANONYMIZE_ATTENTION[@]}" --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 4 \
+      --pipeline-depth 0 64 --threads 4 --photo-size 4032 3024 --photo-format jpg --steady \
+      || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want detection; then  # MTCNN per photo at anonymize's 2048 px, GPU idle and busy; alignment (< 115 s)
   echo; echo "== MTCNN per photo: facenet-pytorch's detect vs id2face's (no host read per candidate), 12 MP photos;"
@@ -111,33 +148,31 @@ FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 
 if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline, eager
   echo; echo "== anonymize end to end as above, depth 64, UNet in bf16, TAESD-architecture encoder and decoder,"
   echo "   detection and alignment in 1 and in 4 threads (--detect-workers)"
-  timeout 260 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --detect-workers 1 4 \
-      || echo "== anonymize_throughput failed or timed out (exit $?)"
+  timeout 260 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_ATTENTION[@]}" \
+      --detect-workers 1 4 || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want anonymize_compiled; then  # the same compiled (UNet, VAE encoder, TAESD decoder): the target's run
   echo; echo "== anonymize end to end as anonymize_fast (4 detect threads), + channels_last + torch.compile"
-  timeout 420 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE --compile --detect-workers 4 \
-      || echo "== anonymize_throughput failed or timed out (exit $?)"
+  timeout 420 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_ATTENTION[@]}" \
+      --compile --detect-workers 4 || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want sample_compiled; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile (UNet, VAE)"
   timeout 240 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      --samplers ddim --repeats 2 --channels-last --compile --breakdown || echo "== sample failed or timed out (exit $?)"
+      "${SAMPLE_ATTENTION[@]}" --samplers ddim --repeats 2 --channels-last --compile --breakdown \
+      || echo "== sample failed or timed out (exit $?)"
 fi
 # Compiling both SD-1.5 UNets' forward + backward takes over 240 s on a fresh machine (cold
 # inductor cache): give a compiled train part a call of its own.
 want compiled && train 450 4 1 --bf16 --channels-last --compile
 # The MFU target's run needs only our step compiled: the bare step stays eager (half the compiling).
-want cached_compiled && train 360 4 1 --bf16 --channels-last --compile --eager-bare --cached-latents
+# Norms in bf16: the eager step's MFU 20.4 -> 22.8 % (H100, 2026-11-27); no measurable cost in quality.
+want cached_compiled && train 360 4 1 --bf16 --channels-last --compile --eager-bare --cached-latents \
+    --override model.backbone.params.low_precision_norms=true model.attribute_encoder.params.low_precision_norms=true
 if want switches; then  # our step under each remaining switch; compare its "full" row with the cached part's
   train 80 6 1 --bf16 --cached-latents --no-fused
   train 80 6 1 --bf16 --cached-latents --override "model.backbone.params.sdpa_backends=[flash_attention]"
   train 80 6 1 --bf16 --cached-latents --override model.backbone.params.gradient_checkpointing=true
-fi
-if want attention; then  # SD-1.5's self-attention under each SDPA backend (head dim 40 at 4096 tokens; < 60 s)
-  echo; echo "== SD-1.5 self-attention, forward + backward, batch $BATCH, bf16, per SDPA backend"
-  timeout 60 "$PY" benchmarks/attention_backends.py --device cuda --batch "$BATCH" \
-      || echo "== attention_backends failed or timed out (exit $?)"
 fi
 if want fid; then
   echo; echo "== FID feature extraction (Inception-v3, 512 px inputs) vs N"

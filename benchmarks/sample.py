@@ -49,7 +49,8 @@ def parse_args(argv=None):
                                                                "and decoder (module.compile())")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
+    parser.add_argument("--override", nargs="*", action="extend", default=[],
+                        help="extra config key=value overrides (repeatable)")
     parser.add_argument("--flops-only", action="store_true",
                         help="no timing: FLOPs per face of one anonymization by part (meta device, any size), and "
                              "the TFLOP/s a faces/s figure needs")

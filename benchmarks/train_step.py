@@ -68,7 +68,8 @@ def parse_args(argv=None):
     C.add_device_arguments(parser, "device peak FLOP/s for MFU and --traffic")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--override", nargs="*", default=[], help="extra config key=value overrides")
+    parser.add_argument("--override", nargs="*", action="extend", default=[],
+                        help="extra config key=value overrides (repeatable)")
     parser.add_argument("--breakdown", action="store_true",
                         help="after the timed steps, one step of each timed by part (components, cross-attention "
                              "layers, backward, optimizer)")

@@ -56,7 +56,8 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     figures, out = run_script("anonymize_throughput", ["--photos", "2", "--faces-per-photo", "2", "--batch-sizes", "4",
                                                        "--steps", "2", "--io-workers", "0", "2", "--pipeline-depth",
                                                        "0", "2", "--detect-workers", "2", "--photo-format", "jpg",
-                                                       "--photo-size", "800", "600", "--steady"], capsys)
+                                                       "--photo-size", "800", "600", "--steady",
+                                                       "--attention-backends", "flash_attention", "math"], capsys)
     rows = figures["rows"]
     assert [(row["io_workers"], row["pipeline_depth"], row["detect_workers"]) for row in rows] == [
         (0, 0, 1), (0, 2, 2), (2, 0, 1), (2, 2, 2)]  # in turn (depth 0): no detect threads
@@ -77,6 +78,7 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     # progress as it goes, so a run a time cap cuts off still says where its time went
     assert out.count("] warm-up run done") == 4 and out.count("] timed run twice over: 8 faces") == 4
     assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
+    assert figures["attention_backends"] == ["flash_attention", "math"]
     assert figures["faces_per_s"] == max(row["faces_per_s"] for row in rows)
     assert "file decode + encode alone" in out
     from id2face.anonymize import DETECT_MAX_SIDE
@@ -132,6 +134,39 @@ def test_attention_backends_times_each_sdpa_backend_against_the_math_one(capsys)
     assert unet["flash_attention"] == pytest.approx(5 * levels["2"]["backends"]["flash_attention"]["ms"]
                                                     + levels["3"]["backends"]["flash_attention"]["ms"])
     assert "self-attention layers (5 + 1), flash_attention" in out
+    # both ran everywhere: the faster one alone sets the time, the other is its fallback
+    faster = min(("math", "flash_attention"), key=unet.get)
+    assert figures["fastest_first"][0] == faster and sorted(figures["fastest_first"]) == ["flash_attention", "math"]
+    assert figures["fastest_first_ms"] == pytest.approx(unet[faster]) and not figures["forward_only"]
+    assert f"sdpa_backends=[{','.join(figures['fastest_first'])}]" in out
+
+
+def test_attention_backends_forward_only_times_sampling_s_attention(capsys):
+    figures, out = run_script("attention_backends", ["--device", "cpu", "--levels", "3", "--batch", "2",
+                                                     "--repeats", "1", "--forward-only"], capsys)
+    entry = figures["levels"]["3"]
+    assert figures["forward_only"] and entry["flops"] == 4 * 2 * 8 * 64 ** 2 * 160  # no backward's 8 B H N^2 d
+    assert entry["backends"]["math"]["max_difference"] == 0.0 and entry["backends"]["flash_attention"]["ms"] > 0
+    assert "forward (sampling)" in out
+
+
+def test_the_fastest_attention_order_counts_each_level_on_the_first_backend_that_takes_it():
+    """cuDNN fastest where most of the time goes but refusing a level: first in the order, with
+    that level falling back to the next (as ``sdpa_backends`` runs it)."""
+    module = load_script("attention_backends")
+
+    def ran(ms):
+        return {"available": True, "ms": ms}
+
+    refused = {"available": False, "reason": "no"}
+    levels = {0: {"backends": {"default": ran(10.0), "flash_attention": ran(10.0), "cudnn_attention": ran(6.0),
+                               "efficient_attention": ran(8.0)}},
+              3: {"backends": {"default": ran(1.0), "flash_attention": ran(1.0), "cudnn_attention": refused,
+                               "efficient_attention": ran(0.5)}}}
+    # level 0 has 5 layers, level 3 one: cuDNN then efficient, 5 x 6 + 0.5 (efficient first: 5 x 8 + 0.5)
+    assert module.fastest_order(levels, [0, 3]) == (["cudnn_attention", "efficient_attention", "flash_attention"],
+                                                    pytest.approx(30.5))
+    assert module.fastest_order({0: {"backends": {"default": ran(1.0), "math": refused}}}, [0]) == ([], None)
 
 
 COMPILED_ANONYMIZE = ["anonymize_throughput.py", "--photos", "1", "--faces-per-photo", "2", "--steps", "2",
@@ -416,7 +451,10 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
     import subprocess
 
     calls_log, python = tmp_path / "calls.tsv", tmp_path / "python"
-    python.write_text(f'#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nprintf "%s\\t" "$@" >> {calls_log}\necho >> {calls_log}\n')
+    order = '{"fastest_first": ["cudnn_attention", "flash_attention"]}'  # what the attention parts "found"
+    python.write_text(f'#!/bin/sh\ncase "$2" in *fastest_first*) exec {sys.executable} "$@";; esac\n'
+                      f'[ "$1" = "-c" ] && exit 0\nprintf "%s\\t" "$@" >> {calls_log}\necho >> {calls_log}\n'
+                      f'case "$1" in *attention_backends.py) echo \'{order}\';; esac\n')
     python.chmod(0o755)
     parts = re.findall(r"want (\w+)", (BENCHMARKS / "gpu.sh").read_text())
     assert {"cached", "cached_low_norms", "sample_bf16", "anonymize", "anonymize_fast", "anonymize_compiled",
@@ -432,3 +470,12 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
         modules.setdefault(name, load_script(name)).parse_args(argv)  # SystemExit on an unknown flag or value
     assert set(modules) == {"train_step", "sample", "harmonizer_attention", "anonymize_throughput", "fid_features",
                             "face_detection", "face_alignment", "attention_backends"}
+    # the attention parts run first, and every part after them runs the UNet's attention in the order found
+    assert [Path(script).stem for script, *_ in calls[:2]] == ["attention_backends"] * 2
+    preference = "model.backbone.params.sdpa_backends=[cudnn_attention,flash_attention]"
+    for script, *argv in calls[2:]:
+        name = Path(script).stem
+        if name in ("train_step", "sample"):
+            assert preference in load_script(name).parse_args(argv).override, argv
+        elif name == "anonymize_throughput":
+            assert load_script(name).parse_args(argv).attention_backends == ["cudnn_attention", "flash_attention"]
