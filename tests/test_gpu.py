@@ -173,6 +173,34 @@ def test_speed_switches_on_cuda_keep_the_bf16_outputs_and_gradients(switches, fr
     torch.testing.assert_close(grad1, grad0, rtol=5e-2, atol=5e-3)
 
 
+def sdpa_ops_of(backbone, inputs) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+            torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        backbone(*inputs)
+    return {event.name for event in prof.events() if event.name.startswith("aten::_scaled_dot_product")}
+
+
+def test_sdpa_backends_order_reaches_cudnn_attention_on_cuda():
+    """``sdpa_backends`` is an order of preference on the GPU machine's torch: cuDNN first runs cuDNN,
+    flash first runs flash (heads 40 wide, as SD-1.5's at 64 x 64 latents)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 8, 64, 40, device=CUDA, dtype=torch.bfloat16)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as err:
+        pytest.skip(f"cuDNN attention refuses 40-wide heads here: {str(err).splitlines()[0]}")
+    inputs = unet_inputs()
+    cudnn_first = sdpa_ops_of(tiny_unet(block_out_channels=[32, 320],
+                                        sdpa_backends=["cudnn_attention", "flash_attention"]).eval(), inputs)
+    flash_first = sdpa_ops_of(tiny_unet(block_out_channels=[32, 320],
+                                        sdpa_backends=["flash_attention", "cudnn_attention"]).eval(), inputs)
+    assert "aten::_scaled_dot_product_cudnn_attention" in cudnn_first, cudnn_first
+    assert "aten::_scaled_dot_product_flash_attention" in flash_first, flash_first
+    assert "aten::_scaled_dot_product_cudnn_attention" not in flash_first
+
+
 @pytest.mark.parametrize("attention", ["weights", "sdpa"])
 def test_gated_harmonizer_attention_in_bf16_on_cuda_follows_fp32(attention):
     """The decoupled processor under bf16 autocast (``weights``: its own matmuls and fp32 softmax,
