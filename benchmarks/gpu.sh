@@ -18,6 +18,7 @@
 # attention, attention_sampling (the UNet's self-attention per SDPA backend, flash, memory-efficient,
 # cuDNN, forward + backward and forward alone; they run first, and the train, resp. the sample and
 # anonymize, parts after them use the order they found fastest),
+# sample_grid (faces/s vs steps, batch and sampler, eager: the issue's sampling table at SD-1.5 size),
 # sample_bf16 (the sample part's first row with the UNet's and the SD VAE's weights and norms in
 # bf16 and the harmonizer's sdpa path, decoded by the VAE, by TAESD's architecture, and with that
 # encoding too),
@@ -32,8 +33,8 @@
 # compile of the UNet and the VAE), anonymize (the whole file pipeline end to end: MTCNN,
 # alignment, sampling, paste-back, 12 MP JPEGs decoded and written by I/O threads, stages in turn
 # and in worker threads; < 4 min; the anonymize parts also run the photos twice over for the
-# steady rate, fill and drain cancelled: anonymize_throughput.py --steady), fid, switches (cached step with plain AdamW, flash attention
-# only, gradient checkpointing: ~3 min).
+# steady rate, fill and drain cancelled: anonymize_throughput.py --steady), fid, switches (cached
+# step with plain AdamW, flash attention only, gradient checkpointing: ~3 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -113,6 +114,12 @@ if want sample; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
   timeout 100 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
       "${SAMPLE_ATTENTION[@]}" --samplers ddim --cfg --repeats 1 --breakdown \
+      || echo "== sample failed or timed out (exit $?)"
+fi
+if want sample_grid; then  # the issue's sampling grid at SD-1.5 size: faces/s vs steps, batch and sampler (< 150 s)
+  echo; echo "== sample sd15, bf16, 10 and 25 steps x batch 16 and 64 x DDIM and DPM-Solver++, no guidance"
+  timeout 150 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 10 25 --batch 16 64 \
+      "${SAMPLE_ATTENTION[@]}" --samplers ddim dpm_solver --repeats 1 \
       || echo "== sample failed or timed out (exit $?)"
 fi
 if want sample_bf16; then
