@@ -1,7 +1,8 @@
 """Full ID²Face training step vs the bare diffusers UNet step, in one process on the same inputs.
 
     python benchmarks/train_step.py --profile tiny|sd15 [--batch N] [--steps N] [--warmup N] [--back-to-back K]
-        [--device cpu|cuda] [--bf16] [--channels-last] [--compile] [--cached-latents] [--peak-flops F]
+        [--device cpu|cuda] [--bf16] [--channels-last] [--compile] [--cached-latents] [--cudnn-benchmark]
+        [--peak-flops F]
         [--threads T] [--breakdown] [--flops-only] [--traffic [--bandwidth B]]
 
 ``--batch``: images denoised per step (even). The full step takes a pair batch of batch/2 pairs
@@ -61,6 +62,9 @@ def parse_args(argv=None):
                         help="with --compile: compile our UNet only, the bare one stays eager (half the "
                              "compilation, for the full step's own figures: MFU)")
     parser.add_argument("--no-fused", action="store_true", help="plain AdamW on CUDA (default: fused)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="cuDNN times its convolution algorithms per shape in the warm-up and keeps the fastest "
+                             "(torch.backends.cudnn.benchmark, as trainer.benchmark=true sets it; both steps)")
     parser.add_argument("--cached-latents", action="store_true",
                         help="the full step reads float16 first-stage latents and identity embeddings from its "
                              "batch (data.latent_cache), as the bare step gets its latents, instead of encoding "
@@ -305,6 +309,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.resolve_device(args.device)
+    if args.cudnn_benchmark:  # the warm-up steps time the algorithms; the timed ones use the fastest
+        torch.backends.cudnn.benchmark = True
     from diffusers import UNet2DConditionModel
 
     pairs, images_per_step = args.batch // 2, args.batch
@@ -430,6 +436,7 @@ def main(argv=None) -> int:
         "first_stage": C.first_stage_description(model), "bf16": args.bf16,
         "channels_last": args.channels_last, "compile": args.compile, "bare_compiled": bare_compiled,
         "fused_adamw": fused and device.type == "cuda", "cached_latents": args.cached_latents,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "steps": args.steps, "warmup": args.warmup,
         "torch": torch.__version__,
     }
@@ -469,7 +476,7 @@ def main(argv=None) -> int:
           f"first stage {figures['first_stage']}, context {context_tokens} x {context_dim}, "
           f"bf16={args.bf16} channels_last={args.channels_last} compile={args.compile}"
           f"{' (ours only: the bare step eager)' if args.compile and not bare_compiled else ''} "
-          f"cached_latents={args.cached_latents}; "
+          f"cached_latents={args.cached_latents} cudnn_benchmark={figures['cudnn_benchmark']}; "
           f"median of {args.steps} interleaved steps after {args.warmup} warm-up")
     C.print_table(["step", "ms", "img/s", "Mparams", "state MiB", "step MiB", "GFLOP/img", "TFLOP/s", "MFU %",
                    "syncs", f"ms, {args.back_to_back} back to back"], rows)

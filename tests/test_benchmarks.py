@@ -27,10 +27,12 @@ def run_script(name, argv, capsys) -> tuple[dict, str]:
     return json.loads(captured.out.strip().splitlines()[-1]), captured.out + captured.err
 
 
-def test_train_step_with_cached_latents_and_breakdown(capsys):
+def test_train_step_with_cached_latents_and_breakdown(capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after: the flag sets it process-wide
     figures, out = run_script("train_step", ["--profile", "tiny", "--device", "cpu", "--batch", "4", "--steps", "1",
                                              "--warmup", "1", "--cached-latents", "--breakdown", "--back-to-back", "1",
-                                             "--kernel-table", "5"], capsys)
+                                             "--kernel-table", "5", "--cudnn-benchmark"], capsys)
+    assert figures["cudnn_benchmark"] is True and torch.backends.cudnn.benchmark and "cudnn_benchmark=True" in out
     assert figures["cached_latents"] and figures["ratio_full_over_bare"] > 0
     assert figures["ratio_full_over_bare_back_to_back"] == pytest.approx(
         figures["full"]["back_to_back_step_s"] / figures["bare"]["back_to_back_step_s"])

@@ -119,6 +119,19 @@ def test_killed_run_resumes_mid_epoch_with_same_step_and_optimizer(tmp_path, sig
     assert resumed["global_step"] == step + 2 and resumed["status"] == "finished"
 
 
+def test_trainer_keys_reach_lightning_as_they_are(tmp_path, monkeypatch):
+    """trainer.benchmark (cuDNN's algorithm search, a GPU speed switch) is a key of the config, and
+    Lightning sets torch's flag from it."""
+    from id2face.training import build_trainer
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = load_config(["tiny"], ["trainer.benchmark=true"])
+    trainer = build_trainer(cfg, tmp_path, logger=False)
+    assert torch.backends.cudnn.benchmark is True and trainer.max_steps == cfg.trainer.max_steps
+    build_trainer(load_config(["tiny"]), tmp_path, logger=False)  # null: torch's flag untouched
+    assert torch.backends.cudnn.benchmark is True
+
+
 def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
     """Lightning refuses it before the first step; the user gets one line naming the config key."""
     from id2face.errors import UserError
