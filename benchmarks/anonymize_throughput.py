@@ -132,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the UNet's weights and arithmetic in this dtype, as `id2face anonymize --unet-dtype`")
     parser.add_argument("--harmonizer-attention", choices=("weights", "sdpa"),
                         help="a decoupled harmonizer's attention path, as `id2face anonymize --harmonizer-attention`")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="cuDNN's algorithm search at each batch size's first call, as `id2face anonymize "
+                             "--cudnn-benchmark`")
     parser.add_argument("--attention-backends", nargs="+", metavar="NAME",
                         help="the UNet's SDPA kernels, best first, as `id2face anonymize --attention-backends`")
     parser.add_argument("--tiny-decoder", metavar="DIR|random",
@@ -243,7 +246,8 @@ def main(argv=None) -> int:
                          for d in (args.detect_workers if a else [1])]  # in turn (depth 0), no detect threads
         for batch, workers, ahead, detecting in settings_grid:
             settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision,
-                                         pad_last_batch=args.compile)  # as `anonymize --compile`
+                                         pad_last_batch=args.compile,  # as `anonymize --compile`
+                                         cudnn_benchmark=args.cudnn_benchmark)
             anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, device=args.device,
                                     pipeline_depth=ahead, detect_workers=detecting)
             run = f"{len(rows)}-{batch}-{workers}-{ahead}-{detecting}"  # a fresh folder per row, repeated settings too
@@ -311,6 +315,7 @@ def main(argv=None) -> int:
                       "vae_dtype": args.vae_dtype, "unet_dtype": args.unet_dtype, "tiny_decoder": args.tiny_decoder,
                       "tiny_encoder": args.tiny_encoder,
                       "harmonizer_attention": args.harmonizer_attention, "attention_backends": args.attention_backends,
+                      "cudnn_benchmark": args.cudnn_benchmark,
                       "faces_per_s": best["faces_per_s"],
                       "steady_faces_per_s": max(steady_rates) if steady_rates else None,
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],

@@ -24,7 +24,8 @@
 # encoding too),
 # anonymize_fast (the anonymize part with those, TAESD's architecture encoding too, and depth 64:
 # what the 20 faces/s target needs, eager; detection and alignment in 1 and in 4 threads),
-# anonymize_compiled (the same compiled, 4 detect threads, < 420 s),
+# anonymize_compiled (the same compiled, cuDNN's algorithm search at the first batch, 4 detect
+# threads, < 420 s),
 # detection (MTCNN per photo, facenet-pytorch's and ours, the GPU idle and kept busy; the host's
 # alignment per face: < 115 s),
 # compiled (+ channels_last + torch.compile of both UNets), cached_compiled (the cached step with
@@ -161,7 +162,7 @@ fi
 if want anonymize_compiled; then  # the same compiled (UNet, VAE encoder, TAESD decoder): the target's run
   echo; echo "== anonymize end to end as anonymize_fast (4 detect threads), + channels_last + torch.compile"
   timeout 420 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_ATTENTION[@]}" \
-      --compile --detect-workers 4 || echo "== anonymize_throughput failed or timed out (exit $?)"
+      --compile --cudnn-benchmark --detect-workers 4 || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want sample_compiled; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile (UNet, VAE)"

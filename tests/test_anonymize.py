@@ -419,6 +419,28 @@ def test_last_batch_padded_on_request_and_out_of_memory_splits_the_batch_instead
     assert [f["status"] for f in result.faces] == ["anonymized"] * 3
 
 
+def test_cudnn_searches_the_convolutions_at_each_batch_sizes_first_call_only(loaded, monkeypatch):
+    """cuDNN keeps the plans it searched in its cache, read whatever the flag: the search runs in the
+    first call at each batch size, and the process-wide flag is back as it was around every other."""
+    detector = GroundTruthDetector()
+    boxes = [(0, 0, 30, 40), (1, 0, 200, 60), (2, 0, 340, 150)]
+    photos = [compose(detector, skimage_data.coffee(), boxes)[0] for _ in range(2)]  # 6 faces: batches 4, 2
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    searched, real = [], loaded[0].anonymize
+
+    def recorded(images, masks, **kwargs):
+        searched.append((len(images), torch.backends.cudnn.benchmark))
+        return real(images, masks, **kwargs)
+
+    monkeypatch.setattr(loaded[0], "anonymize", recorded)
+    engine = anonymizer(loaded, detector=detector, batch_size=4, cudnn_benchmark=True)
+    engine.anonymize_photos(photos)
+    engine.anonymize_photos(photos)
+    assert searched == [(4, True), (2, True), (4, False), (2, False)] and torch.backends.cudnn.benchmark is False
+    anonymizer(loaded, detector=detector, batch_size=4).anonymize_photos(photos[:1])  # off by default
+    assert searched[-1] == (3, False)
+
+
 def test_sampling_runs_in_the_chosen_precision_and_pseudonyms_do_not_depend_on_it(loaded):
     detector = GroundTruthDetector()
     photo, _ = compose(detector, skimage_data.coffee(), [(0, 0, 30, 40), (1, 0, 300, 120)])
@@ -677,12 +699,13 @@ def test_compile_keeps_its_kernels_in_the_user_cache_unless_told_otherwise(tmp_p
 
 
 def stopped_at(target: str, monkeypatch, tmp_path, checkpoint) -> tuple[list[dict], list[str]]:
-    """(the keyword arguments of each call of ``target``, an anonymize command line on one photo):
-    ``target`` is replaced by a recorder that stops the command there, with exit status 2."""
+    """(the keyword arguments of each call of ``target``, its positional ones under "args", an
+    anonymize command line on one photo): ``target`` is replaced by a recorder that stops the
+    command there, with exit status 2."""
     built = []
 
     def recorded(*args, **kwargs):
-        built.append(kwargs)
+        built.append({**kwargs, "args": args})
         raise UserError(f"stopped at {target}")
 
     monkeypatch.setattr(target, recorded)
@@ -705,7 +728,7 @@ def test_detection_downscales_group_photos_to_the_commands_side_only(tmp_path, m
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--detect-max-side >= 32")
     with pytest.raises(UserError, match="stopped at id2face.data.prepare.FaceDetector"):
         anonymizer(loaded).detector_fn  # the engine's own, where the caller gives none
-    assert built[-1] == {"max_side": DETECT_MAX_SIDE, "device": "cpu"}
+    assert built[-1] == {"max_side": DETECT_MAX_SIDE, "device": "cpu", "args": ()}
 
 
 def test_the_command_detects_in_up_to_four_threads_unless_told(tmp_path, monkeypatch, checkpoint):
@@ -716,6 +739,12 @@ def test_the_command_detects_in_up_to_four_threads_unless_told(tmp_path, monkeyp
     built, command = stopped_at("id2face.anonymize.Anonymizer", monkeypatch, tmp_path, checkpoint)
     assert main(command) == 2 and built[-1]["detect_workers"] == DEFAULT_DETECT_WORKERS == min(4, os.cpu_count())
     assert main([*command, "--detect-workers", "3"]) == 2 and built[-1]["detect_workers"] == 3
+
+
+def test_the_command_searches_convolutions_only_when_told(tmp_path, monkeypatch, checkpoint):
+    built, command = stopped_at("id2face.anonymize.Anonymizer", monkeypatch, tmp_path, checkpoint)
+    assert main(command) == 2 and built[-1]["args"][3].cudnn_benchmark is False
+    assert main([*command, "--cudnn-benchmark"]) == 2 and built[-1]["args"][3].cudnn_benchmark is True
 
 
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):

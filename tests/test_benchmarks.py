@@ -59,7 +59,8 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
                                                        "--steps", "2", "--io-workers", "0", "2", "--pipeline-depth",
                                                        "0", "2", "--detect-workers", "2", "--photo-format", "jpg",
                                                        "--photo-size", "800", "600", "--steady",
-                                                       "--attention-backends", "flash_attention", "math"], capsys)
+                                                       "--attention-backends", "flash_attention", "math",
+                                                       "--cudnn-benchmark"], capsys)
     rows = figures["rows"]
     assert [(row["io_workers"], row["pipeline_depth"], row["detect_workers"]) for row in rows] == [
         (0, 0, 1), (0, 2, 2), (2, 0, 1), (2, 2, 2)]  # in turn (depth 0): no detect threads
@@ -80,7 +81,7 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     # progress as it goes, so a run a time cap cuts off still says where its time went
     assert out.count("] warm-up run done") == 4 and out.count("] timed run twice over: 8 faces") == 4
     assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
-    assert figures["attention_backends"] == ["flash_attention", "math"]
+    assert figures["attention_backends"] == ["flash_attention", "math"] and figures["cudnn_benchmark"]
     assert figures["faces_per_s"] == max(row["faces_per_s"] for row in rows)
     assert "file decode + encode alone" in out
     from id2face.anonymize import DETECT_MAX_SIDE

@@ -58,6 +58,7 @@ class AnonymizeSettings:
     steps: int | None = None             # sampler steps; None: the checkpoint's sampler setting
     batch_size: int = 8                  # faces per model call, gathered across photos
     pad_last_batch: bool = False         # fill the last batch with repeats: a compiled model sees one shape
+    cudnn_benchmark: bool = False        # cuDNN times each convolution's algorithms at a batch size's first call
     seed: int | None = None              # diffusion noise seed; None: a random one (recorded)
     min_score: float = 0.8               # detections scored below are not faces
     min_face_size: float = 8.0           # px, shorter side of the box; smaller faces are covered
@@ -265,6 +266,7 @@ class Anonymizer:
         self.keyed_mapping = None
         self.clusters = None
         self._cell_counts: dict[bytes, int] = {}
+        self._searched_batch_sizes: set[int] = set()
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         from ..components.id_mapping import KeyedIdentityMapping
 
@@ -463,7 +465,7 @@ class Anonymizer:
         masks = torch.stack([face.mask for face in rows]).to(self.device).float()
         # Only sampling runs in reduced precision: keyed substitutes come from _embed's fp32 latents,
         # so a person's pseudonym does not depend on the precision.
-        with autocast(self.settings.precision, self.device):
+        with autocast(self.settings.precision, self.device), self._convolution_search(len(rows)):
             out = self._generate_batch(rows, crops, masks)
         expected = (len(rows), 3, self.size, self.size)
         if not torch.is_tensor(out) or tuple(out.shape) != expected:
@@ -474,6 +476,23 @@ class Anonymizer:
         finite = torch.isfinite(out).flatten(1).all(1)
         change = ((out - crops).abs() * masks).flatten(1).sum(1) / (3 * masks.flatten(1).sum(1)).clamp_min(1)
         return out.clamp(-1, 1).cpu(), finite.cpu(), change.cpu()
+
+    @contextmanager
+    def _convolution_search(self, batch_size: int):
+        """With ``settings.cudnn_benchmark``: cuDNN's algorithm search (``torch.backends.cudnn.benchmark``)
+        for the first call at each batch size only. The plans it picks stay in cuDNN's cache, which
+        later calls read whatever the flag; the flag is process-wide, so the other threads' convolutions
+        (MTCNN's pyramid: new shapes with every photo size) are searched during that call only."""
+        if not self.settings.cudnn_benchmark or batch_size in self._searched_batch_sizes:
+            yield
+            return
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
+            self._searched_batch_sizes.add(batch_size)
 
     def _generate_batch(self, faces: list[Face], crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         if self.clusters is None:

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="channels_last + torch.compile of the UNet and the SD VAE: minutes of compilation "
                              "first, faster sampling after (the last batch is padded to --batch-size, so one "
                              "shape is compiled); for large jobs on a GPU")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="cuDNN times each convolution's algorithms in the first call at each batch size and "
+                             "keeps the fastest (seconds, once; on a GPU, for large jobs)")
     parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"),
                         help="an SD VAE first stage's weights and arithmetic in this dtype, whatever --precision "
                              "(bfloat16: about half the memory traffic of its encode and decode; default: the "
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from ..user_cache import user_cache
 
     settings = AnonymizeSettings(key=_read_key(args), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                                 pad_last_batch=args.compile,
+                                 pad_last_batch=args.compile, cudnn_benchmark=args.cudnn_benchmark,
                                  min_score=args.min_score, cover=args.cover, cluster_threshold=args.cluster_threshold,
                                  cover_if_recognized=args.cover_if_recognized, face_scale=args.face_scale)
     settings.check()
