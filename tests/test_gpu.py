@@ -158,8 +158,10 @@ def unet_inputs(n=4):
 @pytest.mark.parametrize("switches", [{"sdpa_backends": ["flash_attention"]},
                                       {"sdpa_backends": ["efficient_attention"]},
                                       {"sdpa_backends": ["cudnn_attention", "flash_attention"]},
-                                      {"channels_last": True, "compile": True}],
-                         ids=["flash", "efficient", "cudnn-first", "cl+compile"])
+                                      {"channels_last": True, "compile": True},
+                                      {"channels_last": True, "compile": True,
+                                       "sdpa_backends": ["cudnn_attention", "flash_attention"]}],
+                         ids=["flash", "efficient", "cudnn-first", "cl+compile", "cl+compile+cudnn-first"])
 def test_speed_switches_on_cuda_keep_the_bf16_outputs_and_gradients(switches, fresh_dynamo):
     results = []
     for params in ({"sdpa_backends": ["math"]}, switches):
