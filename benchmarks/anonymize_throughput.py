@@ -159,6 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steady", action="store_true",
                         help="also time each setting on the photos twice over and report the marginal faces/s of "
                              "the second half (the pipeline's fill and drain cancel: a long job's rate)")
+    parser.add_argument("--detect-devices", nargs="+", metavar="DEVICE",
+                        help="where MTCNN runs, each a row of the grid, as `id2face anonymize --detect-device` "
+                             "(default: --device)")
     parser.add_argument("--detect-max-side", type=int, default=DETECT_MAX_SIDE,
                         help=f"photos downscaled to this for detection, as `id2face anonymize --detect-max-side` "
                              f"(default {DETECT_MAX_SIDE}, the command's)")
@@ -170,6 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--tiny-encoder encodes with the --tiny-decoder autoencoder: give --tiny-decoder DIR|random")
     if args.photo_size[0] < 640 or args.photo_size[1] < 480:
         parser.error("--photo-size must be at least 640 480 (the faces are placed on a 640 x 480 grid)")
+    args.detect_devices = args.detect_devices or [args.device]
     return args
 
 
@@ -222,7 +226,8 @@ def main(argv=None) -> int:
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
-        detector = FaceDetector(max_side=args.detect_max_side, device=args.device)
+        detectors = {where: FaceDetector(max_side=args.detect_max_side, device=where) for where in args.detect_devices}
+        detector = detectors[args.detect_devices[0]]  # "detection alone" below
         audit = build_audit_recognizer(args.audit_recognizer, cfg, dlib_workers=args.audit_workers)
         audit = audit.to(args.device) if audit is not None else None
         C.progress(f"model, detector and audit built on {args.device}")
@@ -242,23 +247,26 @@ def main(argv=None) -> int:
         detect_seconds = time.perf_counter() - started
         C.progress(f"detection alone: {detect_seconds:.2f} s")
 
-        settings_grid = [(b, w, a, d) for b in args.batch_sizes for w in args.io_workers for a in args.pipeline_depth
-                         for d in (args.detect_workers if a else [1])]  # in turn (depth 0), no detect threads
-        for batch, workers, ahead, detecting in settings_grid:
+        settings_grid = [(b, w, a, d, where) for b in args.batch_sizes for w in args.io_workers
+                         for a in args.pipeline_depth for d in (args.detect_workers if a else [1])  # in turn: none
+                         for where in args.detect_devices]
+        for batch, workers, ahead, detecting, where in settings_grid:
             settings = AnonymizeSettings(steps=args.steps, batch_size=batch, seed=0, precision=precision,
                                          pad_last_batch=args.compile,  # as `anonymize --compile`
                                          cudnn_benchmark=args.cudnn_benchmark)
-            anonymizer = Anonymizer(model, size, template, settings, detector=detector, audit=audit, device=args.device,
-                                    pipeline_depth=ahead, detect_workers=detecting)
+            anonymizer = Anonymizer(model, size, template, settings, detector=detectors[where], audit=audit,
+                                    device=args.device, pipeline_depth=ahead, detect_workers=detecting)
             run = f"{len(rows)}-{batch}-{workers}-{ahead}-{detecting}"  # a fresh folder per row, repeated settings too
             anonymize_files([warm], tmp / f"warm{run}", anonymizer, info=info, progress=False, io_workers=workers)
-            C.progress(f"warm-up run done: batch {batch}, io {workers}, depth {ahead}, detect threads {detecting}"
+            C.progress(f"warm-up run done: batch {batch}, io {workers}, depth {ahead}, detect threads {detecting} "
+                       f"on {where}"
                        f"{' (compiles first)' if args.compile else ''}")
             load = os.getloadavg()[0]
             summary, wall = timed_run(photos, tmp / f"out{run}", anonymizer, info, workers, args.device)
             faces = summary["faces"]["total"]
             C.progress(f"timed run: {faces} faces in {wall:.2f} s")
             row = {"batch_size": batch, "io_workers": workers, "pipeline_depth": ahead, "detect_workers": detecting,
+                   "detect_device": where,
                    "photos": summary["images"]["written"], "faces": faces,
                    "anonymized": summary["faces"]["anonymized"], "seconds": round(wall, 2),
                    "faces_per_s": round(faces / wall, 3), "photos_per_s": round(args.photos / wall, 3),
@@ -290,7 +298,7 @@ def main(argv=None) -> int:
           f"({args.photos / detect_seconds:.2f} photos/s, {detected} faces)")
     print(f"file decode + encode alone, one thread: {io_seconds:.2f} s for {args.photos} photos")
     steady_header = f" {'2N s':>7} {'steady faces/s':>14}" if args.steady else ""
-    print(f"{'batch':>5} {'io':>3} {'depth':>5} {'detect':>6} {'photos':>6} {'faces':>5} {'anonymized':>10} "
+    print(f"{'batch':>5} {'io':>3} {'depth':>5} {'detect':>6} {'on':>6} {'photos':>6} {'faces':>5} {'anonymized':>10} "
           f"{'seconds':>8} {'faces/s':>8} {'photos/s':>8} {'load':>5} {'busy s: detect/encode/sample/finish':>35}"
           f"{steady_header}")
     for r in rows:
@@ -298,13 +306,13 @@ def main(argv=None) -> int:
                   if args.steady else "")
         busy = "/".join(f"{seconds:.2f}" for seconds in r["stage_seconds"].values())
         print(f"{r['batch_size']:>5} {r['io_workers']:>3} {r['pipeline_depth']:>5} {r['detect_workers']:>6} "
-              f"{r['photos']:>6} {r['faces']:>5} {r['anonymized']:>10} "
+              f"{r['detect_device']:>6} {r['photos']:>6} {r['faces']:>5} {r['anonymized']:>10} "
               f"{r['seconds']:>8.2f} {r['faces_per_s']:>8.3f} {r['photos_per_s']:>8.3f} {r['load_average_1min']:>5.2f}"
               f" {busy:>35}{steady}")
-    print("detect: threads that detect and align ahead (with depth > 0). busy s: the seconds each stage worked on the "
-          "N photos (detection and alignment, summed over its threads; identity encoding; sampling, waiting for the "
-          "GPU included; paste-back and audit): in worker threads the busiest (detect's over its threads) sets the "
-          "pace")
+    print("detect: threads that detect and align ahead (with depth > 0), on: MTCNN's device. busy s: the seconds "
+          "each stage worked on the N photos (detection and alignment, summed over its threads; identity "
+          "encoding; sampling, waiting for the GPU included; paste-back and audit): in worker threads the busiest "
+          "(detect's over its threads) sets the pace")
     if args.steady:
         print("steady faces/s: (faces of 2N photos - faces of N) / (seconds of 2N - seconds of N), the photos twice "
               "over: the pipeline's fill and drain cancel")
@@ -320,6 +328,7 @@ def main(argv=None) -> int:
                       "steady_faces_per_s": max(steady_rates) if steady_rates else None,
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
                       "best_pipeline_depth": best["pipeline_depth"], "best_detect_workers": best["detect_workers"],
+                      "best_detect_device": best["detect_device"],
                       "photo_size": args.photo_size, "photo_format": args.photo_format,
                       "audit_recognizer": args.audit_recognizer, "audit_workers": args.audit_workers,
                       "io_seconds_one_thread": round(io_seconds, 3),

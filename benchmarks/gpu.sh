@@ -25,7 +25,7 @@
 # anonymize_fast (the anonymize part with those, TAESD's architecture encoding too, and depth 64:
 # what the 20 faces/s target needs, eager; detection and alignment in 1 and in 4 threads),
 # anonymize_compiled (the same compiled, cuDNN's algorithm search at the first batch, 4 detect
-# threads, < 420 s),
+# threads, MTCNN on the GPU and on the host's cores: two rows, one compile; < 420 s),
 # detection (MTCNN per photo, facenet-pytorch's and ours, the GPU idle and kept busy; the host's
 # alignment per face: < 115 s),
 # compiled (+ channels_last + torch.compile of both UNets), cached_compiled (the cached step with
@@ -160,9 +160,11 @@ if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline
       --detect-workers 1 4 || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want anonymize_compiled; then  # the same compiled (UNet, VAE encoder, TAESD decoder): the target's run
-  echo; echo "== anonymize end to end as anonymize_fast (4 detect threads), + channels_last + torch.compile"
+  echo; echo "== anonymize end to end as anonymize_fast (4 detect threads), + channels_last + torch.compile;"
+  echo "   MTCNN on the GPU, then on the CPU (the GPU left to the sampling)"
   timeout 420 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_ATTENTION[@]}" \
-      --compile --cudnn-benchmark --detect-workers 4 || echo "== anonymize_throughput failed or timed out (exit $?)"
+      --compile --cudnn-benchmark --detect-workers 4 --detect-devices cuda cpu \
+      || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want sample_compiled; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile (UNet, VAE)"

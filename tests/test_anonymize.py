@@ -729,6 +729,7 @@ def test_detection_downscales_group_photos_to_the_commands_side_only(tmp_path, m
     with pytest.raises(UserError, match="stopped at id2face.data.prepare.FaceDetector"):
         anonymizer(loaded).detector_fn  # the engine's own, where the caller gives none
     assert built[-1] == {"max_side": DETECT_MAX_SIDE, "device": "cpu", "args": ()}
+    assert main([*command, "--detect-device", "cpu:0"]) == 2 and built[-1]["device"] == "cpu:0"  # else --device's
 
 
 def test_the_command_detects_in_up_to_four_threads_unless_told(tmp_path, monkeypatch, checkpoint):
@@ -931,6 +932,8 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--detect-workers", "0"], "--detect-workers must be >= 1"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--attention-backends", "flash", "--device", "cpu"],
          "unknown ['flash']; valid: math, flash_attention"),
+        (["-i", str(photos), "-o", str(tmp_path / "o"), "--detect-device", "gpu"],
+         "--detect-device gpu is not a torch device"),
     ]
     for extra, message in cases:
         assert main(["anonymize", "--checkpoint", str(checkpoint), *extra]) == 2

@@ -82,6 +82,7 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     assert out.count("] warm-up run done") == 4 and out.count("] timed run twice over: 8 faces") == 4
     assert figures["photo_size"] == [800, 600] and figures["io_seconds_one_thread"] > 0
     assert figures["attention_backends"] == ["flash_attention", "math"] and figures["cudnn_benchmark"]
+    assert {row["detect_device"] for row in rows} == {"cpu"} == {figures["best_detect_device"]}  # --device's
     assert figures["faces_per_s"] == max(row["faces_per_s"] for row in rows)
     assert "file decode + encode alone" in out
     from id2face.anonymize import DETECT_MAX_SIDE

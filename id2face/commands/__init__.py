@@ -5,9 +5,9 @@ stay fast.
 """
 
 
-def resolve_device(name: str | None):
-    """``--device`` -> torch.device; None or "auto": cuda if available, else cpu. A name torch does
-    not know, or cuda without a GPU, is a one-line UserError."""
+def resolve_device(name: str | None, flag: str = "--device"):
+    """``--device`` (or another ``flag``) -> torch.device; None or "auto": cuda if available, else
+    cpu. A name torch does not know, or cuda without a GPU, is a one-line UserError."""
     import torch
 
     from ..errors import UserError
@@ -17,7 +17,7 @@ def resolve_device(name: str | None):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise UserError(f"{flag} {name} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available")
+        raise UserError(f"{flag} {name}: no CUDA device is available")
     return device
