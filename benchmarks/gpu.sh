@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu.sh cached cached_sdpa harmonizer   # < 6 min: the step's overhead and its suspects
 #   bash benchmarks/gpu.sh sample_compiled    # torch.compile parts: sampling < 240 s,
 #   bash benchmarks/gpu.sh cached_compiled    # training up to 360 s (our UNet compiled, fwd + bwd: MFU)
-#   bash benchmarks/gpu.sh attention_sampling anonymize_compiled   # the 20 faces/s target's call (< 8 min)
+#   bash benchmarks/gpu.sh attention_sampling anonymize_compiled   # the 20 faces/s target's call (< 8.5 min)
 #   bash benchmarks/gpu.sh attention cached_compiled                # the MFU target's call (< 7 min)
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents and identity embeddings
@@ -25,7 +25,7 @@
 # anonymize_fast (the anonymize part with those, TAESD's architecture encoding too, and depth 64:
 # what the 20 faces/s target needs, eager; detection and alignment in 1 and in 4 threads),
 # anonymize_compiled (the same compiled, cuDNN's algorithm search at the first batch, 4 detect
-# threads, MTCNN on the GPU and on the host's cores: two rows, one compile; < 420 s),
+# threads, MTCNN on the GPU and on the host's cores: two rows, one compile; < 450 s),
 # detection (MTCNN per photo, facenet-pytorch's and ours, the GPU idle and kept busy; the host's
 # alignment per face: < 115 s),
 # compiled (+ channels_last + torch.compile of both UNets), cached_compiled (the cached step with
@@ -162,7 +162,7 @@ fi
 if want anonymize_compiled; then  # the same compiled (UNet, VAE encoder, TAESD decoder): the target's run
   echo; echo "== anonymize end to end as anonymize_fast (4 detect threads), + channels_last + torch.compile;"
   echo "   MTCNN on the GPU, then on the CPU (the GPU left to the sampling)"
-  timeout 420 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_ATTENTION[@]}" \
+  timeout 450 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_ATTENTION[@]}" \
       --compile --cudnn-benchmark --detect-workers 4 --detect-devices cuda cpu \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
