@@ -86,10 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its own CUDA stream); identity encoding stays in input order, so the results do not "
                              "depend on N. They matter where detection, not sampling, sets the pace: the closing "
                              "line's busy seconds say (default: min(4, CPUs))")
-    parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
     parser.add_argument("--detect-device", metavar="DEVICE",
                         help="where MTCNN detects the faces (default: --device); cpu leaves the GPU to the "
                              "sampling, at a few cores' cost with --detect-workers")
+    parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
     parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
     parser.add_argument("--min-face-size", type=int, default=20,
                         help="smallest face MTCNN looks for, px (default 20)")
