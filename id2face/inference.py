@@ -82,32 +82,28 @@ def inference_overrides(model_cfg, compile: bool = False, first_stage_dtype: str
     a role whose variant lacks the switch is a UserError, except the attention path, which a
     harmonizer without one ignores."""
     from .model import speed_switch_overrides
-    from .registry import MODEL_ROLES
+    from .registry import MODEL_ROLES, variant_name
 
     overrides = speed_switch_overrides(model_cfg) if compile else []
     for role, dtype, takes_one in (("first_stage", first_stage_dtype, "the autoencoders sd_vae and taesd"),
                                    ("backbone", unet_dtype, "unet")):
         if dtype is None:
             continue
-        name = _variant(model_cfg, role)
+        name = variant_name(model_cfg[role])
         if not MODEL_ROLES[role].declares(name, "dtype"):
             raise UserError(f"the checkpoint's {role.replace('_', ' ')} ({name}) has no dtype of its own: it runs "
                             f"in the sampling precision (only {takes_one} take one)")
         overrides.append(f"model.{role}.params.dtype={dtype}")
+    backbone = variant_name(model_cfg["backbone"])
     if attention_backends:
-        if not MODEL_ROLES["backbone"].declares(_variant(model_cfg, "backbone"), "sdpa_backends"):
-            raise UserError(f"the checkpoint's backbone ({_variant(model_cfg, 'backbone')}) has no choice of "
-                            "attention backends (only unet has)")
+        if not MODEL_ROLES["backbone"].declares(backbone, "sdpa_backends"):
+            raise UserError(f"the checkpoint's backbone ({backbone}) has no choice of attention backends "
+                            "(only unet has)")
         overrides.append(f"model.backbone.params.sdpa_backends=[{','.join(attention_backends)}]")
-    if harmonizer_attention is not None and MODEL_ROLES["harmonizer"].declares(_variant(model_cfg, "harmonizer"),
-                                                                              "attention"):
+    harmonizer = variant_name(model_cfg["harmonizer"])
+    if harmonizer_attention is not None and MODEL_ROLES["harmonizer"].declares(harmonizer, "attention"):
         overrides.append(f"model.harmonizer.params.attention={harmonizer_attention}")
     return overrides
-
-
-def _variant(model_cfg, role: str) -> str:
-    node = model_cfg[role]
-    return node if isinstance(node, str) else node["name"]
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False,
@@ -191,14 +187,13 @@ def frozen_weights_from_state(model_cfg, state: Mapping[str, Any]) -> list[str]:
     """Overrides that build the frozen roles (identity encoder, first stage) without their weight
     files, for each role whose weights ``state`` (a training checkpoint's) carries."""
     from .model import FROZEN_ROLES
-    from .registry import MODEL_ROLES
+    from .registry import MODEL_ROLES, variant_name
 
     overrides = []
     for role in FROZEN_ROLES:
         if not any(key.startswith(f"model.{role}.") for key in state):
             continue
-        node = model_cfg[role]
-        name = node if isinstance(node, str) else node["name"]
+        name = variant_name(model_cfg[role])
         for param, value in (("weights", "null"), ("path", "null"), ("allow_random_init", "true"),
                              ("random_init", "true")):
             if MODEL_ROLES[role].declares(name, param):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import MODEL_ROLES
+from .registry import MODEL_ROLES, variant_name
 
 # Components whose weights never train: kept out of the optimiser, the EMA and DDP's gradient sync.
 FROZEN_ROLES = ("identity_encoder", "first_stage")
@@ -65,7 +65,7 @@ def build_components(model_cfg: Mapping[str, Any]) -> dict[str, nn.Module]:
     def build(role: str, **runtime):
         node = model_cfg[role]
         module = MODEL_ROLES[role].build(node, **runtime)
-        module.registered_name = node if isinstance(node, str) else node["name"]
+        module.registered_name = variant_name(node)
         built[role] = module
         return module
 
@@ -100,11 +100,8 @@ SPEED_SWITCHES = ("channels_last", "compile")
 def speed_switch_overrides(model_cfg: Mapping[str, Any], switches: tuple[str, ...] = SPEED_SWITCHES) -> list[str]:
     """``model.<role>.params.<switch>=true`` for every role whose configured variant takes the
     switch (the UNet backbone; the SD VAE first stage, not the pixel one)."""
-    def name(node):
-        return node if isinstance(node, str) else node["name"]
-
     return [f"model.{role}.params.{switch}=true" for role, registry in MODEL_ROLES.items()
-            for switch in switches if registry.declares(name(model_cfg[role]), switch)]
+            for switch in switches if registry.declares(variant_name(model_cfg[role]), switch)]
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

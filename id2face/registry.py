@@ -72,10 +72,8 @@ class Registry:
         Runtime facts are passed only if the constructor accepts them, so a variant that has no
         use for ``in_dim`` need not declare it.
         """
-        if isinstance(node, str):
-            name, params = node, {}
-        else:
-            name, params = node["name"], dict(node.get("params") or {})
+        name = variant_name(node)
+        params = {} if isinstance(node, str) else dict(node.get("params") or {})
         cls = self.get(name)
         accepted = _accepted_kwargs(cls)
         unknown = sorted(set(params) - accepted) if accepted is not None else []
@@ -89,6 +87,11 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.role!r}, {self.names()})"
+
+
+def variant_name(node: Mapping[str, Any] | str) -> str:
+    """The registered name a config node ``{name, params}`` (or a bare name) asks for."""
+    return node if isinstance(node, str) else node["name"]
 
 
 def _accepted_kwargs(cls) -> set[str] | None:
