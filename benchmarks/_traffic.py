@@ -17,6 +17,7 @@ the GPU: that decides the bytes of the memory-bound ops around every norm.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,6 +67,38 @@ class CudaAutocastFp32(TorchFunctionMode):
             with torch.autocast("cpu", enabled=False):
                 return func(*[fp32(a) for a in args], **{k: fp32(v) for k, v in kwargs.items()})
         return func(*args, **kwargs)
+
+
+@contextmanager
+def cuda_autocast_fp32():
+    """``CudaAutocastFp32`` in forward, and in the forward that gradient checkpointing recomputes in
+    backward: the autograd engine runs that recompute without the forward's function modes, so the
+    backbone's ``checkpoint`` gets the mode in its recompute context (else checkpoint finds bf16
+    norms in the recompute where forward ran fp32 ones, and refuses)."""
+    from torch.utils.checkpoint import noop_context_fn
+
+    from id2face.components import backbone
+
+    original = backbone.checkpoint
+
+    def checkpoint(fn, *args, context_fn=noop_context_fn, **kwargs):
+        def contexts():
+            forward, recompute = context_fn()
+            return forward, _entered_together(recompute, CudaAutocastFp32())
+        return original(fn, *args, context_fn=contexts, **kwargs)
+
+    backbone.checkpoint = checkpoint
+    try:
+        with CudaAutocastFp32():
+            yield
+    finally:
+        backbone.checkpoint = original
+
+
+@contextmanager
+def _entered_together(first, second):
+    with first, second:
+        yield
 
 
 @dataclass
@@ -130,7 +163,7 @@ class TrafficCounter(TorchDispatchMode):
 def count_traffic(fn: Callable[[], object], peak_flops: float, bandwidth: float) -> Traffic:
     """Counts ``fn()``, which must run on fake tensors (see ``fake_cpu``) so that nothing is computed."""
     counter = TrafficCounter(peak_flops, bandwidth)
-    with counter, CudaAutocastFp32():
+    with counter, cuda_autocast_fp32():
         fn()
     return counter.traffic
 
@@ -142,3 +175,40 @@ def fake_cpu():
 
     return FakeTensorMode(allow_non_fake_inputs=True)
 
+
+
+def track_memory(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, *modules) -> dict[str, int]:
+    """Device bytes at the peak of one training step on fake tensors (``loss_fn()``, backward,
+    ``optimizer`` step, gradients set to None), by kind (torch's ``MemTracker``: "Parameter",
+    "Buffer", "Gradient", "Activation", "Temp", "Optstate", "Total"), with CUDA's caching-allocator
+    rounding. ``modules``: those whose parameters and buffers exist before the step."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class NoHook:
+        def remove(self) -> None:
+            pass
+
+    class FrozenAwareMemTracker(MemTracker):
+        # MemTracker hooks the gradient of every parameter a module's forward sees, which raises for
+        # a frozen one (requires_grad=False: the identity encoder, the first stage). A frozen
+        # parameter is entered as hooked already, so only the trainable ones get hooks.
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            for param in module.parameters():
+                if not param.requires_grad:
+                    self._param_to_grad_hook_handles.setdefault(param, (NoHook(), NoHook()))
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    class Forward(torch.nn.Module):
+        # The forward as one root module: MemTracker takes a root module called twice for the next
+        # step, and the step calls some modules twice (the first stage encodes the masked image too).
+        def forward(self):
+            return loss_fn()
+
+    tracker = FrozenAwareMemTracker()
+    tracker.track_external(*modules, optimizer)
+    with tracker:
+        Forward()().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    (by_kind,) = tracker.get_tracker_snapshot("peak").values()  # one device: the fake CPU
+    return {str(getattr(kind, "value", kind)): int(nbytes) for kind, nbytes in by_kind.items()}

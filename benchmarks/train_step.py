@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --profile tiny|sd15 [--batch N] [--steps N] [--warmup N] [--back-to-back K]
         [--device cpu|cuda] [--bf16] [--channels-last] [--compile] [--cached-latents] [--cudnn-benchmark]
         [--peak-flops F]
-        [--threads T] [--breakdown] [--flops-only] [--traffic [--bandwidth B]]
+        [--threads T] [--breakdown] [--flops-only] [--traffic [--bandwidth B]] [--memory]
 
 ``--batch``: images denoised per step (even). The full step takes a pair batch of batch/2 pairs
 and runs ``ID2Face.training_losses`` (frozen identity encoder and first stage, identity VAE,
@@ -22,6 +22,10 @@ host-device synchronisations. Last line: one JSON object (``ratio_full_over_bare
 ``--traffic``: no timing either; one steady-state step of each counted on fake tensors (any machine,
 SD-1.5 size in seconds): eager kernels, bytes moved, FLOPs and their per-op roofline bound on
 a GPU of ``--peak-flops`` and ``--bandwidth`` (``_traffic.py``), and the ops where the two differ.
+``--memory``: no timing either; one steady-state step of each on fake tensors under torch's
+``MemTracker`` (CUDA's caching-allocator rounding): the device memory it peaks at by kind, and what
+a training process holds besides (the EMA weights, DDP's gradient buckets), for a config at a batch
+(SD-1.5 size, 32 images, cached latents: 42334 MiB above the pre-step level; 42371 measured on an H100).
 
 Profiles: ``tiny`` = the packaged tiny config (pixel first stage, 32 px, 7 input channels);
 ``sd15`` = default.yaml with a random-init SD-1.5 AutoencoderKL first stage (512 px images,
@@ -87,6 +91,10 @@ def parse_args(argv=None):
                         help="no timing: count one step of each on fake tensors (any machine): eager kernels, "
                              "bytes moved, FLOPs, per-op roofline bound on --peak-flops / --bandwidth")
     parser.add_argument("--top", type=int, default=12, help="--traffic: ops listed where full and bare differ")
+    parser.add_argument("--memory", action="store_true",
+                        help="no timing: track one step of each on fake tensors (any machine): the device memory "
+                             "at its peak by kind (parameters, optimizer state, activations, gradients), and a "
+                             "training process's per-GPU total (+ EMA weights, DDP gradient buckets)")
     parser.add_argument("--host-overhead", action="store_true",
                         help="no GPU: time the host's side of one eager step of each (Python, dispatcher, "
                              "autograd: what issuing the kernels costs) on this CPU, per phase, on a narrow copy "
@@ -98,8 +106,11 @@ def parse_args(argv=None):
                                or args.kernel_table):
         parser.error("--host-overhead times eager steps on this CPU: no --traffic, --flops-only, --compile, "
                      "--breakdown, --back-to-back or --kernel-table with it")
-    if args.traffic and (args.flops_only or args.compile or args.breakdown or args.back_to_back or args.kernel_table):
-        parser.error("--traffic counts one eager step of each on fake tensors: no --flops-only, --compile, "
+    if args.traffic and args.memory:
+        parser.error("--traffic and --memory are two runs: give one")
+    fake = "--traffic" if args.traffic else "--memory" if args.memory else None
+    if fake and (args.flops_only or args.compile or args.breakdown or args.back_to_back or args.kernel_table):
+        parser.error(f"{fake} runs one eager step of each on fake tensors: no --flops-only, --compile, "
                      "--breakdown, --back-to-back or --kernel-table with it")
     if args.breakdown and args.compile:
         parser.error("--breakdown hooks into the UNet, which would recompile (and split) the compiled graph: "
@@ -174,6 +185,31 @@ def flops_only(args) -> int:
     return 0
 
 
+class FakeStepInputs:
+    """One step's inputs for both models on fake tensors (inside ``_traffic.fake_cpu()``): our pair
+    batch, and the bare UNet's sample and context of our shapes, with the same noise and timesteps."""
+
+    def __init__(self, args, model, cfg, bare):
+        images = args.batch
+        self.batch = C.pair_batch(images // 2, C.PROFILE_IMAGE_SIZE[args.profile], torch.device("cpu"), seed=args.seed)
+        if args.cached_latents:
+            self.batch = with_cached_latents(model, self.batch)
+        h = C.PROFILE_IMAGE_SIZE[args.profile] // model.first_stage.downscale
+        self.noise = torch.randn(images, int(bare.config.out_channels), h, h)
+        self.timesteps = torch.randint(0, model.scheduler.num_train_timesteps, (images,))
+        tokens = model.identity_tokens.num_tokens + int(cfg.model.attribute_encoder.params.num_tokens)
+        self.bare_sample = torch.randn(images, bare.config.in_channels, h, h)
+        self.bare_context = torch.randn(images, tokens, int(cfg.model.context_dim))
+
+    def losses(self, model, bare) -> dict:
+        """{"full": our loss function, "bare": the bare UNet's}, each of no arguments."""
+        return {
+            "full": lambda: model.training_losses(self.batch, noise=self.noise, timesteps=self.timesteps)["loss"],
+            "bare": lambda: F.mse_loss(bare(self.bare_sample, self.timesteps, encoder_hidden_states=self.bare_context,
+                                            return_dict=False)[0].float(), self.noise.float()),
+        }
+
+
 def traffic_only(args) -> int:
     """Kernels, bytes and FLOPs of one steady-state training step of each model on fake tensors."""
     import _traffic as T
@@ -185,16 +221,7 @@ def traffic_only(args) -> int:
     device = torch.device("cpu")
     images_per_step = args.batch
     with T.fake_cpu():
-        batch = C.pair_batch(images_per_step // 2, C.PROFILE_IMAGE_SIZE[args.profile], device, seed=args.seed)
-        if args.cached_latents:
-            batch = with_cached_latents(model, batch)
-        h = C.PROFILE_IMAGE_SIZE[args.profile] // model.first_stage.downscale
-        channels = int(bare.config.out_channels)
-        noise = torch.randn(images_per_step, channels, h, h)
-        timesteps = torch.randint(0, model.scheduler.num_train_timesteps, (images_per_step,))
-        tokens = model.identity_tokens.num_tokens + int(cfg.model.attribute_encoder.params.num_tokens)
-        bare_sample = torch.randn(images_per_step, bare.config.in_channels, h, h)
-        bare_context = torch.randn(images_per_step, tokens, int(cfg.model.context_dim))
+        losses = FakeStepInputs(args, model, cfg, bare).losses(model, bare)
 
         def step_of(params, loss_fn):
             # Fake copies carry the optimizer (fake gradients cannot go into real parameters' .grad).
@@ -210,13 +237,8 @@ def traffic_only(args) -> int:
                 optimizer.zero_grad(set_to_none=True)
             return step
 
-        steps = {
-            "full": step_of([p for p in model.parameters() if p.requires_grad],
-                            lambda: model.training_losses(batch, noise=noise, timesteps=timesteps)["loss"]),
-            "bare": step_of(list(bare.parameters()),
-                            lambda: F.mse_loss(bare(bare_sample, timesteps, encoder_hidden_states=bare_context,
-                                                    return_dict=False)[0].float(), noise.float())),
-        }
+        steps = {"full": step_of([p for p in model.parameters() if p.requires_grad], losses["full"]),
+                 "bare": step_of(list(bare.parameters()), losses["bare"])}
         traffic = {}
         for name, step in steps.items():
             step()  # the optimizer's first step allocates its state: count a later one
@@ -251,6 +273,58 @@ def traffic_only(args) -> int:
         "byte_ratio_full_over_bare": full.bytes / bare_t.bytes,
         "roofline_ratio_full_over_bare": full.roofline_s / bare_t.roofline_s,
     })
+    return 0
+
+
+def memory_only(args) -> int:
+    """Device memory of one steady-state training step of each model, tracked on fake tensors."""
+    import _traffic as T
+
+    model, cfg, bare = build_on_meta(args)
+    device = torch.device("cpu")
+    mib = 2 ** 20
+    figures = {}
+    with T.fake_cpu():
+        model.to_empty(device="cpu").train()  # fake parameters: their gradients are fake too
+        bare.to_empty(device="cpu").train()
+        losses = FakeStepInputs(args, model, cfg, bare).losses(model, bare)
+        for name, module in {"full": model, "bare": bare}.items():
+            params = [p for p in module.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=not args.no_fused)
+            for p in params:  # a first step allocates AdamW's moments: the tracked one is a later step's
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            def loss_fn(loss_of=losses[name]):
+                with C.autocast(device, args.bf16):
+                    return loss_of()
+
+            with T.cuda_autocast_fp32():
+                peak = T.track_memory(loss_fn, optimizer, module)
+            static = peak["Parameter"] + peak["Buffer"] + peak["Optstate"]
+            figures[name] = {"params": sum(p.numel() for p in module.parameters()),
+                             "trainable_params": sum(p.numel() for p in params), "peak_bytes": peak["Total"],
+                             "step_peak_bytes": peak["Total"] - static, "by_kind_at_peak_bytes": peak}
+            C.progress(f"{name} step tracked")
+    trainable_bytes = 4 * figures["full"]["trainable_params"]  # fp32 weights
+    process = figures["full"]["peak_bytes"] + 2 * trainable_bytes
+    print(f"one training step on fake tensors, profile {args.profile}: {args.batch} images, bf16={args.bf16} "
+          f"cached_latents={args.cached_latents} fused_adamw={not args.no_fused}; device memory at the step's peak, "
+          f"MiB (CUDA allocator rounding; no CUDA context, cuDNN workspaces or fragmentation)")
+    kinds = ["Parameter", "Buffer", "Optstate", "Activation", "Gradient", "Temp"]
+    C.print_table(["step", *[k.lower() for k in kinds], "step peak (above pre-step)", "peak total"],
+                  [[name, *[f"{f['by_kind_at_peak_bytes'][k] / mib:.0f}" for k in kinds],
+                    f"{f['step_peak_bytes'] / mib:.0f}", f"{f['peak_bytes'] / mib:.0f}"] for name, f in figures.items()])
+    print("a training process of ours per GPU: the full step's peak + EMA weights + DDP's gradient buckets "
+          "(both fp32 copies of the trainable parameters)")
+    C.print_table(["full step peak", "EMA weights", "DDP buckets", "per-GPU total"],
+                  [[f"{figures['full']['peak_bytes'] / mib:.0f}", f"{trainable_bytes / mib:.0f}",
+                    f"{trainable_bytes / mib:.0f}", f"{process / mib:.0f}"]])
+    C.print_json({"benchmark": "train_step_memory", "profile": args.profile, "batch_images": args.batch,
+                  "bf16": args.bf16, "cached_latents": args.cached_latents, "overrides": list(args.override),
+                  **figures, "ema_bytes": trainable_bytes, "ddp_bucket_bytes": trainable_bytes,
+                  "training_process_bytes": process})
     return 0
 
 
@@ -304,6 +378,8 @@ def main(argv=None) -> int:
         return flops_only(args)
     if args.traffic:
         return traffic_only(args)
+    if args.memory:
+        return memory_only(args)
     if args.host_overhead:
         return host_overhead_only(args)
     if args.threads:

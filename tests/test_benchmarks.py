@@ -367,6 +367,60 @@ def test_sd15_step_traffic_on_fake_tensors(capsys):
     assert "roofline ms" in out
 
 
+def test_memory_tracker_peaks_with_what_a_step_holds_and_skips_frozen_parameters():
+    T = load_traffic_module()
+    with T.fake_cpu():
+        frozen = torch.nn.Linear(512, 512, bias=False).requires_grad_(False)  # MemTracker alone raises on it
+        head = torch.nn.Linear(512, 256, bias=False)
+        model = torch.nn.Sequential(frozen, head)
+        x = torch.randn(1024, 512)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+        head.weight.grad = torch.zeros_like(head.weight)
+        optimizer.step()  # the moments exist before the tracked step
+        peak = T.track_memory(lambda: model(x).square().mean() + model(x).mean(), optimizer, model)  # model twice
+    head_bytes = 512 * 256 * 4
+    assert peak["Parameter"] == 512 * 512 * 4 + head_bytes
+    assert 2 * head_bytes <= peak["Optstate"] <= 2 * head_bytes + 512  # + the step counter, one allocator block
+    hidden = 1024 * 512 * 4  # the frozen layer's output of each call, saved for the head's weight gradient
+    assert peak["Total"] >= peak["Parameter"] + peak["Optstate"] + 2 * hidden
+    assert peak["Gradient"] <= head_bytes  # no gradient for the frozen weight
+    assert head.weight.grad is None
+
+
+def test_train_step_memory_on_fake_tensors_scales_with_the_batch(capsys):
+    small, _ = run_script("train_step", ["--profile", "tiny", "--memory", "--bf16", "--batch", "4"], capsys)
+    large, out = run_script("train_step", ["--profile", "tiny", "--memory", "--bf16", "--batch", "16"], capsys)
+    for figures in (small, large):
+        for name in ("full", "bare"):
+            step = figures[name]
+            kinds = step["by_kind_at_peak_bytes"]
+            assert kinds["Parameter"] >= 4 * step["params"] > kinds["Parameter"] - 512 * 1000
+            assert 8 * step["trainable_params"] <= kinds["Optstate"] < 8 * step["trainable_params"] + 512 * 1000
+            assert step["step_peak_bytes"] == kinds["Total"] - kinds["Parameter"] - kinds["Buffer"] - kinds["Optstate"]
+        assert figures["ema_bytes"] == figures["ddp_bucket_bytes"] == 4 * figures["full"]["trainable_params"]
+        assert figures["training_process_bytes"] == figures["full"]["peak_bytes"] + 2 * figures["ema_bytes"]
+    for name in ("full", "bare"):  # activations grow with the images; parameters and state do not
+        assert 3.0 < large[name]["step_peak_bytes"] / small[name]["step_peak_bytes"] < 4.2
+    assert large["full"]["step_peak_bytes"] > large["bare"]["step_peak_bytes"]  # + conditioning, harmonizer
+    assert "per-GPU total" in out
+
+    # Gradient checkpointing keeps the UNet's block inputs only; its recompute in backward runs the
+    # norms in fp32 as forward did (CUDA's autocast policy, emulated there too).
+    checkpointed, _ = run_script("train_step", ["--profile", "tiny", "--memory", "--bf16", "--batch", "16", "--override",
+                                                "model.backbone.params.gradient_checkpointing=true"], capsys)
+    assert checkpointed["full"]["step_peak_bytes"] < 0.5 * large["full"]["step_peak_bytes"]
+    assert checkpointed["bare"] == large["bare"]  # the stock UNet's step is the stock one
+
+
+@pytest.mark.slow
+def test_sd15_step_memory_on_fake_tensors_matches_the_h100(capsys):
+    """The SD-1.5-size step with cached latents at 32 images peaked 42371 MiB (ours) and 39988 MiB
+    (the bare UNet) above the pre-step level on an H100 (2026-11-27, BENCHMARKS.md)."""
+    figures, _ = run_script("train_step", ["--profile", "sd15", "--memory", "--bf16", "--cached-latents"], capsys)
+    assert figures["full"]["step_peak_bytes"] / 2**20 == pytest.approx(42371, rel=0.05)
+    assert figures["bare"]["step_peak_bytes"] / 2**20 == pytest.approx(39988, rel=0.05)
+
+
 def test_sd15_sampling_traffic_and_the_bf16_vae(capsys):
     """The eager bound of one SD-1.5 anonymization by part, and what the bf16 VAE saves of it."""
     argv = ["--profile", "sd15", "--traffic", "--bf16", "--steps", "25", "--batch", "2"]
