@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -171,6 +172,22 @@ def latent_cache_hint(cfg: DictConfig, model) -> str | None:
             "CONFIG -o DIR` and train with data.latent_cache=DIR")
 
 
+def out_of_memory_message(cfg: DictConfig, step: int, err: BaseException) -> str:
+    """One line for a CUDA out-of-memory error in training: what ran out, and the config keys that
+    lower a step's memory (their effect at SD-1.5 size: BENCHMARKS.md, "Memory of a training step")."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    backbone = cfg.model.backbone.params
+    remedies = ["lower data.batch_size"]
+    if "mixed" in str(cfg.trainer.precision) and not backbone.get("low_precision_norms"):
+        remedies.append("set model.backbone.params.low_precision_norms=true (its norms' activations in bf16)")
+    if not backbone.get("gradient_checkpointing"):
+        remedies.append("set model.backbone.params.gradient_checkpointing=true (activations recomputed: "
+                        "+25% UNet FLOPs)")
+    return (f"training ran out of GPU memory at step {step} with data.batch_size={cfg.data.batch_size} pairs a device "
+            f"({detail}): {', or '.join(remedies)}; `python benchmarks/train_step.py --memory` estimates a step's "
+            "memory without a GPU")
+
+
 def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **trainer_overrides: Any) -> Path:
     """Train the run described by ``cfg`` in its run folder; returns the folder.
 
@@ -215,6 +232,9 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:  # a SystemExit with code 0: it must not pass for a finished run
         pass
+    except torch.OutOfMemoryError as err:
+        run_state.write(trainer, status="failed: out of GPU memory")
+        raise UserError(out_of_memory_message(cfg, trainer.global_step, err)) from None
     except ValueError as err:  # Lightning's check of the loop settings against the data: a config error
         if "val_check_interval" not in str(err):
             raise

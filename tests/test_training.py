@@ -144,6 +144,26 @@ def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_out_of_gpu_memory_is_one_line_naming_the_keys_that_lower_it(tmp_path):
+    from id2face.errors import UserError
+
+    class OutOfMemoryAtStep2(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                             "capacity of 39.38 GiB\nof which 1.2 GiB is free.")
+
+    cfg = load_config(["tiny"], [f"run.root={tmp_path}", "trainer.max_steps=4", "trainer.precision=bf16-mixed", *FAST])
+    with pytest.raises(UserError) as err:
+        fit(cfg, callbacks=[OutOfMemoryAtStep2()])
+    message = str(err.value)
+    assert "\n" not in message and "at step 2 with data.batch_size=2 pairs" in message
+    assert "(CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.38 GiB)" in message
+    assert "low_precision_norms=true" in message and "gradient_checkpointing=true" in message
+    assert "train_step.py --memory" in message
+    assert state(run_dir(cfg))["status"] == "failed: out of GPU memory"
+
+
 def test_a_half_precision_unet_is_refused_for_training_before_anything_is_written(tmp_path):
     from id2face.errors import UserError
 
