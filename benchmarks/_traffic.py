@@ -176,7 +176,6 @@ def fake_cpu():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-
 def track_memory(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, *modules) -> dict[str, int]:
     """Device bytes at the peak of one training step on fake tensors (``loss_fn()``, backward,
     ``optimizer`` step, gradients set to None), by kind (torch's ``MemTracker``: "Parameter",
