@@ -315,7 +315,8 @@ def memory_only(args) -> int:
     kinds = ["Parameter", "Buffer", "Optstate", "Activation", "Gradient", "Temp"]
     C.print_table(["step", *[k.lower() for k in kinds], "step peak (above pre-step)", "peak total"],
                   [[name, *[f"{f['by_kind_at_peak_bytes'][k] / mib:.0f}" for k in kinds],
-                    f"{f['step_peak_bytes'] / mib:.0f}", f"{f['peak_bytes'] / mib:.0f}"] for name, f in figures.items()])
+                    f"{f['step_peak_bytes'] / mib:.0f}", f"{f['peak_bytes'] / mib:.0f}"]
+                   for name, f in figures.items()])
     print("a training process of ours per GPU: the full step's peak + EMA weights + DDP's gradient buckets "
           "(both fp32 copies of the trainable parameters)")
     C.print_table(["full step peak", "EMA weights", "DDP buckets", "per-GPU total"],

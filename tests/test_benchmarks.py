@@ -406,8 +406,9 @@ def test_train_step_memory_on_fake_tensors_scales_with_the_batch(capsys):
 
     # Gradient checkpointing keeps the UNet's block inputs only; its recompute in backward runs the
     # norms in fp32 as forward did (CUDA's autocast policy, emulated there too).
-    checkpointed, _ = run_script("train_step", ["--profile", "tiny", "--memory", "--bf16", "--batch", "16", "--override",
-                                                "model.backbone.params.gradient_checkpointing=true"], capsys)
+    checkpointed, _ = run_script("train_step", ["--profile", "tiny", "--memory", "--bf16", "--batch", "16",
+                                                "--override", "model.backbone.params.gradient_checkpointing=true"],
+                                 capsys)
     assert checkpointed["full"]["step_peak_bytes"] < 0.5 * large["full"]["step_peak_bytes"]
     assert checkpointed["bare"] == large["bare"]  # the stock UNet's step is the stock one
 
