@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -54,10 +55,29 @@ class ID2FaceModule(L.LightningModule):
         self._ema_updates = 0
         self._ema_step = 0
         self._ema_swapped = False
+        self._copy_stream = None  # CUDA: the stream batches are copied on (transfer_batch_to_device)
 
     def train(self, mode: bool = True) -> "ID2FaceModule":
         super().train(mode)
         self.ema.train(False)  # a weight store: never run in training mode
+        return self
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """On CUDA, the batch is copied on a stream of its own, which the compute stream then waits
+        for: the copy overlaps the previous step's kernels still queued (the host runs ahead of the
+        GPU) instead of running after them with the GPU idle; a pageable batch's wait for its
+        stream's queue (see ``FacePairDataModule``) is then a wait for that idle copy stream."""
+        if device.type != "cuda":
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(self._copy_stream):
+            batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        compute.wait_stream(self._copy_stream)
+        # The copies' memory belongs to the copy stream: not reused before the step that reads it is done.
+        apply_to_collection(batch, torch.Tensor, lambda t: t.record_stream(compute) if t.is_cuda else None)
+        return batch
         return self
 
     # ------------------------------------------------------------------ EMA

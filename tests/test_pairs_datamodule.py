@@ -192,6 +192,22 @@ def test_datamodule_batches_splits_and_test_dataset(tmp_path):
     assert np.array_equal(again.split.test, dm.split.test)
 
 
+@pytest.mark.parametrize("device, pinned", [("cuda", True), ("cpu", False)])
+def test_loaders_pin_their_batches_when_the_trainer_runs_on_cuda(device, pinned):
+    """A copy to the GPU from pageable memory waits for the GPU's queued work (the step would start on
+    a drained queue); pinned batches go without waiting. No trainer, or one on the CPU: not pinned."""
+    from types import SimpleNamespace
+
+    from id2face.data.datamodule import FacePairDataModule
+
+    dm = FacePairDataModule(_tiny_data_cfg(**{"dataset.params.num_identities": 8,
+                                              "dataset.params.samples_per_identity": 2, "batch_size": 2}))
+    assert not dm.train_dataloader().pin_memory
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    loaders = [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()]
+    assert [loader.pin_memory for loader in loaders] == [pinned] * 3
+
+
 def test_datamodule_redraws_partners_each_epoch_through_its_loader():
     import lightning as L
 
