@@ -126,16 +126,22 @@ class CheckpointOnSignal(Callback):
         if self.signal_received is None and getattr(trainer, "received_sigterm", False):
             self.signal_received = signal.SIGTERM
         if self.signal_received is not None and not self.saved:
-            trainer.save_checkpoint(self.path)
-            self.saved = True
+            self.save(trainer)
             trainer.should_stop = True
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         # Lightning raises SIGTERMException where it notices the signal (e.g. in validation).
         if isinstance(exception, SIGTERMException) and not self.saved:
             self.signal_received = self.signal_received or signal.SIGTERM
-            trainer.save_checkpoint(self.path)
-            self.saved = True
+            self.save(trainer)
+
+    def save(self, trainer) -> None:
+        # ``last.ckpt`` may be the periodic checkpoints' link to the newest one: writing through it
+        # would overwrite that step's checkpoint with this later state.
+        if self.path.is_symlink():
+            self.path.unlink()
+        trainer.save_checkpoint(self.path)
+        self.saved = True
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._previous_usr1 is not None:
@@ -213,7 +219,9 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     run_state = RunState(folder / "train_state.json", ckpt)
     callbacks = [on_signal, run_state, LogImages(int(cfg.run.log_images_every_n_steps)), *callbacks]
     if not cfg.trainer.get("fast_dev_run"):
-        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_top_k=-1,
+        # last.ckpt links to the newest periodic checkpoint instead of being a second copy of it:
+        # one write, not two, of the 14 GB an SD-1.5 run's checkpoint holds (BENCHMARKS.md).
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir), save_last="link", save_top_k=-1,
                                          every_n_train_steps=int(cfg.run.checkpoint_every_n_steps)))
     trainer = build_trainer(cfg, folder, callbacks, **trainer_overrides)
     if ckpt is not None and trainer.is_global_zero:

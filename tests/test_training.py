@@ -36,7 +36,10 @@ def test_run_folder_layout_and_resume(tmp_path):
     assert folder == run_dir(cfg) == tmp_path / "tiny" / "base" / "seed0"
     assert OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")) == OmegaConf.to_container(cfg)
     assert (folder / "split.json").is_file()
-    assert {p.name for p in (folder / "checkpoints").glob("*.ckpt")} >= {"last.ckpt", "epoch=0-step=2.ckpt"}
+    assert {p.name for p in (folder / "checkpoints").glob("*.ckpt")} == {"last.ckpt", "epoch=0-step=2.ckpt",
+                                                                         "epoch=0-step=4.ckpt"}
+    last = folder / "checkpoints" / "last.ckpt"  # a relative link to the newest, not a second copy
+    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=4.ckpt"
     assert state(folder)["status"] == "finished" and state(folder)["global_step"] == 4
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -52,6 +55,21 @@ def test_run_folder_layout_and_resume(tmp_path):
     assert resumed["start_step"] == step == 4 and resumed["global_step"] == 6
     assert resumed["start_optimizer_fingerprint"] == pytest.approx(fingerprint, rel=1e-9) and fingerprint > 0
     assert resumed["resumed_from"].endswith("last.ckpt")
+
+
+def test_a_signal_checkpoint_replaces_the_last_link_and_leaves_the_step_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from id2face.training import CheckpointOnSignal
+
+    step_file = tmp_path / "epoch=0-step=4.ckpt"
+    step_file.write_bytes(b"step 4")
+    (tmp_path / "last.ckpt").symlink_to(step_file.name)
+    on_signal = CheckpointOnSignal(tmp_path / "last.ckpt")
+    on_signal.save(SimpleNamespace(save_checkpoint=lambda path: Path(path).write_bytes(b"step 6")))
+    assert step_file.read_bytes() == b"step 4"
+    assert not (tmp_path / "last.ckpt").is_symlink() and (tmp_path / "last.ckpt").read_bytes() == b"step 6"
+    assert on_signal.saved
 
 
 class SeenBatches(Callback):
