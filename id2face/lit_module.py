@@ -78,7 +78,6 @@ class ID2FaceModule(L.LightningModule):
         # The copies' memory belongs to the copy stream: not reused before the step that reads it is done.
         apply_to_collection(batch, torch.Tensor, lambda t: t.record_stream(compute) if t.is_cuda else None)
         return batch
-        return self
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
