@@ -117,6 +117,24 @@ def test_cache_command_stores_the_frozen_features_that_training_batches_carry(tm
     assert "latent" not in datamodule.test_dataset[0]  # evaluation reads pixels only
 
 
+def test_cache_encodes_in_the_precision_asked_and_records_it(tmp_path, capsys):
+    """Default on a CPU: fp32. bf16-mixed: what a training step without a cache encodes in under
+    trainer.precision=bf16-mixed (tensor cores on a GPU): the same latents to bf16's precision."""
+    assert main(cache_args(tmp_path / "fp32", *TOY_SD_VAE)) == 0
+    assert main(cache_args(tmp_path / "bf16", *TOY_SD_VAE, "--precision", "bf16-mixed")) == 0
+    assert "cpu, bf16-mixed)" in capsys.readouterr().out
+    fp32, bf16 = LatentCache(tmp_path / "fp32"), LatentCache(tmp_path / "bf16")
+    assert json.loads((tmp_path / "fp32" / "meta.json").read_text())["precision"] == "32-true"
+    assert json.loads((tmp_path / "bf16" / "meta.json").read_text())["precision"] == "bf16-mixed"
+    model = tiny_model(*SMALL_DATA, *TOY_SD_VAE)
+    dataset = SynthFaces(image_size=32, num_identities=6, samples_per_identity=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_step, _ = model.first_stage_latents(dataset[5]["image"][None], dataset[5]["mask"][None])
+    torch.testing.assert_close(bf16[5]["latent"].float(), in_step[0].float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(bf16[5]["latent"].float(), fp32[5]["latent"].float(), rtol=5e-2, atol=5e-2)
+    assert not torch.equal(bf16[5]["latent"], fp32[5]["latent"])
+
+
 def test_augmented_partners_are_encoded_and_real_ones_read_from_the_cache(tmp_path):
     """One image per identity: every partner is an augmented view, i.e. new pixels."""
     data = ["data.dataset.params.num_identities=8", "data.dataset.params.samples_per_identity=1"]

@@ -164,11 +164,14 @@ def collate_pairs(pairs: list[Mapping[str, Mapping[str, Any]]]) -> dict:
 def write_latent_cache(dataset, first_stage: torch.nn.Module, encode: Callable, folder: str | os.PathLike,
                        description: Mapping[str, Any], batch_size: int = 32, num_workers: int = 0,
                        device: str | torch.device = "cpu", progress: bool = True,
-                       identity_encoder: torch.nn.Module | None = None, embed: Callable | None = None) -> Path:
+                       identity_encoder: torch.nn.Module | None = None, embed: Callable | None = None,
+                       precision: str = "32-true") -> Path:
     """Encode every item of ``dataset`` with ``encode(images, masks) -> (latents, masked_latents)``
     and, given ``identity_encoder``, ``embed(images) -> (N, D)`` into ``folder`` (which must not
-    exist); ``description``: dataset, first-stage and identity-encoder configs for the record.
-    Written under ``folder.partial`` and renamed when complete."""
+    exist), in ``precision`` (``id2face.precision``); ``description``: dataset, first-stage and
+    identity-encoder configs for the record. Written under ``folder.partial`` and renamed when complete."""
+    from ..precision import autocast
+
     folder = Path(folder).expanduser()
     if folder.exists():
         raise UserError(f"{folder} exists; latent caches are written to a new folder (remove it to remake)")
@@ -179,14 +182,15 @@ def write_latent_cache(dataset, first_stage: torch.nn.Module, encode: Callable, 
     first_stage.to(device)
     if identity_encoder is not None:
         identity_encoder.to(device)
+    # Pinned batches: a copy from pageable memory would wait for the GPU's queued encodes first.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_images_and_masks)
+                        collate_fn=_images_and_masks, pin_memory=device.type == "cuda")
     rows = identity_rows = None
     done = 0
     for batch in _progress(loader, progress):
-        with torch.no_grad():
-            images = batch["image"].to(device)
-            latents, masked = encode(images, batch["mask"].to(device=device, dtype=images.dtype))
+        with torch.no_grad(), autocast(precision, device):
+            images = batch["image"].to(device, non_blocking=True)
+            latents, masked = encode(images, batch["mask"].to(device=device, dtype=images.dtype, non_blocking=True))
             embeddings = embed(images).float().cpu().numpy() if identity_encoder is not None else None
         pair = torch.stack([latents, masked], dim=1).to(torch.float16).cpu().numpy()
         if rows is None:
@@ -202,7 +206,7 @@ def write_latent_cache(dataset, first_stage: torch.nn.Module, encode: Callable, 
     meta = {"format": CACHE_FORMAT, "count": len(dataset), "latent_shape": list(rows.shape[2:]),
             "dtype": "float16", "items": items_fingerprint(dataset),
             "image_size": getattr(dataset, "image_size", None),
-            "first_stage_weights": weights_fingerprint(first_stage), **description}
+            "first_stage_weights": weights_fingerprint(first_stage), "precision": precision, **description}
     for array in (rows, identity_rows):
         if array is not None:
             array.flush()
