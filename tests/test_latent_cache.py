@@ -135,6 +135,15 @@ def test_cache_encodes_in_the_precision_asked_and_records_it(tmp_path, capsys):
     assert not torch.equal(bf16[5]["latent"], fp32[5]["latent"])
 
 
+@pytest.mark.gpu
+def test_cache_on_cuda_encodes_in_the_configs_training_precision(tmp_path):
+    folder = tmp_path / "cache"
+    assert main(["cache-latents", "tiny", *SMALL_DATA, *TOY_SD_VAE, "trainer.precision=bf16-mixed",
+                 "-o", str(folder), "--device", "cuda"]) == 0
+    assert json.loads((folder / "meta.json").read_text())["precision"] == "bf16-mixed"
+    assert len(LatentCache(folder)) == 24
+
+
 def test_augmented_partners_are_encoded_and_real_ones_read_from_the_cache(tmp_path):
     """One image per identity: every partner is an augmented view, i.e. new pixels."""
     data = ["data.dataset.params.num_identities=8", "data.dataset.params.samples_per_identity=1"]
