@@ -23,6 +23,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .data.pixels import unpack_pixels
 from .model import ID2Face
 
 
@@ -78,6 +79,10 @@ class ID2FaceModule(L.LightningModule):
         # The copies' memory belongs to the copy stream: not reused before the step that reads it is done.
         apply_to_collection(batch, torch.Tensor, lambda t: t.record_stream(compute) if t.is_cuda else None)
         return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Pixels that travelled as uint8 (``data.pixel_transport``) become float32 on the device."""
+        return unpack_pixels(batch)
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()

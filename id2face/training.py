@@ -237,6 +237,9 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
         with warnings.catch_warnings():
             # The frozen roles (identity encoder, first stage) are in eval mode by design.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            # The module's batch hooks (stream copy, uint8 pixels) are meant to serve every datamodule.
+            warnings.filterwarnings("ignore", message=r"You have overridden `\w+` in `LightningModule` but have "
+                                                      r"passed in a `LightningDataModule`")
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:  # a SystemExit with code 0: it must not pass for a finished run
         pass

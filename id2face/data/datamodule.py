@@ -2,10 +2,12 @@
 
 ``data:`` keys: ``dataset`` ({name, params} in DATASETS, built with ``image_size``), ``image_size``,
 ``batch_size`` (pairs per device), ``num_workers``, ``split_seed``, ``split_fractions`` (train, val,
-test), optional ``split_file`` (JSON; created on first use, then reused and checked) and optional
-``latent_cache`` (folder written by ``id2face cache-latents``: items carry their first-stage latents).
+test), optional ``split_file`` (JSON; created on first use, then reused and checked), optional
+``latent_cache`` (folder written by ``id2face cache-latents``: items carry their first-stage latents)
+and ``pixel_transport`` (``float32``, the default, or ``uint8``: ``id2face.data.pixels``).
 
-Batches are ``{"a": item_batch, "b": item_batch}`` (default_collate of ``PairDataset`` items).
+Batches are ``{"a": item_batch, "b": item_batch}`` (default_collate of ``PairDataset`` items; with
+``uint8`` transport their images and masks are uint8 until ``pixels.unpack_pixels``).
 ``test_dataset`` is the test split as single images for evaluation.
 
 Training order and partners are functions of (seed, epoch), never of the global RNG: the training
@@ -33,8 +35,9 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..errors import UserError
 from ..registry import DATASETS, to_plain
-from .latent_cache import CachedLatents, LatentCache, collate_pairs
+from .latent_cache import CachedLatents, LatentCache
 from .pairs import LabelledSubset, PairDataset, Split, load_or_create_split
+from .pixels import pair_collate
 
 
 class FacePairDataModule(L.LightningDataModule):
@@ -63,6 +66,7 @@ class FacePairDataModule(L.LightningDataModule):
         self.pair_seed = self.split_seed if pair_seed is None else int(pair_seed)
         self.shuffle_seed = self.pair_seed if shuffle_seed is None else int(shuffle_seed)
         self.latent_cache = LatentCache(cfg["latent_cache"]) if cfg.get("latent_cache") else None
+        self.collate = pair_collate(cfg.get("pixel_transport") or "float32")
         if self.batch_size < 1 or self.num_workers < 0:
             raise UserError(f"data.batch_size must be >= 1 and data.num_workers >= 0, "
                             f"got {self.batch_size} and {self.num_workers}")
@@ -89,7 +93,7 @@ class FacePairDataModule(L.LightningDataModule):
         return ResumableLoader(self.train_pairs, batch_size=self.batch_size,
                                sampler=EpochShuffle(self.train_pairs, self.shuffle_seed),
                                num_workers=self.num_workers, drop_last=len(self.train_pairs) >= self.batch_size,
-                               persistent_workers=False, collate_fn=collate_pairs, pin_memory=self._pin_memory())
+                               persistent_workers=False, collate_fn=self.collate, pin_memory=self._pin_memory())
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
@@ -101,7 +105,7 @@ class FacePairDataModule(L.LightningDataModule):
 
     def _fixed_loader(self, dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=collate_pairs, pin_memory=self._pin_memory())
+                          collate_fn=self.collate, pin_memory=self._pin_memory())
 
     def _pin_memory(self) -> bool:
         """Pinned batches when the attached trainer runs on CUDA (see the module docstring)."""
