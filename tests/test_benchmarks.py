@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny, CPU) and their figures hang together; no timing is asserted."""
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -106,6 +107,24 @@ def test_face_detection_compares_both_mtcnn_drivers_on_the_same_photos(capsys):
     assert shrink["max_level_difference"] <= 1 and shrink["same_faces"] and shrink["max_box_difference_px"] < 2
     assert shrink["pil_ms"] > 0 and shrink["id2face_ms"] > 0
     assert "host reads/photo" in out and "what MTCNN sees" in out
+
+
+def test_data_loading_times_the_training_loader_for_each_pixel_transport(capsys):
+    figures, out = run_script("data_loading", ["--image-size", "96", "--files", "64", "--batch", "4", "--batches", "3",
+                                               "--workers", "0", "1", "--rounds", "1", "--repeats", "3",
+                                               "--step-rates", "100", "1e6"], capsys)
+    rows = {(row["workers"], row["transport"]): row for row in figures["loader"]}
+    assert set(rows) == {(w, t) for w in (0, 1) for t in ("float32", "uint8")}
+    assert min(row["img_per_s"] for row in rows.values()) > 0
+    # 4 pairs of 96 px images and masks: 8 x (3 + 1) x 96 x 96 values, 4 bytes or 1 each.
+    assert rows[0, "float32"]["batch_mib"] == pytest.approx(8 * 4 * 96 * 96 * 4 / 2**20, abs=0.01)
+    assert rows[1, "uint8"]["batch_mib"] == pytest.approx(8 * 4 * 96 * 96 / 2**20, abs=0.01)
+    for transport, rate in figures["img_per_s_per_worker"].items():
+        assert rate == pytest.approx(rows[1, transport]["img_per_s"], abs=0.1)
+        assert figures["workers_needed"][transport] == {"100": math.ceil(100 / rate), "1e+06": math.ceil(1e6 / rate)}
+    assert figures["png_kib"] > 5  # photo crops, not flat colour
+    assert min(figures["part_ms"].values()) >= 0 and figures["part_ms"]["read + decode PNG"] > 0
+    assert "workers needed at" in out
 
 
 def test_face_alignment_times_each_part_and_checks_the_crop_against_the_whole_photo_warp(capsys):
