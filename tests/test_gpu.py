@@ -80,6 +80,24 @@ def test_a_training_batch_goes_to_the_gpu_without_waiting_for_its_queued_work():
     assert stock > 0.5 * busy_s  # why: the pageable copy waited for the queue
 
 
+def test_a_uint8_batch_becomes_the_cpu_float_batch_on_the_gpu_without_a_sync():
+    from id2face.data.pixels import collate_pairs_uint8, unpack_pixels
+    from id2face.lit_module import ID2FaceModule
+
+    module = ID2FaceModule(load_config(["tiny"])).to(CUDA)
+    pairs = [{side: render_sample(i, s, 64) for side, s in (("a", 0), ("b", 1))} for i in range(4)]
+    packed = collate_pairs_uint8(pairs)
+    pinned = {side: {k: v.pin_memory() for k, v in items.items()} for side, items in packed.items()}
+    moved = module.transfer_batch_to_device(pinned, CUDA, 0)
+    syncs = host_syncs(lambda: module.on_after_batch_transfer(moved, 0))
+    assert syncs == [], "\n".join(syncs)
+    on_gpu, on_cpu = module.on_after_batch_transfer(moved, 0), unpack_pixels(packed)
+    for side in "ab":
+        assert on_gpu[side]["image"].is_cuda and on_gpu[side]["image"].dtype == torch.float32
+        assert torch.equal(on_gpu[side]["image"].cpu(), on_cpu[side]["image"])
+        assert torch.equal(on_gpu[side]["mask"].cpu(), on_cpu[side]["mask"])
+
+
 def test_ema_update_waits_on_the_host_nowhere():
     from id2face.lit_module import ID2FaceModule
 
