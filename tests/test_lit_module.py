@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from id2face.config import load_config
+from id2face.errors import UserError
 from id2face.lit_module import ID2FaceModule
 from id2face.model import FROZEN_ROLES, count_parameters
 
@@ -106,6 +107,36 @@ def test_sync_free_ema_update_is_averaged_models_update():
     for a, b in zip(ours.ema.module.parameters(), reference.ema.module.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert int(ours.ema.n_averaged) == int(reference.ema.n_averaged) == ours._ema_updates == 3
+
+
+def test_a_k_step_ema_update_is_k_single_step_updates_toward_the_same_weights():
+    one, single = tiny_module("model.optim.ema_decay=0.9"), tiny_module("model.optim.ema_decay=0.9")
+    start = [p.detach().clone() for p in one.model.trainable_modules().parameters()]
+    for module in (one, single):
+        module.update_ema()  # the first update copies
+        with torch.no_grad():
+            for p in module.model.trainable_modules().parameters():
+                p.add_(1.0)
+    one.update_ema(steps=3)
+    for _ in range(3):
+        single.update_ema()
+    for a, b, p0 in zip(one.ema.module.parameters(), single.ema.module.parameters(), start, strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, p0 + (1 - 0.9 ** 3))
+
+
+def test_ema_every_k_steps_updates_at_every_kth_step_and_resumes_from_the_last_update(loader, tmp_path):
+    module = tiny_module("model.optim.ema_decay=0.9", "model.optim.ema_every=3")
+    trainer = L.Trainer(accelerator="cpu", max_steps=7, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader)
+    assert module._ema_step == 6 and int(module.ema.n_averaged) == module._ema_updates == 2  # steps 3 and 6
+    trainer.save_checkpoint(tmp_path / "step7.ckpt")
+    restored = ID2FaceModule.load_from_checkpoint(tmp_path / "step7.ckpt")
+    assert restored._ema_step == 6  # the next update, at step 9, weighs 3 steps: 7, 8, 9
+    with pytest.raises(UserError, match="model.optim.ema_every must be >= 1"):
+        tiny_module("model.optim.ema_every=0")
 
 
 def test_fit_steps_log_updates_ema_and_validates(loader):
