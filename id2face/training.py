@@ -155,9 +155,53 @@ def _slurm_auto_requeue(trainer) -> bool:
     return isinstance(env, SLURMEnvironment) and env.auto_requeue
 
 
+def build_strategy(node: Any) -> Any:
+    """``trainer.strategy``: a Lightning name as it is, or ``{name, params}``: the strategy Lightning
+    registers under ``name`` with ``params`` added to its own (e.g. ``{name: ddp, params:
+    {gradient_as_bucket_view: true}}``, which Lightning's names cannot say)."""
+    if not isinstance(node, dict):
+        return node
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    unknown = set(node) - {"name", "params"}
+    if "name" not in node or unknown:
+        raise UserError(f"trainer.strategy as a mapping takes name and params, got {sorted(node)}")
+    name = str(node["name"])
+    if name not in StrategyRegistry:
+        raise UserError(f"trainer.strategy: unknown strategy {name!r}; Lightning's are "
+                        f"{', '.join(sorted(StrategyRegistry.available_strategies()))}")
+    entry = StrategyRegistry[name]
+    params = dict(node.get("params") or {})
+    accepted = _strategy_parameters(entry["strategy"])
+    wrong = sorted(set(params) - accepted)
+    if wrong:
+        raise UserError(f"trainer.strategy {name}: unknown params {', '.join(wrong)}; it takes "
+                        f"{', '.join(sorted(accepted))}")
+    return entry["strategy"](**{**entry["init_params"], **params})
+
+
+def _strategy_parameters(strategy_class) -> set[str]:
+    """What a strategy's constructor takes; a DDP strategy also passes DistributedDataParallel's on."""
+    import inspect
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    def named(function) -> set[str]:
+        return {p.name for p in inspect.signature(function).parameters.values()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+
+    accepted = named(strategy_class.__init__)
+    if issubclass(strategy_class, DDPStrategy):
+        accepted |= named(torch.nn.parallel.DistributedDataParallel.__init__) - {"module"}
+    return accepted
+
+
 def build_trainer(cfg: DictConfig, folder: Path, callbacks: list[Callback] = (), **overrides: Any) -> L.Trainer:
-    """``lightning.Trainer(**cfg.trainer)`` writing into the run folder; ``overrides`` win."""
+    """``lightning.Trainer(**cfg.trainer)`` writing into the run folder (``trainer.strategy`` through
+    ``build_strategy``); ``overrides`` win."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if "strategy" in kwargs:
+        kwargs["strategy"] = build_strategy(kwargs["strategy"])
     kwargs.setdefault("default_root_dir", str(folder))
     fast = bool(kwargs.get("fast_dev_run"))
     if not fast:

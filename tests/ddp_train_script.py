@@ -34,12 +34,13 @@ class ParameterChecksums(Callback):
         if trainer.is_global_zero:
             with open(self.path, "w") as handle:
                 json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step,
-                           "start": self.start.tolist(), "checksums": end.tolist()}, handle)
+                           "start": self.start.tolist(), "checksums": end.tolist(),
+                           "gradient_as_bucket_view": trainer.strategy.model.gradient_as_bucket_view}, handle)
 
 
 if __name__ == "__main__":
-    root, out = sys.argv[1], sys.argv[2]
-    cfg = load_config(["tiny"], [f"run.root={root}", "trainer.strategy=ddp", "trainer.devices=2",
+    root, out, strategy = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "ddp"
+    cfg = load_config(["tiny"], [f"run.root={root}", f"trainer.strategy={strategy}", "trainer.devices=2",
                                  "trainer.accelerator=cpu", "trainer.max_steps=3", "trainer.limit_val_batches=0",
                                  "data.batch_size=2", "data.dataset.params.num_identities=40",
                                  "data.dataset.params.samples_per_identity=4"])

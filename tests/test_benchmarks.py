@@ -418,6 +418,7 @@ def test_train_step_memory_on_fake_tensors_scales_with_the_batch(capsys):
             assert step["step_peak_bytes"] == kinds["Total"] - kinds["Parameter"] - kinds["Buffer"] - kinds["Optstate"]
         assert figures["ema_bytes"] == figures["ddp_bucket_bytes"] == 4 * figures["full"]["trainable_params"]
         assert figures["training_process_bytes"] == figures["full"]["peak_bytes"] + 2 * figures["ema_bytes"]
+        assert figures["training_process_bytes_gradient_views"] == figures["full"]["peak_bytes"] + figures["ema_bytes"]
     for name in ("full", "bare"):  # activations grow with the images; parameters and state do not
         assert 3.0 < large[name]["step_peak_bytes"] / small[name]["step_peak_bytes"] < 4.2
     assert large["full"]["step_peak_bytes"] > large["bare"]["step_peak_bytes"]  # + conditioning, harmonizer

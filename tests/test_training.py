@@ -150,6 +150,25 @@ def test_trainer_keys_reach_lightning_as_they_are(tmp_path, monkeypatch):
     assert torch.backends.cudnn.benchmark is True
 
 
+def test_a_strategy_mapping_adds_params_to_lightnings_named_strategy(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from id2face.errors import UserError
+    from id2face.training import build_trainer
+
+    paper = load_config([str(REPO / "experiments" / "celebahq.yaml")]).trainer.strategy
+    cfg = load_config(["tiny"], [f"trainer.strategy={OmegaConf.to_container(paper)}"])
+    strategy = build_trainer(cfg, tmp_path, logger=False).strategy
+    assert isinstance(strategy, DDPStrategy) and strategy._start_method == "popen"  # Lightning's `ddp`
+    assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True}  # what DistributedDataParallel gets
+    for node, message in [("{name: ddp, params: {gradient_as_bucket_veiw: true}}",
+                           "trainer.strategy ddp: unknown params gradient_as_bucket_veiw; it takes .*static_graph"),
+                          ("{name: dpp}", "unknown strategy 'dpp'; Lightning's are .*ddp_spawn"),
+                          ("{kind: ddp}", "trainer.strategy as a mapping takes name and params, got \\['kind'\\]")]:
+        with pytest.raises(UserError, match=message):
+            build_trainer(load_config(["tiny"], [f"trainer.strategy={node}"]), tmp_path, logger=False)
+
+
 def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
     """Lightning refuses it before the first step; the user gets one line naming the config key."""
     from id2face.errors import UserError

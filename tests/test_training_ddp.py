@@ -9,16 +9,35 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_two_process_cpu_ddp_training_keeps_ranks_identical(tmp_path):
-    out = tmp_path / "checksums.json"
+def train_two_ranks(folder: Path, strategy: str = "ddp") -> dict:
+    out = folder / "checksums.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_train_script.py"), str(tmp_path / "runs"), str(out)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_train_script.py"), str(folder / "runs"), str(out),
+                          strategy], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def plain_ddp(tmp_path_factory) -> dict:
+    return train_two_ranks(tmp_path_factory.mktemp("plain_ddp"))
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_training_keeps_ranks_identical(plain_ddp):
+    result = plain_ddp
     assert result["world_size"] == 2 and result["global_step"] == 3
     rank0, rank1 = result["checksums"]
     assert rank0 == rank1  # bit-identical parameters after 3 synchronised steps
     assert result["start"][0] == result["start"][1]  # DDP broadcast rank 0's initial weights
     assert rank0 != result["start"][0]  # and the 3 steps did train
+    assert result["gradient_as_bucket_view"] is False
+
+
+@pytest.mark.slow
+def test_gradients_as_bucket_views_train_the_same_weights(tmp_path, plain_ddp):
+    """The paper configs' strategy ({name: ddp, params: {gradient_as_bucket_view: true}}) reaches
+    DistributedDataParallel and changes where the gradients live, not what they are."""
+    views = train_two_ranks(tmp_path, "{name: ddp, params: {gradient_as_bucket_view: true}}")
+    assert views["gradient_as_bucket_view"] is True
+    assert views["checksums"][0] == views["checksums"][1] == plain_ddp["checksums"][0]
