@@ -508,6 +508,13 @@ def main(argv=None) -> int:
             for name in (("full", "bare") if block % 2 == 0 else ("bare", "full")):
                 back_to_back[name].append(C.timed(lambda: [steps[name]() for _ in range(k)], device) / k)
 
+    # What training adds after the step (ID2FaceModule.update_ema every model.optim.ema_every steps):
+    # one lerp over the trainable weights, memory-bound.
+    ema_weights, live = [p.detach().clone() for p in full_params], [p.detach() for p in full_params]
+    ema_update_s = C.median([C.timed(lambda: torch._foreach_lerp_(ema_weights, live, 1e-4), device)
+                             for _ in range(5)])
+    del ema_weights
+
     breakdown = step_breakdown(model, bare, steps, device) if args.breakdown else None
     kernels = {name: C.kernel_times(fn, device) for name, fn in steps.items()} if args.kernel_table else None
 
@@ -550,6 +557,7 @@ def main(argv=None) -> int:
         figures["ratio_full_over_bare_back_to_back"] = (figures["full"]["back_to_back_step_s"]
                                                         / figures["bare"]["back_to_back_step_s"])
     figures["flop_ratio_full_over_bare"] = full_flops / bare_flops
+    figures["ema_update_s"] = ema_update_s
     figures["full_flops_by_role"] = flops_by_role
     if device.type == "cuda":
         figures["peak_flops"] = args.peak_flops
@@ -566,6 +574,9 @@ def main(argv=None) -> int:
     print(f"ratio full / bare: {figures['ratio_full_over_bare']:.3f} (FLOPs ratio "
           f"{figures['flop_ratio_full_over_bare']:.3f})"
           + (f"; back to back: {figures['ratio_full_over_bare_back_to_back']:.3f}" if args.back_to_back else ""))
+    print(f"EMA update after a step (not in the step above): {ema_update_s * 1e3:.2f} ms, "
+          f"{100 * ema_update_s / figures['full']['step_s']:.1f} % of the full step each step, a tenth of that at "
+          f"model.optim.ema_every=10")
     share = {k: f"{100 * v / full_flops:.1f}%" for k, v in sorted(flops_by_role.items(), key=lambda kv: -kv[1]) if v}
     print("full-step FLOPs by role: " + ", ".join(f"{k} {v}" for k, v in share.items()))
     if breakdown is not None:

@@ -38,6 +38,7 @@ def test_train_step_with_cached_latents_and_breakdown(capsys, monkeypatch):
     assert figures["ratio_full_over_bare_back_to_back"] == pytest.approx(
         figures["full"]["back_to_back_step_s"] / figures["bare"]["back_to_back_step_s"])
     assert 1.0 < figures["flop_ratio_full_over_bare"] < 1.05
+    assert 0 < figures["ema_update_s"] < figures["full"]["step_s"] and "EMA update after a step" in out
     full, bare = figures["breakdown_s"]["full"], figures["breakdown_s"]["bare"]
     assert "first_stage" not in full and "identity_encoder" not in full  # cached: nothing encoded or embedded
     components = ("id_vae", "attribute_encoder", "alignment", "identity_tokens", "backbone")
