@@ -338,6 +338,34 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of ``repeats`` host calls of ``fn`` after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * median(times)
+
+
+def sample_photos() -> list:
+    """Natural RGB photos (uint8 arrays): scikit-image's coffee, chelsea, astronaut and rocket;
+    where it is not installed (a bare GPU machine), smooth random colour fields of 512 x 512 (PNG
+    sizes and decode times differ from photos')."""
+    import numpy as np
+
+    try:
+        from skimage import data
+    except ImportError:
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        return [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
+            (512, 512), Image.BICUBIC)) for _ in range(4)]
+    return [data.coffee(), data.chelsea(), data.astronaut(), data.rocket()]
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

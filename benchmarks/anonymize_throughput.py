@@ -56,16 +56,9 @@ from id2face.precision import resolve_precision  # noqa: E402
 
 
 def _backgrounds() -> list[np.ndarray]:
-    """skimage's sample photos; where scikit-image is not installed (a bare GPU machine), smooth
-    random colour fields of the same size (file sizes and decode times differ somewhat)."""
-    try:
-        from skimage import data
-    except ImportError:
-        rng = np.random.default_rng(0)
-        return [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((640, 480),
-                                                                                                   Image.BICUBIC))
-                for _ in range(4)]
-    return [data.coffee(), data.chelsea(), data.astronaut()[300:], data.rocket()]
+    """Sample photos as backgrounds; of the astronaut only the part below her face (MTCNN would find it)."""
+    coffee, chelsea, astronaut, rocket = C.sample_photos()
+    return [coffee, chelsea, astronaut[300:], rocket]
 
 
 def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 480), fmt: str = "png",

@@ -46,22 +46,10 @@ PNG_COMPRESS_LEVEL = 3  # id2face.data.prepare writes its crops with this level
 ITEM_PART = "dataset item (all of the above, mask, landmarks)"
 
 
-def _photos() -> list[np.ndarray]:
-    """Natural RGB photos to crop from; random colour fields without scikit-image."""
-    try:
-        from skimage import data
-    except ImportError:
-        rng = np.random.default_rng(0)
-        return [np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((512, 512),
-                                                                                                   Image.BICUBIC))
-                for _ in range(4)]
-    return [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-
-
 def write_prepared_folder(root: Path, files: int, per_identity: int, size: int, seed: int = 0) -> None:
     """``files`` crops of ``size`` px, ``per_identity`` to an identity, as ``id2face prepare`` lays them out."""
     rng = np.random.default_rng(seed)
-    photos = _photos()
+    photos = C.sample_photos()
     (root / "images").mkdir(parents=True)
     (root / "prepare.json").write_text(json.dumps({"format": 1, "size": size, "face_scale": 1.0,
                                                    "dataset": "identity_folder"}))
@@ -81,16 +69,6 @@ def write_prepared_folder(root: Path, files: int, per_identity: int, size: int, 
     (root / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
 
 
-def _ms_per_call(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return C.median(times) * 1e3
-
-
 def part_costs(dataset, pairs, batch: int, repeats: int) -> dict[str, float]:
     """Host ms per image of each part of making an item (one thread), collate included."""
     from id2face.data.pairs import augmented_view
@@ -106,7 +84,7 @@ def part_costs(dataset, pairs, batch: int, repeats: int) -> dict[str, float]:
     pixels = decode()
     resize_ms = 0.0
     if pixels.shape[0] != size:
-        resize_ms = _ms_per_call(lambda: np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC)),
+        resize_ms = C.median_ms(lambda: np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC)),
                                  repeats)
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
     item = dataset[0]
@@ -114,14 +92,14 @@ def part_costs(dataset, pairs, batch: int, repeats: int) -> dict[str, float]:
     images_per_batch = 2 * batch
     rng = np.random.default_rng(0)
     return {
-        "read + decode PNG": _ms_per_call(decode, repeats),
+        "read + decode PNG": C.median_ms(decode, repeats),
         "resize to image_size": resize_ms,
-        "uint8 -> float tensor": _ms_per_call(
+        "uint8 -> float tensor": C.median_ms(
             lambda: torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0, repeats),
-        ITEM_PART: _ms_per_call(lambda: dataset[0], repeats),
-        "augmented view (a pair partner of a one-image identity)": _ms_per_call(
+        ITEM_PART: C.median_ms(lambda: dataset[0], repeats),
+        "augmented view (a pair partner of a one-image identity)": C.median_ms(
             lambda: augmented_view(item, rng), repeats),
-        **{f"collate, {transport} transport": _ms_per_call(lambda: collate(items), max(3, repeats // 4))
+        **{f"collate, {transport} transport": C.median_ms(lambda: collate(items), max(3, repeats // 4))
            / images_per_batch for transport, collate in PAIR_COLLATES.items()},
     }
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +44,6 @@ def whole_photo_crop(photo: np.ndarray, matrix: np.ndarray, size: int) -> np.nda
         (size, size), Image.AFFINE, pil_affine(invert_affine(matrix)), resample=Image.BICUBIC, fillcolor=(0, 0, 0)))
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * C.median(times)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     width, height = args.photo_size
@@ -72,7 +61,7 @@ def main(argv=None) -> int:
         "mask grown": lambda: grow_mask(own, settings.mask_margin * args.size),
         "feathered (paste-back thread)": lambda: feathered_mask(grown, settings.feather * args.size),
     }
-    figures = {name: median_ms(fn, args.repeats) for name, fn in parts.items()}
+    figures = {name: C.median_ms(fn, args.repeats) for name, fn in parts.items()}
     difference = np.abs(crop_face(photo, matrix, args.size).astype(int) - whole_photo_crop(photo, matrix, args.size))
     print(f"alignment per face: {args.face:g} px face in a {width}x{height} photo -> {args.size} px crop "
           f"({C.machine_description(C.resolve_device('cpu'))})")
