@@ -71,19 +71,26 @@ class RecordBatches(Callback):
         self.seen = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen.append({side: (batch[side]["image"].dtype, batch[side]["image"].min().item(),
-                                 batch[side]["image"].max().item(), set(batch[side]["mask"].unique().tolist()))
-                          for side in "ab"})
+        self.record("train", batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.record("val", batch)
+
+    def record(self, stage, batch):
+        self.seen.append((stage, {side: (batch[side]["image"].dtype, batch[side]["image"].min().item(),
+                                         batch[side]["image"].max().item(), set(batch[side]["mask"].unique().tolist()))
+                                  for side in "ab"}))
 
 
-def test_training_steps_and_logged_images_see_float_pixels_from_a_uint8_loader(tmp_path):
+def test_training_and_validation_steps_and_logged_images_see_float_pixels_from_a_uint8_loader(tmp_path):
     cfg = load_config(["tiny"], [f"run.root={tmp_path}", "data.pixel_transport=uint8", "trainer.max_steps=2",
                                  "data.batch_size=2", "data.dataset.params.num_identities=16",
-                                 "trainer.limit_val_batches=0", "run.log_images_every_n_steps=1"])
+                                 "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                                 "trainer.num_sanity_val_steps=0", "run.log_images_every_n_steps=1"])
     recorder = RecordBatches()
     folder = fit(cfg, callbacks=[recorder])
-    assert len(recorder.seen) == 2
-    for sides in recorder.seen:
+    assert [stage for stage, _ in recorder.seen] == ["train", "train", "val"]
+    for _, sides in recorder.seen:
         for dtype, low, high, mask_values in sides.values():
             assert dtype == torch.float32 and -1.0 <= low < high <= 1.0 and mask_values == {0.0, 1.0}
 
