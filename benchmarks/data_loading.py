@@ -7,21 +7,23 @@ the GPU waits. This measures the loader the training command builds (``FacePairD
 training loader: pairs, collate, the real dataset class reading prepared crops) on the host it
 runs on.
 
-    .venv/bin/python benchmarks/data_loading.py [--root PREPARED --dataset NAME] [--image-size 512]
-        [--files 192 --per-identity 4] [--batch 16] [--workers 0 1 2] [--batches 10] [--step-rates 91.3 144]
+    .venv/bin/python benchmarks/data_loading.py [--root DATASET --dataset NAME] [--image-size 512]
+        [--files 320 --per-identity 4] [--batch 16] [--workers 0 1 2] [--batches 12] [--rounds 3]
+        [--step-rates 91.3 144]
 
 Without ``--root`` it writes a prepared folder (``id2face prepare``'s layout: manifest, PNG crops at
 its ``compress_level``) of crops of natural photos (scikit-image's sample photos, colour-jittered
 per file so no two files are the same) into a temporary folder; PNG decode time depends on the
 content, and smooth synthetic faces decode several times faster than photos. With ``--root`` it
-reads a prepare output of yours (``--dataset`` its registered dataset).
+reads a dataset of yours (``--dataset`` its registered name; prepared or raw layout).
 
-Tables: the host milliseconds per image of each part of an item and its collate (one thread, the
-median over the files) and of the whole item, and of the collate of each transport; the loader's
-startup (workers forked, first batch) and steady images/s per worker count, for each
-``data.pixel_transport`` (the images and masks leave the workers as float32 or as uint8), the median of
-``--rounds`` interleaved runs. The last line is a JSON object with every figure, ``workers_needed`` among them: per step rate, the workers that
-make it at the one-worker rate measured here (a host whose cores are all busy gets less).
+Tables: the host milliseconds per image of each part of an item, of the whole item, and of the
+collate of each pixel transport (one thread, the median of ``--repeats`` calls); the loader's
+startup (workers forked, first batch) and steady images/s per worker count for each
+``data.pixel_transport`` (images and masks leave the workers as float32 or as uint8), the median
+of ``--rounds`` interleaved runs. The last line is a JSON object with every figure,
+``workers_needed`` among them: per step rate, the workers that make it at the one-worker rate
+measured here (a host whose cores are all busy gets less).
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def write_prepared_folder(root: Path, files: int, per_identity: int, size: int, 
 
 
 def part_costs(dataset, pairs, batch: int, repeats: int) -> dict[str, float]:
-    """Host ms per image of each part of making an item (one thread), collate included."""
+    """Host ms per image of each part of making an item (one thread, the dataset's first file),
+    collate included."""
     from id2face.data.pairs import augmented_view
     from id2face.data.pixels import PAIR_COLLATES
 
@@ -85,14 +88,14 @@ def part_costs(dataset, pairs, batch: int, repeats: int) -> dict[str, float]:
     resize_ms = 0.0
     if pixels.shape[0] != size:
         resize_ms = C.median_ms(lambda: np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC)),
-                                 repeats)
+                                repeats)
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
     item = dataset[0]
     items = [pairs[i % len(pairs)] for i in range(batch)]
     images_per_batch = 2 * batch
     rng = np.random.default_rng(0)
     return {
-        "read + decode PNG": C.median_ms(decode, repeats),
+        "read + decode the file": C.median_ms(decode, repeats),
         "resize to image_size": resize_ms,
         "uint8 -> float tensor": C.median_ms(
             lambda: torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0, repeats),
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
                                          "split_fractions": [0.9, 0.05, 0.05]})
         datamodule.setup("fit")
         dataset = datamodule.dataset
-        png_kib = np.mean([(dataset.root / p).stat().st_size for p in dataset.paths[:32]]) / 1024
+        file_kib = np.mean([(dataset.root / p).stat().st_size for p in dataset.paths[:32]]) / 1024
         C.progress("timing the parts of an item")
         parts = part_costs(dataset, datamodule.train_pairs, args.batch, args.repeats)
         runs: dict[tuple[int, str], list[dict]] = {}
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
         rows = [{**measured[0], "startup_s": round(C.median([m["startup_s"] for m in measured]), 3),
                  "img_per_s": round(C.median([m["img_per_s"] for m in measured]), 1)} for measured in runs.values()]
 
-    print(f"# {C.machine_description(torch.device('cpu'))}; {dataset!r}; PNG crops {png_kib:.0f} KiB; "
+    print(f"# {C.machine_description(torch.device('cpu'))}; {dataset!r}; files {file_kib:.0f} KiB; "
           f"batch {args.batch} pairs = {2 * args.batch} images")
     C.print_table(["part of an image", "host ms"], [[name, f"{ms:.2f}"] for name, ms in parts.items()])
     print()
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
         needed[transport] = {f"{rate:g}": math.ceil(rate / per_worker[transport]) for rate in args.step_rates}
         print(f"{transport}: {per_worker[transport]:.1f} img/s per worker; workers needed at "
               + ", ".join(f"{rate} img/s: {n}" for rate, n in needed[transport].items()))
-    figures = {"image_size": args.image_size, "batch_pairs": args.batch, "png_kib": round(float(png_kib), 1),
+    figures = {"image_size": args.image_size, "batch_pairs": args.batch, "file_kib": round(float(file_kib), 1),
                "part_ms": {name: round(ms, 3) for name, ms in parts.items()}, "loader": rows,
                "img_per_s_per_worker": {t: round(r, 1) for t, r in per_worker.items()}, "workers_needed": needed,
                "machine": C.machine_description(torch.device("cpu"))}
