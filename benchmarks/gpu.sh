@@ -35,7 +35,8 @@
 # alignment, sampling, paste-back, 12 MP JPEGs decoded and written by I/O threads, stages in turn
 # and in worker threads; < 4 min; the anonymize parts also run the photos twice over for the
 # steady rate, fill and drain cancelled: anonymize_throughput.py --steady), fid, switches (cached
-# step with plain AdamW, flash attention only, gradient checkpointing, cuDNN's algorithm search: ~4 min).
+# step with plain AdamW, flash attention only, gradient checkpointing, cuDNN's algorithm search: ~4 min),
+# loop (Lightning's fit as the train command runs it, loader to EMA, vs the step it is made of: < 4 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -106,6 +107,12 @@ want cached_low_norms && train 150 6 1 --bf16 --cached-latents --breakdown --bac
     --override model.backbone.params.low_precision_norms=true model.attribute_encoder.params.low_precision_norms=true
 want cached_sdpa && train 150 6 1 --bf16 --cached-latents --back-to-back 4 --kernel-table 15 \
     --override model.harmonizer.params.attention=sdpa
+if want loop; then  # what the training loop adds to its step (< 4 min)
+  echo; echo "== train loop sd15 as configured (8 pairs, VAE encodes in the step, bf16, uint8 batches, 8 workers,"
+  echo "   EMA every 10 steps) vs its step; crops of colour fields where scikit-image is missing (they decode faster)"
+  timeout 240 "$PY" benchmarks/train_loop.py --profile sd15 --device cuda --steps 6 --warmup 2 \
+      "${TRAIN_ATTENTION[@]}" || echo "== train_loop failed or timed out (exit $?)"
+fi
 if want harmonizer; then
   echo; echo "== harmonizer cross-attention layer vs stock, SD-1.5 levels, batch $BATCH, bf16"
   timeout 40 "$PY" benchmarks/harmonizer_attention.py --device cuda --bf16 --batch "$BATCH" --repeats 10 \

@@ -128,6 +128,16 @@ def test_data_loading_times_the_training_loader_for_each_pixel_transport(capsys)
     assert "workers needed at" in out
 
 
+def test_train_loop_times_lightnings_fit_against_the_step_it_is_made_of(capsys):
+    figures, out = run_script("train_loop", ["--profile", "tiny", "--pairs", "2", "--steps", "2", "--warmup", "1",
+                                             "--override", "model.optim.ema_every=2"], capsys)
+    assert figures["images_per_step"] == 4 and figures["precision"] == "32-true" and figures["workers"] == 0
+    assert figures["ema_every"] == 2 and figures["loop_ema_updates"] == 1  # fit ran 3 steps: one update, at 2
+    assert figures["loop_step_s"] > 0 and figures["step_s"] > 0
+    assert figures["ratio_loop_over_step"] == pytest.approx(figures["loop_step_s"] / figures["step_s"])
+    assert "ratio loop / step" in out and "] fit: 1 + 2 steps" in out
+
+
 def test_face_alignment_times_each_part_and_checks_the_crop_against_the_whole_photo_warp(capsys):
     figures, out = run_script("face_alignment", ["--size", "128", "--photo-size", "1600", "1200", "--repeats", "1"],
                               capsys)
@@ -549,7 +559,7 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
         name = Path(script).stem
         modules.setdefault(name, load_script(name)).parse_args(argv)  # SystemExit on an unknown flag or value
     assert set(modules) == {"train_step", "sample", "harmonizer_attention", "anonymize_throughput", "fid_features",
-                            "face_detection", "face_alignment", "attention_backends"}
+                            "face_detection", "face_alignment", "attention_backends", "train_loop"}
     # the attention parts run first, and every part after them runs the UNet's attention in the order found
     assert [Path(script).stem for script, *_ in calls[:2]] == ["attention_backends"] * 2
     preference = "model.backbone.params.sdpa_backends=[cudnn_attention,flash_attention]"
