@@ -102,13 +102,11 @@ def loop_seconds(cfg, device: torch.device, args) -> tuple[float, object]:
 def step_seconds(module, cfg, device: torch.device, args) -> float:
     """Seconds of the module's own step (the loop's arithmetic, nothing around it) on one batch on the device."""
     from id2face.data.datamodule import FacePairDataModule
-    from id2face.data.pixels import unpack_pixels
     from id2face.precision import autocast
 
     datamodule = FacePairDataModule(cfg.data)
-    batch = next(iter(datamodule.train_dataloader()))
-    batch = unpack_pixels({side: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in items.items()}
-                           for side, items in batch.items()})
+    batch = next(iter(datamodule.train_dataloader()))  # on the device as the loop's hooks put it there
+    batch = module.on_after_batch_transfer(module.transfer_batch_to_device(batch, device, 0), 0)
     optimizer = module.configure_optimizers()["optimizer"]
     params = [p for p in module.parameters() if p.requires_grad]
     clip = cfg.trainer.gradient_clip_val
