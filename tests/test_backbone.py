@@ -232,6 +232,19 @@ def test_samplers_swap_in_via_from_config(name):
         assert cfg.algorithm_type == "dpmsolver++"
 
 
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_samplers_keep_their_tables_on_the_host_under_any_default_device(name):
+    """The benchmarks count FLOPs on models built under `torch.device("meta")`; DPM-Solver's
+    constructor copies its sigmas to the host, which failed there."""
+    with torch.device("meta"):
+        train = SCHEDULERS.build({"name": "ddpm", "params": {}})
+        sampler = SAMPLERS.build({"name": name, "params": {"num_inference_steps": 5}}, train_scheduler=train)
+    tables = {key: value for key, value in vars(sampler.scheduler).items() if torch.is_tensor(value)}
+    assert "alphas_cumprod" in tables and {t.device.type for t in tables.values()} == {"cpu"}
+    sampler.scheduler.set_timesteps(5)
+    assert sampler.scheduler.timesteps.tolist() == sorted(sampler.scheduler.timesteps.tolist(), reverse=True)
+
+
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("name", SAMPLERS.names())
 def test_sampler_with_an_oracle_denoiser_recovers_the_clean_sample(name, prediction_type):

@@ -464,8 +464,12 @@ class Sampler(nn.Module):
         super().__init__()
         import diffusers
 
-        self.scheduler = getattr(diffusers, self.scheduler_class).from_config(
-            train_scheduler.config, **self.scheduler_kwargs)
+        # Built on the host whatever the default device (meta when the benchmarks count FLOPs, or
+        # set by the user): the tables belong there (above), and DPM-Solver copies its sigmas there,
+        # which a meta tensor cannot do.
+        with torch.device("cpu"):
+            self.scheduler = getattr(diffusers, self.scheduler_class).from_config(
+                train_scheduler.config, **self.scheduler_kwargs)
         self.num_inference_steps = num_inference_steps
 
     def step_kwargs(self, generator: torch.Generator | None) -> dict:
