@@ -71,6 +71,12 @@ def build_model(profile: str, device: torch.device, overrides=(), seed: int = 0)
     return model, cfg
 
 
+def context_tokens(model) -> int:
+    """Tokens of the UNet's context: the identity tokens and the attribute encoder's own count
+    (its built module's, so a variant without a ``num_tokens`` param, ``none``, counts too)."""
+    return model.identity_tokens.num_tokens + model.attribute_encoder.num_tokens
+
+
 def first_stage_description(model) -> str:
     stage = getattr(model.first_stage, "encoder_stage", model.first_stage)  # a DecoderSwap encodes with it
     name = getattr(stage, "registered_name", type(stage).__name__)

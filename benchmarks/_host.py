@@ -115,9 +115,8 @@ def narrow_steps(profile: str, batch_images: int, bf16: bool, overrides=(), seed
     timesteps = torch.randint(0, model.scheduler.num_train_timesteps, (batch_images,), generator=g)
     torch.manual_seed(seed)
     bare = UNet2DConditionModel.from_config(model.backbone.unet.config).train()
-    tokens = model.identity_tokens.num_tokens + int(cfg.model.attribute_encoder.params.num_tokens)
     bare_sample = torch.randn(batch_images, bare.config.in_channels, h, h, generator=g)
-    bare_context = torch.randn(batch_images, tokens, int(cfg.model.context_dim), generator=g)
+    bare_context = torch.randn(batch_images, C.context_tokens(model), int(cfg.model.context_dim), generator=g)
 
     def step_of(params, loss_fn, first_phase):
         # Fused AdamW: a few kernels a step on the GPU, as the benchmark's and the trainer's.

@@ -169,8 +169,7 @@ def flops_only(args) -> int:
                if "." not in name and name != "Global"}
     full = counter.get_total_flops() / n
     h = C.PROFILE_IMAGE_SIZE[args.profile] // model.first_stage.downscale
-    context = torch.empty(n, model.identity_tokens.num_tokens + int(cfg.model.attribute_encoder.params.num_tokens),
-                          int(cfg.model.context_dim), device=device)
+    context = torch.empty(n, C.context_tokens(model), int(cfg.model.context_dim), device=device)
     sample = torch.empty(n, bare.config.in_channels, h, h, device=device)
     bare_flops = C.count_flops(lambda: bare(sample, torch.zeros(n, device=device), context,
                                             return_dict=False)[0].float().pow(2).mean().backward()) / n
@@ -197,9 +196,8 @@ class FakeStepInputs:
         h = C.PROFILE_IMAGE_SIZE[args.profile] // model.first_stage.downscale
         self.noise = torch.randn(images, int(bare.config.out_channels), h, h)
         self.timesteps = torch.randint(0, model.scheduler.num_train_timesteps, (images,))
-        tokens = model.identity_tokens.num_tokens + int(cfg.model.attribute_encoder.params.num_tokens)
         self.bare_sample = torch.randn(images, bare.config.in_channels, h, h)
-        self.bare_context = torch.randn(images, tokens, int(cfg.model.context_dim))
+        self.bare_context = torch.randn(images, C.context_tokens(model), int(cfg.model.context_dim))
 
     def losses(self, model, bare) -> dict:
         """{"full": our loss function, "bare": the bare UNet's}, each of no arguments."""

@@ -280,6 +280,19 @@ def test_sd15_flop_counts_with_and_without_the_latent_cache(capsys):
     assert "Encoder" not in cached["full_flops_per_image_by_role"]
 
 
+@pytest.mark.parametrize("count", ["--flops-only", "--traffic"])
+def test_step_counts_take_an_ablation_whose_attribute_encoder_has_no_token_param(count, capsys):
+    """`attributes_none` (one zero token, no `num_tokens` in its params): the bare step's context
+    gets the built model's token count, not a config key the variant lacks."""
+    figures, _ = run_script("train_step", ["--profile", "tiny", count, "--cached-latents",
+                                           "--override", "model.attribute_encoder.name=none"], capsys)
+    ratio = figures.get("flop_ratio_full_over_bare") or figures["full"]["flops"] / figures["bare"]["flops"]
+    assert 1.0 <= ratio < 1.05
+    common = load_script("_common")
+    model, _ = common.build_model("tiny", torch.device("cpu"), ["model.attribute_encoder.name=none"])
+    assert common.context_tokens(model) == model.identity_tokens.num_tokens + 1
+
+
 def test_sample_breakdown_adds_up_to_the_call(capsys):
     figures, _ = run_script("sample", ["--profile", "tiny", "--device", "cpu", "--steps", "2", "--batch", "2",
                                        "--samplers", "ddim", "--repeats", "1", "--breakdown"], capsys)
