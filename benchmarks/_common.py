@@ -51,23 +51,40 @@ def add_device_arguments(parser, peak_flops_help: str) -> None:
                         help="--traffic: device memory bandwidth, bytes/s (default 3.35e12, H100 HBM3)")
 
 
-def profile_config(profile: str, overrides: list[str] | tuple[str, ...] = ()):
-    from id2face.config import load_config
+OVERRIDE_HELP = ("config files (ablations/X.yaml, experiments/Y.yaml: layered on the profile in order) and "
+                 "key=value overrides, as the id2face CLI takes them (repeatable)")
 
-    if profile == "tiny":
-        return load_config(["tiny"], list(overrides))
-    if profile == "sd15":
-        return load_config([], [*SD15_OVERRIDES, *overrides])
-    raise SystemExit(f"unknown profile {profile!r}: tiny, sd15")
+
+def profile_config(profile: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The profile's resolved config with ``overrides`` as the CLI takes its arguments: config files
+    (an ablation, an experiment) layered on the profile in order, then the ``key=value`` ones. A
+    config that does not load stops the script with its one-line error."""
+    from id2face.config import load_config, split_args
+    from id2face.errors import UserError
+
+    if profile not in ("tiny", "sd15"):
+        raise SystemExit(f"unknown profile {profile!r}: tiny, sd15")
+    files, keys = split_args(list(overrides))
+    try:
+        if profile == "tiny":
+            return load_config(["tiny", *files], keys)
+        return load_config(files, [*SD15_OVERRIDES, *keys])
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def build_model(profile: str, device: torch.device, overrides=(), seed: int = 0):
     """(ID2Face, resolved config), the model on ``device`` in train mode."""
     from id2face.model import ID2Face
 
+    from id2face.errors import UserError
+
     cfg = profile_config(profile, overrides)
     torch.manual_seed(seed)
-    model = ID2Face.from_config(cfg.model).to(device)
+    try:
+        model = ID2Face.from_config(cfg.model).to(device)
+    except UserError as err:  # e.g. a component name no registry knows
+        raise SystemExit(f"error: {err}") from None
     return model, cfg
 
 

@@ -9,13 +9,15 @@ masked-image encode + N sampler steps + first-stage decode + mask composite (pas
 the aligned crop; detection and paste-back into the full photo are in anonymize_throughput.py).
 ``--channels-last`` / ``--compile`` switch the UNet and, when the first stage is the SD VAE, its
 encoder and decoder (``model.backbone.params`` / ``model.first_stage.params``). Guidance ``none``
-runs the UNet on the batch; ``--cfg`` adds ``cfg`` (identity dropped as the
-unconditional branch), which doubles the UNet batch (``negative`` guidance costs the same).
+runs the UNet on the batch; a configured guidance (``--override ablations/guidance_negative.yaml``)
+adds its rows, and ``--cfg`` adds ``cfg`` (identity dropped as the unconditional branch): each
+doubles the UNet batch.
 Each configuration runs once untimed, then ``--repeats`` times; the table gives the median
 seconds per call and faces/s. Last line: one JSON object, ``faces_per_s`` = the best
 configuration's figure, ``grid`` = every configuration. ``--flops-only`` / ``--traffic``: no
 timing; FLOPs per face by part (meta device), or eager kernels, bytes and their roofline bound by
-part (fake tensors, ``_traffic.py``): the fastest any eager run of the call could be.
+part (fake tensors, ``_traffic.py``): the fastest any eager run of the call could be; both count the
+configured guidance's UNet batch.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", nargs="*", action="extend", default=[],
-                        help="extra config key=value overrides (repeatable)")
+                        help=C.OVERRIDE_HELP)
     parser.add_argument("--flops-only", action="store_true",
                         help="no timing: FLOPs per face of one anonymization by part (meta device, any size), and "
                              "the TFLOP/s a faces/s figure needs")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.resolve_device(args.device)
-    from id2face.registry import GUIDANCES, SAMPLERS
+    from id2face.registry import GUIDANCES, SAMPLERS, variant_name
 
     from id2face.model import speed_switch_overrides
 
@@ -101,8 +103,10 @@ def main(argv=None) -> int:
     size = C.PROFILE_IMAGE_SIZE[args.profile]
     samplers = {name: SAMPLERS.build({"name": name, "params": {}}, train_scheduler=model.scheduler).to(device)
                 for name in args.samplers}
-    guidances = {"none": GUIDANCES.build({"name": "none", "params": {}})}
-    if args.cfg:
+    # No guidance, the configured one (with its params) and, with --cfg, classifier-free guidance.
+    guidances = {"none": GUIDANCES.build({"name": "none", "params": {}}),
+                 variant_name(cfg.model.guidance): model.guidance}
+    if args.cfg and "cfg" not in guidances:
         guidances["cfg"] = GUIDANCES.build({"name": "cfg", "params": {}})
 
     C.progress(f"model built on {device.type}")
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
         C.progress(f"warm-up call done: {decoder}, batch {batch}, {steps} {sampler} steps, guidance {guidance}")
         seconds = C.median([C.timed(call, device) for _ in range(args.repeats)])
         C.progress(f"timed: {batch / seconds:.2f} faces/s")
-        unet_batch = batch * (2 if guidance != "none" else 1)
+        unet_batch = batch * guidances[guidance].unet_copies
         entry = {"decoder": decoder, "batch": batch, "steps": steps, "sampler": sampler, "guidance": guidance,
                  "unet_batch": unet_batch, "s_per_call": seconds, "faces_per_s": batch / seconds,
                  "unet_evals_per_s": unet_batch * steps / seconds}
@@ -156,20 +160,27 @@ def main(argv=None) -> int:
 def call_parts(model, cfg, n: int, size: int, device: torch.device) -> dict[str, tuple[Callable, int]]:
     """The parts of one anonymization of ``n`` faces as (call, times per anonymization), on
     ``device`` tensors: the sampler loop itself cannot run on meta or fake tensors (its scheduler
-    reads timesteps on the host), so the UNet is one evaluation, counted x steps."""
+    reads timesteps on the host), so the UNet is one evaluation of the guidance's batch (every
+    condition it combines), counted x steps."""
     images, masks = C.face_batch(n, size, torch.device("cpu"))
     images, masks = images.to(device), masks.to(device)
     latents = model.first_stage.encode(images)
-    tokens = model.identity_tokens.num_tokens + model.attribute_encoder(images, masks).shape[1]
-    context = torch.randn(n, tokens, int(cfg.model.context_dim), device=device)
-    timesteps = torch.zeros(n, dtype=torch.long, device=device)
+    unet_batch = n * model.guidance.unet_copies
+    unet_latents = latents.repeat(model.guidance.unet_copies, 1, 1, 1)
+    context = torch.randn(unet_batch, C.context_tokens(model), int(cfg.model.context_dim), device=device)
+    timesteps = torch.zeros(unet_batch, dtype=torch.long, device=device)
     return {
         "identity encoder + identity VAE": (lambda: model.identity_latent(images), 1),
         "attribute encoder": (lambda: model.attribute_encoder(images, masks), 1),
         "first stage encode (masked image)": (lambda: model.first_stage.encode(images), 1),
-        "UNet": (lambda: model.denoise(latents, timesteps, latents, latents[:, :1], context), 0),
+        "UNet": (lambda: model.denoise(unet_latents, timesteps, unet_latents, unet_latents[:, :1], context), 0),
         "first stage decode": (lambda: model.first_stage.decode(latents), 1),
     }
+
+
+def guidance_description(model) -> str:
+    copies = model.guidance.unet_copies
+    return f"guidance {model.guidance.registered_name}" + (f" (UNet batch x {copies})" if copies > 1 else "")
 
 
 def flops_only(args) -> int:
@@ -187,13 +198,14 @@ def flops_only(args) -> int:
     per_face = {k: v / n for k, v in parts.items()}
     total = sum(per_face.values())
     target = 20.0
-    print(f"FLOPs per face of one anonymization, profile {args.profile} ({size} px), {steps} steps, no guidance "
-          f"(CFG / negative guidance: UNet x 2), decoder {args.decoders[0]}")
+    print(f"FLOPs per face of one anonymization, profile {args.profile} ({size} px), {steps} steps, "
+          f"{guidance_description(model)}, decoder {args.decoders[0]}")
     C.print_table(["part", "GFLOP/face", "share"],
                   [[k, f"{v / 1e9:.1f}", f"{100 * v / total:.1f}%"] for k, v in per_face.items()]
                   + [["total", f"{total / 1e9:.1f}", "100%"]])
     print(f"{target:g} faces/s needs {target * total / 1e12:.0f} TFLOP/s sustained over the whole call")
     C.print_json({"benchmark": "sample_flops", "profile": args.profile, "steps": steps, "decoder": args.decoders[0],
+                  "guidance": model.guidance.registered_name, "unet_copies": model.guidance.unet_copies,
                   "flops_per_face": total, "flops_per_face_by_part": per_face,
                   "tflop_per_s_for_20_faces_per_s": target * total / 1e12})
     return 0
@@ -229,7 +241,7 @@ def traffic_only(args) -> int:
                              for key in ("kernels", "bytes", "flops", "roofline_s")}
     total_s = sum(f["roofline_s"] for f in figures.values())
     print(f"one anonymization of {n} faces counted on fake tensors, profile {args.profile} ({size} px), {steps} steps, "
-          f"no guidance, bf16={args.bf16}, decoder {args.decoders[0]}; roofline: per aten op "
+          f"{guidance_description(model)}, bf16={args.bf16}, decoder {args.decoders[0]}; roofline: per aten op "
           f"max(FLOPs / {args.peak_flops:.3g}, bytes / {args.bandwidth:.3g} B/s), summed")
     C.print_table(["part", "kernels", "GB", "TFLOP", "roofline ms", "share"],
                   [[k, f["kernels"], f"{f['bytes'] / 1e9:.1f}", f"{f['flops'] / 1e12:.2f}",
@@ -237,7 +249,8 @@ def traffic_only(args) -> int:
                    for k, f in figures.items()] + [["total", "", "", "", f"{1e3 * total_s:.1f}", "100%"]])
     print(f"eager bound: {n / total_s:.1f} faces/s (no eager run of these kernels can be faster on this device)")
     C.print_json({"benchmark": "sample_traffic", "profile": args.profile, "steps": steps, "batch": n,
-                  "decoder": args.decoders[0], "bf16": args.bf16, "peak_flops": args.peak_flops,
+                  "decoder": args.decoders[0], "guidance": model.guidance.registered_name,
+                  "unet_copies": model.guidance.unet_copies, "bf16": args.bf16, "peak_flops": args.peak_flops,
                   "bandwidth": args.bandwidth, "overrides": list(args.override), "roofline_s": total_s,
                   "faces_per_s_bound": n / total_s, "parts": figures})
     return 0

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="steps of each before the timed ones")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default data.num_workers)")
     parser.add_argument("--files", type=int, default=None, help="photo crops written (default: enough for the steps)")
-    parser.add_argument("--override", nargs="*", default=[], help="config key=value overrides")
+    parser.add_argument("--override", nargs="*", action="extend", default=[], help=C.OVERRIDE_HELP)
     return parser.parse_args(argv)
 
 

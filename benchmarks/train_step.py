@@ -77,7 +77,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", nargs="*", action="extend", default=[],
-                        help="extra config key=value overrides (repeatable)")
+                        help=C.OVERRIDE_HELP)
     parser.add_argument("--breakdown", action="store_true",
                         help="after the timed steps, one step of each timed by part (components, cross-attention "
                              "layers, backward, optimizer)")

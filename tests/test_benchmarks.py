@@ -293,6 +293,34 @@ def test_step_counts_take_an_ablation_whose_attribute_encoder_has_no_token_param
     assert common.context_tokens(model) == model.identity_tokens.num_tokens + 1
 
 
+ABLATIONS = sorted((BENCHMARKS.parent / "ablations").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda path: path.stem)
+def test_every_ablation_file_runs_through_the_flop_counts(ablation, capsys):
+    """A benchmark's --override takes config files as the CLI does; every ablation must build and
+    count on the meta device (the DPM-Solver and no-attribute-token ablations once did not)."""
+    step, _ = run_script("train_step", ["--profile", "tiny", "--flops-only", "--override", str(ablation)], capsys)
+    assert 1.0 <= step["flop_ratio_full_over_bare"] < 1.1
+    sampling, out = run_script("sample", ["--profile", "tiny", "--flops-only", "--steps", "4",
+                                          "--override", str(ablation)], capsys)
+    reference, _ = run_script("sample", ["--profile", "tiny", "--flops-only", "--steps", "4"], capsys)
+    unet = {name: figures["flops_per_face_by_part"]["UNet x 4 steps"] for name, figures in
+            (("ablation", sampling), ("default", reference))}
+    # Guidance that needs a second condition runs the UNet on twice the batch.
+    copies = 2 if ablation.stem in ("guidance_cfg", "guidance_negative") else 1
+    assert sampling["unet_copies"] == copies
+    assert unet["ablation"] / unet["default"] == pytest.approx(copies, rel=0.05)
+
+
+def test_sample_grid_adds_the_configured_guidance_beside_none_and_cfg(capsys):
+    figures, out = run_script("sample", ["--profile", "tiny", "--steps", "2", "--batch", "2", "--repeats", "1",
+                                         "--samplers", "ddim", "--cfg", "--override",
+                                         str(BENCHMARKS.parent / "ablations" / "guidance_negative.yaml")], capsys)
+    assert {(row["guidance"], row["unet_batch"]) for row in figures["grid"]} == {("none", 2), ("negative", 4),
+                                                                               ("cfg", 4)}
+
+
 def test_sample_breakdown_adds_up_to_the_call(capsys):
     figures, _ = run_script("sample", ["--profile", "tiny", "--device", "cpu", "--steps", "2", "--batch", "2",
                                        "--samplers", "ddim", "--repeats", "1", "--breakdown"], capsys)

@@ -9,7 +9,7 @@ from id2face.components.backbone import PREDICTION_TYPES
 from id2face.config import load_config
 from id2face.model import (FROZEN_ROLES, ID2Face, IdentityTokens, build_components, count_parameters,
                            speed_switch_overrides)
-from id2face.registry import MODEL_ROLES
+from id2face.registry import GUIDANCES, MODEL_ROLES
 
 pytestmark = pytest.mark.filterwarnings("ignore:tiny identity encoder has no weights")
 
@@ -202,14 +202,16 @@ def test_reconstruct_keeps_the_outside_exactly(model, batch):
     assert torch.equal(out[outside], images[outside]) and not torch.equal(out, images)
 
 
-def test_guidance_with_source_condition_batches_both_conditions_in_one_pass(batch):
-    model = tiny_model("model.guidance.name=negative").eval()
-    assert model.guidance.needs_source_condition
+@pytest.mark.parametrize("name", GUIDANCES.names())
+def test_guidance_batches_every_condition_in_one_pass_of_its_unet_copies(name, batch):
+    """negative: (pseudo, source), cfg: (pseudo, unconditional), none: pseudo alone; `unet_copies`
+    (what the sampling benchmarks count) says how many."""
+    model = tiny_model(f"model.guidance.name={name}").eval()
     batch_sizes = []
     model.backbone.register_forward_hook(lambda m, inp, out: batch_sizes.append(inp[0].shape[0]))
     images, masks = batch["a"]["image"], batch["a"]["mask"]
     out = model.anonymize(images, masks, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
-    assert batch_sizes == [4, 4, 4]  # 3 steps, each one forward over (pseudo, source) x 2 images
+    assert batch_sizes == [2 * model.guidance.unet_copies] * 3  # 3 steps, each one forward over 2 images' conditions
     outside = masks.expand_as(images) == 0
     assert torch.equal(out[outside], images[outside])
 

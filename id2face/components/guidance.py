@@ -4,7 +4,7 @@ combined into the one the sampler steps with.
 Contract: ``needs_source_condition`` (the caller must also predict with the *source* identity
 condition), ``needs_unconditional`` (the caller must also predict with the identity condition
 dropped, as in training's identity dropout); ``combine(eps_cond, eps_source=None, eps_uncond=None)
--> eps``, all of one shape.
+-> eps``, all of one shape; ``unet_copies``: UNet evaluations per face and sampler step.
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from ..registry import GUIDANCES
 class _Guidance(nn.Module):
     needs_source_condition = False
     needs_unconditional = False
+
+    @property
+    def unet_copies(self) -> int:
+        return 1 + int(self.needs_source_condition) + int(self.needs_unconditional)
 
     def combine(self, eps_cond: torch.Tensor, eps_source: torch.Tensor | None = None,
                 eps_uncond: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover - abstract
