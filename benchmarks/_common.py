@@ -75,9 +75,8 @@ def profile_config(profile: str, overrides: list[str] | tuple[str, ...] = ()):
 
 def build_model(profile: str, device: torch.device, overrides=(), seed: int = 0):
     """(ID2Face, resolved config), the model on ``device`` in train mode."""
-    from id2face.model import ID2Face
-
     from id2face.errors import UserError
+    from id2face.model import ID2Face
 
     cfg = profile_config(profile, overrides)
     torch.manual_seed(seed)

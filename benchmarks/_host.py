@@ -90,16 +90,35 @@ def kernels_by_phase(step: Callable[[Marks], None]) -> dict[str, int]:
     return {phase: int(n) for phase, n in marks.spans.items()}
 
 
+def narrow_overrides(profile: str, overrides=()) -> list[str]:
+    """The profile's narrowing keys that its configured variants take, then ``overrides`` (config
+    files and key=value): an ablation file's variant may lack a width to cut (``attributes_none``,
+    the ``sum`` harmonizer's gates), and a file is layered before every key=value."""
+    import _common as C
+    from id2face.registry import MODEL_ROLES, variant_name
+
+    if profile not in NARROW_OVERRIDES:
+        raise SystemExit(f"--host-overhead: profile {profile!r} has no narrow copy; "
+                         f"one of {', '.join(NARROW_OVERRIDES)}")
+    model_cfg = C.profile_config(profile, overrides).model
+
+    def taken(override: str) -> bool:
+        path = override.split("=", 1)[0].split(".")
+        if len(path) != 4 or path[0] != "model" or path[2] != "params":
+            return True
+        return MODEL_ROLES[path[1]].declares(variant_name(model_cfg[path[1]]), path[3])
+
+    return [key for key in NARROW_OVERRIDES[profile] if taken(key)] + list(overrides)
+
+
 def narrow_steps(profile: str, batch_images: int, bf16: bool, overrides=(), seed: int = 0):
     """``{"full": step, "bare": step}`` on this CPU, each ``step(marks)`` one training step of the
     narrow model (cached latents and identity embeddings, as ``--cached-latents``) or its bare UNet."""
     import _common as C
     from diffusers import UNet2DConditionModel
 
-    if profile not in NARROW_OVERRIDES:
-        raise SystemExit(f"--host-overhead: profile {profile!r} has no narrow copy; one of {', '.join(NARROW_OVERRIDES)}")
     device = torch.device("cpu")
-    model, cfg = C.build_model(profile, device, [*NARROW_OVERRIDES[profile], *overrides], seed=seed)
+    model, cfg = C.build_model(profile, device, narrow_overrides(profile, overrides), seed=seed)
     model.train()
     size = NARROW_IMAGE_SIZE[profile]
     batch = C.pair_batch(batch_images // 2, size, device, seed=seed)

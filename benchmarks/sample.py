@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.resolve_device(args.device)
-    from id2face.registry import GUIDANCES, SAMPLERS, variant_name
+    from id2face.registry import GUIDANCES, SAMPLERS
 
     from id2face.model import speed_switch_overrides
 
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                 for name in args.samplers}
     # No guidance, the configured one (with its params) and, with --cfg, classifier-free guidance.
     guidances = {"none": GUIDANCES.build({"name": "none", "params": {}}),
-                 variant_name(cfg.model.guidance): model.guidance}
+                 model.guidance.registered_name: model.guidance}
     if args.cfg and "cfg" not in guidances:
         guidances["cfg"] = GUIDANCES.build({"name": "cfg", "params": {}})
 

@@ -537,6 +537,20 @@ def test_host_marks_add_up_phases():
     assert marks.spans == {"forward": 1.5, "backward": 2.0, "optimizer": 2.5}
 
 
+def test_the_narrow_copy_cuts_only_the_widths_an_ablations_variants_take():
+    """`--host-overhead --override ablations/X.yaml`: the file is layered before the narrowing keys,
+    which must skip the params its variant lacks (the null attribute encoder's width)."""
+    H, common = load_host_module(), load_script("_common")
+    for ablation in ABLATIONS:
+        keys = H.narrow_overrides("sd15", [str(ablation)])
+        with torch.device("meta"):
+            model, _ = common.build_model("sd15", torch.device("meta"), keys)
+        assert model.backbone.unet.config.block_out_channels == (16, 32, 64, 64), ablation.stem
+    dropped = set(H.NARROW_OVERRIDES["sd15"]) - set(H.narrow_overrides("sd15", [str(ABLATIONS[0].parent /
+                                                                                     "harmonizer_sum.yaml")]))
+    assert dropped == {"model.harmonizer.params.gate_hidden=8", "model.harmonizer.params.time_embed_dim=16"}
+
+
 def test_sd15_step_host_overhead_by_phase(capsys):
     """The host's side of the SD-1.5 step, on its narrow copy: every phase timed and counted."""
     figures, out = run_script("train_step", ["--profile", "sd15", "--host-overhead", "--reps", "1"], capsys)
