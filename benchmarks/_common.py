@@ -24,10 +24,15 @@ DEFAULT_PEAK_FLOPS = 989e12
 
 # key=value overrides that turn the paper-scale default into a random-init SD-1.5-sized model that
 # builds offline: the SD AutoencoderKL first stage (64x64x4 latents of 512 px images, so the UNet
-# takes 4 + 4 + 1 = 9 channels), the SD-1.5 UNet of default.yaml, a random FaceNet encoder.
+# takes 4 + 4 + 1 = 9 channels), the SD-1.5 UNet of default.yaml, a random FaceNet encoder. Random
+# weights also under an experiment file that names real ones (speed does not depend on them); each
+# key only where the configured variant takes it (`keys_the_variants_take`).
 SD15_OVERRIDES = (
+    "model.identity_encoder.params.weights=null",
     "model.identity_encoder.params.allow_random_init=true",
+    "model.first_stage.params.path=null",
     "model.first_stage.params.random_init=true",
+    "model.backbone.params.pretrained=null",
 )
 PROFILE_IMAGE_SIZE = {"tiny": 32, "sd15": 512}
 # H100 SXM HBM3 (spec sheet): the memory side of the --traffic roofline.
@@ -68,9 +73,25 @@ def profile_config(profile: str, overrides: list[str] | tuple[str, ...] = ()):
     try:
         if profile == "tiny":
             return load_config(["tiny", *files], keys)
-        return load_config(files, [*SD15_OVERRIDES, *keys])
+        # Random weights where the chosen variants take the switch (an experiment may swap one in).
+        random_init = keys_the_variants_take(load_config(files, keys).model, SD15_OVERRIDES)
+        return load_config(files, [*random_init, *keys])
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def keys_the_variants_take(model_cfg, keys) -> list[str]:
+    """``keys`` (key=value) less those that set a ``model.<role>.params.<param>`` which the role's
+    configured variant in ``model_cfg`` does not declare."""
+    from id2face.registry import MODEL_ROLES, variant_name
+
+    def taken(key: str) -> bool:
+        path = key.split("=", 1)[0].split(".")
+        if len(path) != 4 or path[0] != "model" or path[2] != "params" or path[1] not in MODEL_ROLES:
+            return True
+        return MODEL_ROLES[path[1]].declares(variant_name(model_cfg[path[1]]), path[3])
+
+    return [key for key in keys if taken(key)]
 
 
 def build_model(profile: str, device: torch.device, overrides=(), seed: int = 0):

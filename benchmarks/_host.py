@@ -95,20 +95,12 @@ def narrow_overrides(profile: str, overrides=()) -> list[str]:
     files and key=value): an ablation file's variant may lack a width to cut (``attributes_none``,
     the ``sum`` harmonizer's gates), and a file is layered before every key=value."""
     import _common as C
-    from id2face.registry import MODEL_ROLES, variant_name
 
     if profile not in NARROW_OVERRIDES:
         raise SystemExit(f"--host-overhead: profile {profile!r} has no narrow copy; "
                          f"one of {', '.join(NARROW_OVERRIDES)}")
     model_cfg = C.profile_config(profile, overrides).model
-
-    def taken(override: str) -> bool:
-        path = override.split("=", 1)[0].split(".")
-        if len(path) != 4 or path[0] != "model" or path[2] != "params":
-            return True
-        return MODEL_ROLES[path[1]].declares(variant_name(model_cfg[path[1]]), path[3])
-
-    return [key for key in NARROW_OVERRIDES[profile] if taken(key)] + list(overrides)
+    return C.keys_the_variants_take(model_cfg, NARROW_OVERRIDES[profile]) + list(overrides)
 
 
 def narrow_steps(profile: str, batch_images: int, bf16: bool, overrides=(), seed: int = 0):

@@ -321,6 +321,21 @@ def test_sample_grid_adds_the_configured_guidance_beside_none_and_cfg(capsys):
                                                                                ("cfg", 4)}
 
 
+EXPERIMENTS = sorted(path for path in (BENCHMARKS.parent / "experiments").rglob("*.yaml")
+                     if not path.name.endswith(".sweep.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda path: path.stem)
+def test_the_sd15_profile_builds_every_experiment_file_with_random_weights(experiment):
+    """Experiment files name weight files a benchmark machine lacks, and may swap in an encoder
+    without the profile's random-init switch: the profile still builds (on the meta device)."""
+    common = load_script("_common")
+    with torch.device("meta"):
+        model, cfg = common.build_model("sd15", torch.device("meta"), [str(experiment)])
+    assert cfg.model.identity_encoder.params.weights is None and cfg.model.backbone.params.pretrained is None
+    assert model.first_stage.latent_channels == 4 and model.backbone.unet.config.in_channels == 9
+
+
 def test_sample_breakdown_adds_up_to_the_call(capsys):
     figures, _ = run_script("sample", ["--profile", "tiny", "--device", "cpu", "--steps", "2", "--batch", "2",
                                        "--samplers", "ddim", "--repeats", "1", "--breakdown"], capsys)
