@@ -302,7 +302,7 @@ def test_every_ablation_file_runs_through_the_flop_counts(ablation, capsys):
     count on the meta device (the DPM-Solver and no-attribute-token ablations once did not)."""
     step, _ = run_script("train_step", ["--profile", "tiny", "--flops-only", "--override", str(ablation)], capsys)
     assert 1.0 <= step["flop_ratio_full_over_bare"] < 1.1
-    sampling, out = run_script("sample", ["--profile", "tiny", "--flops-only", "--steps", "4",
+    sampling, _ = run_script("sample", ["--profile", "tiny", "--flops-only", "--steps", "4",
                                           "--override", str(ablation)], capsys)
     reference, _ = run_script("sample", ["--profile", "tiny", "--flops-only", "--steps", "4"], capsys)
     unet = {name: figures["flops_per_face_by_part"]["UNet x 4 steps"] for name, figures in
@@ -314,9 +314,9 @@ def test_every_ablation_file_runs_through_the_flop_counts(ablation, capsys):
 
 
 def test_sample_grid_adds_the_configured_guidance_beside_none_and_cfg(capsys):
-    figures, out = run_script("sample", ["--profile", "tiny", "--steps", "2", "--batch", "2", "--repeats", "1",
-                                         "--samplers", "ddim", "--cfg", "--override",
-                                         str(BENCHMARKS.parent / "ablations" / "guidance_negative.yaml")], capsys)
+    figures, _ = run_script("sample", ["--profile", "tiny", "--steps", "2", "--batch", "2", "--repeats", "1",
+                                       "--samplers", "ddim", "--cfg", "--override",
+                                       str(BENCHMARKS.parent / "ablations" / "guidance_negative.yaml")], capsys)
     assert {(row["guidance"], row["unet_batch"]) for row in figures["grid"]} == {("none", 2), ("negative", 4),
                                                                                ("cfg", 4)}
 
