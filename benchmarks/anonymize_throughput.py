@@ -1,7 +1,7 @@
 """Throughput of `id2face anonymize` (faces/s) against --batch-size, on SynthFaces group photos.
 
     python benchmarks/anonymize_throughput.py [--photos 12] [--faces-per-photo 4] [--batch-sizes 1 4 16]
-        [--steps N] [--checkpoint CKPT | --profile tiny|sd15] [--device cpu|cuda]
+        [--steps N] [--checkpoint CKPT | --profile tiny|sd15 [--override FILE|KEY=VALUE ...]] [--device cpu|cuda]
         [--precision auto|32-true|bf16-mixed|16-mixed]
         [--compile] [--vae-dtype float32|bfloat16|float16] [--unet-dtype float32|bfloat16|float16]
         [--tiny-decoder DIR|random [--tiny-encoder]] [--threads 1]
@@ -23,7 +23,8 @@ photos twice over (each a second time, as a copy) and reports the marginal rate 
 photos, (faces_2N - faces_N) / (seconds_2N - seconds_N): fill and drain cancel, and what is left is
 the rate a long job runs at.
 Without --checkpoint the --profile model (tiny, or sd15: the SD-1.5-sized paper config at 512 px)
-is built untrained: its speed does not depend on the weights. Prints a table and a final JSON line.
+is built untrained: its speed does not depend on the weights; ``--override`` changes its config
+(an ablation file, key=value). Prints a table and a final JSON line.
 """
 from __future__ import annotations
 
@@ -80,18 +81,22 @@ def make_photos(folder: Path, count: int, faces: int, seed: int = 0, size=(640, 
 
 
 def untrained_model(profile: str, device: str, compile: bool, vae_dtype: str | None, unet_dtype: str | None = None,
-                    harmonizer_attention: str | None = None, attention_backends: list[str] | None = None):
+                    harmonizer_attention: str | None = None, attention_backends: list[str] | None = None,
+                    overrides: list[str] = ()):
     """(model, cfg, info) of a profile's model with its initial weights, built here, as ``load_model``
     builds a checkpoint's (its speed does not depend on the weights): ``tiny``, or ``sd15`` (the
-    SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint)."""
+    SD-1.5-sized paper config at 512 px, random init, built without writing a checkpoint), with
+    ``overrides`` (config files and key=value, as the CLI takes them)."""
     from id2face.inference import inference_overrides
     from id2face.model import ID2Face
 
-    cfg = C.profile_config(profile, inference_overrides(C.profile_config(profile).model, compile, vae_dtype,
-                                                        unet_dtype, harmonizer_attention, attention_backends))
+    switches = inference_overrides(C.profile_config(profile, overrides).model, compile, vae_dtype, unet_dtype,
+                                   harmonizer_attention, attention_backends)
+    cfg = C.profile_config(profile, [*overrides, *switches])
     torch.manual_seed(0)
     model = ID2Face.from_config(cfg.model).to(device).eval()
-    info = {"checkpoint": None, "config_source": f"untrained {profile} profile", "ema_weights": False,
+    source = " ".join([f"untrained {profile} profile", *overrides])
+    info = {"checkpoint": None, "config_source": source, "ema_weights": False,
             "compiled": compile, "first_stage_dtype": vae_dtype, "unet_dtype": unet_dtype}
     return model, cfg, info
 
@@ -116,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="an `id2face train` checkpoint (default: an untrained --profile model)")
     parser.add_argument("--profile", choices=("tiny", "sd15"), default="tiny",
                         help="without --checkpoint: the untrained model measured (sd15: 512 px, SD-1.5 size)")
+    parser.add_argument("--override", nargs="*", action="extend", default=[],
+                        help=f"the --profile model's config: {C.OVERRIDE_HELP}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", help="sampling precision, as `id2face anonymize --precision`")
     parser.add_argument("--compile", action="store_true", help="speed switches, as `id2face anonymize --compile`")
@@ -162,6 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--photo-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"),
                         help="photo size (>= 640 x 480; e.g. 4032 3024, a 12 MP phone photo)")
     args = parser.parse_args(argv)
+    if args.checkpoint and args.override:
+        parser.error("--override changes the untrained --profile model; a --checkpoint runs with its own config")
     if args.tiny_encoder and not args.tiny_decoder:
         parser.error("--tiny-encoder encodes with the --tiny-decoder autoencoder: give --tiny-decoder DIR|random")
     if args.photo_size[0] < 640 or args.photo_size[1] < 480:
@@ -206,7 +215,8 @@ def main(argv=None) -> int:
                                           attention_backends=args.attention_backends)
         else:
             model, cfg, info = untrained_model(args.profile, args.device, args.compile, args.vae_dtype,
-                                               args.unet_dtype, args.harmonizer_attention, args.attention_backends)
+                                               args.unet_dtype, args.harmonizer_attention, args.attention_backends,
+                                               args.override)
         if args.tiny_decoder:
             from id2face.inference import with_tiny_decoder
 
@@ -215,7 +225,7 @@ def main(argv=None) -> int:
                                                   channels_last=args.compile, compile=args.compile,
                                                   dtype=args.vae_dtype, random_init=path is None).to(args.device)
             info["tiny_decoder"], info["tiny_encoder"] = args.tiny_decoder, args.tiny_encoder
-        model_name = Path(args.checkpoint).name if args.checkpoint else f"untrained {args.profile}"
+        model_name = Path(args.checkpoint).name if args.checkpoint else info["config_source"]
         size = int(cfg.data.image_size)
         template, info["template"] = training_template(cfg, size)
         precision = resolve_precision(args.precision, args.device, cfg.trainer.get("precision"))
@@ -316,8 +326,8 @@ def main(argv=None) -> int:
                       "vae_dtype": args.vae_dtype, "unet_dtype": args.unet_dtype, "tiny_decoder": args.tiny_decoder,
                       "tiny_encoder": args.tiny_encoder,
                       "harmonizer_attention": args.harmonizer_attention, "attention_backends": args.attention_backends,
-                      "cudnn_benchmark": args.cudnn_benchmark,
-                      "faces_per_s": best["faces_per_s"],
+                      "cudnn_benchmark": args.cudnn_benchmark, "model": model_name,
+                      "guidance": model.guidance.registered_name, "faces_per_s": best["faces_per_s"],
                       "steady_faces_per_s": max(steady_rates) if steady_rates else None,
                       "best_batch_size": best["batch_size"], "best_io_workers": best["io_workers"],
                       "best_pipeline_depth": best["pipeline_depth"], "best_detect_workers": best["detect_workers"],

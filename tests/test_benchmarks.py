@@ -92,6 +92,17 @@ def test_anonymize_throughput_with_and_without_io_threads(capsys):
     assert load_script("anonymize_throughput").parse_args([]).detect_max_side == DETECT_MAX_SIDE  # the command's
 
 
+def test_anonymize_throughput_measures_an_ablation_of_the_profile_model(capsys):
+    ablation = BENCHMARKS.parent / "ablations" / "guidance_negative.yaml"
+    argv = ["--photos", "1", "--faces-per-photo", "2", "--batch-sizes", "2", "--steps", "2", "--io-workers", "0"]
+    figures, _ = run_script("anonymize_throughput", [*argv, "--override", str(ablation)], capsys)
+    assert figures["guidance"] == "negative" and str(ablation) in figures["model"]
+    assert [row["anonymized"] for row in figures["rows"]] == [2]
+    with pytest.raises(SystemExit):
+        load_script("anonymize_throughput").parse_args(["--checkpoint", "x.pt", "--override", str(ablation)])
+    assert "a --checkpoint runs with its own config" in capsys.readouterr().err
+
+
 def test_face_detection_compares_both_mtcnn_drivers_on_the_same_photos(capsys):
     """Same faces from facenet-pytorch's detect and ours; ours without its per-candidate host reads."""
     figures, out = run_script("face_detection", ["--photos", "2", "--sides", "512", "1024", "--photo-size", "1024",
