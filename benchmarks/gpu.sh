@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu.sh attention_sampling anonymize_compiled   # the 20 faces/s target's call (< 8.5 min)
 #   bash benchmarks/gpu.sh attention cached_compiled                # the MFU target's call (< 7 min)
 #   BATCH=16 PEAK=790e12 bash benchmarks/gpu.sh   # BATCH images per train step (default 32 = 16 pairs)
+#   CONFIG="ablations/harmonizer_sum.yaml model.loss.id_dropout=0.2" bash benchmarks/gpu.sh cached sample
+#       # CONFIG: config files and key=value layered on the model of every train, sample and anonymize part
 # Parts: eager (encodes in the step), cached (data.latent_cache: latents and identity embeddings
 # read from the batch; also timed back to back, and its GPU kernels listed where they differ from
 # the bare step's), cached_low_norms (the same with the UNet's and the attribute encoder's
@@ -57,12 +59,12 @@ train() {  # train TIMEOUT STEPS WARMUP [flags]: at BATCH; retried at BATCH/2 if
   local limit=$1 steps=$2 warmup=$3; shift 3
   echo; echo "== train_step sd15 $* (batch $BATCH)"
   timeout "$limit" "$PY" benchmarks/train_step.py --profile sd15 --device cuda --batch "$BATCH" --steps "$steps" \
-      --warmup "$warmup" --peak-flops "$PEAK" "${TRAIN_ATTENTION[@]}" "$@"
+      --warmup "$warmup" --peak-flops "$PEAK" "${TRAIN_MODEL[@]}" "$@"
   local rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
     echo "== failed (exit $rc) at batch $BATCH, e.g. out of memory; retrying at batch $((BATCH / 2))"
     timeout "$limit" "$PY" benchmarks/train_step.py --profile sd15 --device cuda --batch $((BATCH / 2)) \
-        --steps "$steps" --warmup "$warmup" --peak-flops "$PEAK" "${TRAIN_ATTENTION[@]}" "$@"
+        --steps "$steps" --warmup "$warmup" --peak-flops "$PEAK" "${TRAIN_MODEL[@]}" "$@"
   elif [ $rc -eq 124 ]; then
     echo "== timed out after ${limit}s"
   fi
@@ -97,6 +99,12 @@ if want attention_sampling; then
     echo "== the sample and anonymize parts below: the UNet's attention in the order $order"
   fi
 fi
+# The model of every part below: the attention order found, then the user's CONFIG.
+read -r -a CONFIG_OVERRIDES <<< "${CONFIG:-}"
+[ ${#CONFIG_OVERRIDES[@]} -gt 0 ] && CONFIG_OVERRIDES=(--override "${CONFIG_OVERRIDES[@]}")
+TRAIN_MODEL=("${TRAIN_ATTENTION[@]}" "${CONFIG_OVERRIDES[@]}")
+SAMPLE_MODEL=("${SAMPLE_ATTENTION[@]}" "${CONFIG_OVERRIDES[@]}")
+ANONYMIZE_MODEL=("${ANONYMIZE_ATTENTION[@]}" "${CONFIG_OVERRIDES[@]}")
 
 # Time caps keep the default parts under 5 minutes (a retry after an out-of-memory failure adds one).
 # An SD-1.5 train part spends ~45 s before its first timed step (imports, two UNets built, FLOPs
@@ -111,7 +119,7 @@ if want loop; then  # what the training loop adds to its step (< 4 min)
   echo; echo "== train loop sd15 as configured (8 pairs, VAE encodes in the step, bf16, uint8 batches, 8 workers,"
   echo "   EMA every 10 steps) vs its step; crops of colour fields where scikit-image is missing (they decode faster)"
   timeout 240 "$PY" benchmarks/train_loop.py --profile sd15 --device cuda --steps 6 --warmup 2 \
-      "${TRAIN_ATTENTION[@]}" || echo "== train_loop failed or timed out (exit $?)"
+      "${TRAIN_MODEL[@]}" || echo "== train_loop failed or timed out (exit $?)"
 fi
 if want harmonizer; then
   echo; echo "== harmonizer cross-attention layer vs stock, SD-1.5 levels, batch $BATCH, bf16"
@@ -121,20 +129,20 @@ fi
 if want sample; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16 (none and cfg guidance)"
   timeout 100 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      "${SAMPLE_ATTENTION[@]}" --samplers ddim --cfg --repeats 1 --breakdown \
+      "${SAMPLE_MODEL[@]}" --samplers ddim --cfg --repeats 1 --breakdown \
       || echo "== sample failed or timed out (exit $?)"
 fi
 if want sample_grid; then  # the issue's sampling grid at SD-1.5 size: faces/s vs steps, batch and sampler (< 150 s)
   echo; echo "== sample sd15, bf16, 10 and 25 steps x batch 16 and 64 x DDIM and DPM-Solver++, no guidance"
   timeout 150 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 10 25 --batch 16 64 \
-      "${SAMPLE_ATTENTION[@]}" --samplers ddim dpm_solver --repeats 1 \
+      "${SAMPLE_MODEL[@]}" --samplers ddim dpm_solver --repeats 1 \
       || echo "== sample failed or timed out (exit $?)"
 fi
 if want sample_bf16; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, the UNet and the SD VAE with bf16 weights and arithmetic"
   echo "   (model.backbone/first_stage.params.dtype), decoded by the VAE, by TAESD's architecture, and that encoding too"
   timeout 90 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      "${SAMPLE_ATTENTION[@]}" --samplers ddim --repeats 1 --decoders own taesd taesd_both --breakdown \
+      "${SAMPLE_MODEL[@]}" --samplers ddim --repeats 1 --decoders own taesd taesd_both --breakdown \
       --override model.first_stage.params.dtype=bfloat16 model.backbone.params.dtype=bfloat16 \
                  model.harmonizer.params.attention=sdpa \
       || echo "== sample failed or timed out (exit $?)"
@@ -143,7 +151,7 @@ if want anonymize; then  # the issue's end-to-end figure: files in, files out
   echo; echo "== anonymize end to end, untrained sd15 at 512 px, 25 DDIM steps, bf16: 32 photos 12 MP JPEG x 4 faces,"
   echo "   4 I/O threads, stages in turn (depth 0) and in worker threads 64 photos deep (--pipeline-depth)"
   timeout 240 "$PY" benchmarks/anonymize_throughput.py --profile sd15 --device cuda --precision bf16-mixed \
-      "${ANONYMIZE_ATTENTION[@]}" --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 4 \
+      "${ANONYMIZE_MODEL[@]}" --photos 32 --faces-per-photo 4 --batch-sizes 64 --io-workers 4 \
       --pipeline-depth 0 64 --threads 4 --photo-size 4032 3024 --photo-format jpg --steady \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
@@ -163,20 +171,20 @@ FAST_ANONYMIZE="--profile sd15 --device cuda --precision bf16-mixed --photos 32 
 if want anonymize_fast; then  # what the 20 faces/s target needs of the pipeline, eager
   echo; echo "== anonymize end to end as above, depth 64, UNet in bf16, TAESD-architecture encoder and decoder,"
   echo "   detection and alignment in 1 and in 4 threads (--detect-workers)"
-  timeout 260 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_ATTENTION[@]}" \
+  timeout 260 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_MODEL[@]}" \
       --detect-workers 1 4 || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want anonymize_compiled; then  # the same compiled (UNet, VAE encoder, TAESD decoder): the target's run
   echo; echo "== anonymize end to end as anonymize_fast (4 detect threads), + channels_last + torch.compile;"
   echo "   MTCNN on the GPU, then on the CPU (the GPU left to the sampling)"
-  timeout 450 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_ATTENTION[@]}" \
+  timeout 450 "$PY" benchmarks/anonymize_throughput.py $FAST_ANONYMIZE "${ANONYMIZE_MODEL[@]}" \
       --compile --cudnn-benchmark --detect-workers 4 --detect-devices cuda cpu \
       || echo "== anonymize_throughput failed or timed out (exit $?)"
 fi
 if want sample_compiled; then
   echo; echo "== sample sd15, 25 DDIM steps, batch 64, bf16, channels_last + compile (UNet, VAE)"
   timeout 240 "$PY" benchmarks/sample.py --profile sd15 --device cuda --bf16 --steps 25 --batch 64 \
-      "${SAMPLE_ATTENTION[@]}" --samplers ddim --repeats 2 --channels-last --compile --breakdown \
+      "${SAMPLE_MODEL[@]}" --samplers ddim --repeats 2 --channels-last --compile --breakdown \
       || echo "== sample failed or timed out (exit $?)"
 fi
 # Compiling both SD-1.5 UNets' forward + backward takes over 240 s on a fresh machine (cold

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -615,25 +616,34 @@ def test_gpu_wheels_lists_what_this_environment_runs():
     assert all(pins[name] == version(name) for name in pins)
 
 
-def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
-    """A flag typo in gpu.sh would cost a scarce GPU session: every part's commands, recorded by a
-    stand-in python, parse with their scripts' own parsers."""
-    import re
+GPU_SH_PARTS = re.findall(r"want (\w+)", (BENCHMARKS / "gpu.sh").read_text())
+
+
+def gpu_sh_calls(tmp_path, parts, **env) -> list[list[str]]:
+    """The commands ``gpu.sh parts`` runs, recorded by a stand-in python (script, then its argv);
+    its attention parts "find" the order cuDNN, flash."""
     import subprocess
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     calls_log, python = tmp_path / "calls.tsv", tmp_path / "python"
-    order = '{"fastest_first": ["cudnn_attention", "flash_attention"]}'  # what the attention parts "found"
+    order = '{"fastest_first": ["cudnn_attention", "flash_attention"]}'
     python.write_text(f'#!/bin/sh\ncase "$2" in *fastest_first*) exec {sys.executable} "$@";; esac\n'
                       f'[ "$1" = "-c" ] && exit 0\nprintf "%s\\t" "$@" >> {calls_log}\necho >> {calls_log}\n'
                       f'case "$1" in *attention_backends.py) echo \'{order}\';; esac\n')
     python.chmod(0o755)
-    parts = re.findall(r"want (\w+)", (BENCHMARKS / "gpu.sh").read_text())
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), *parts],
+                          env={**os.environ, "PYTHON": str(python), **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [line.rstrip("\t").split("\t") for line in calls_log.read_text().splitlines() if line]
+
+
+def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
+    """A flag typo in gpu.sh would cost a scarce GPU session: every part's commands, recorded by a
+    stand-in python, parse with their scripts' own parsers."""
+    parts = GPU_SH_PARTS
     assert {"cached", "cached_low_norms", "sample_bf16", "anonymize", "anonymize_fast", "anonymize_compiled",
             "detection", "attention"} <= set(parts)
-    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), *parts], env={**os.environ, "PYTHON": str(python)},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    calls = [line.rstrip("\t").split("\t") for line in calls_log.read_text().splitlines() if line]
+    calls = gpu_sh_calls(tmp_path, parts)
     assert len(calls) >= len(parts) + 2  # `switches` runs three steps
     modules = {}
     for script, *argv in calls:
@@ -650,3 +660,20 @@ def test_gpu_sh_gives_each_script_only_flags_it_accepts(tmp_path):
             assert preference in load_script(name).parse_args(argv).override, argv
         elif name == "anonymize_throughput":
             assert load_script(name).parse_args(argv).attention_backends == ["cudnn_attention", "flash_attention"]
+
+
+def test_gpu_sh_layers_the_users_config_on_every_model_part(tmp_path):
+    """CONFIG="FILES KEY=VALUE": an ablation's figures on the GPU, in the same call as the parts."""
+    ablation = str(BENCHMARKS.parent / "ablations" / "harmonizer_sum.yaml")
+    calls = gpu_sh_calls(tmp_path, GPU_SH_PARTS, CONFIG=f"{ablation} model.loss.id_dropout=0.2")
+    takes_a_model = {"train_step", "sample", "anonymize_throughput", "train_loop"}
+    seen = set()
+    for script, *argv in calls:
+        name = Path(script).stem
+        if name in takes_a_model:
+            seen.add(name)
+            assert {ablation, "model.loss.id_dropout=0.2"} <= set(load_script(name).parse_args(argv).override), argv
+        else:
+            assert ablation not in argv
+    assert seen == takes_a_model
+    assert all(ablation not in argv for _, *argv in gpu_sh_calls(tmp_path / "plain", ["cached", "sample"]))
