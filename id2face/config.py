@@ -61,16 +61,20 @@ def _is_component(node) -> bool:
 
 
 def _replace_swapped_components(base: DictConfig, layer: DictConfig, prefix: str = "") -> None:
-    """Where ``layer`` names a different variant than ``base``, reset the base node to it."""
+    """Where ``layer`` names a different variant than ``base``, reset the base node to it, keeping
+    the base's values of the params the layer lists under ``keep_params`` (an ablation that swaps
+    the variant and nothing else: the sizes both variants take stay the run's)."""
     for key in list(layer.keys()):
         if key not in base:
             continue  # the struct merge reports it
         new, old = layer[key], base[key]
         path = f"{prefix}{key}"
         if isinstance(new, DictConfig) and _is_component(old) and "name" in new:
+            keep = [str(param) for param in new.pop("keep_params", None) or []]
             if new.name != old.name:
+                params = old.get("params") or {}
                 OmegaConf.set_struct(base, False)
-                base[key] = {"name": new.name, "params": {}}
+                base[key] = {"name": new.name, "params": {p: params[p] for p in keep if p in params}}
                 OmegaConf.set_struct(base, True)
         elif isinstance(new, DictConfig) and isinstance(old, DictConfig):
             _replace_swapped_components(old, new, path + ".")

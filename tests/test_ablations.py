@@ -1,5 +1,6 @@
 """Every ablation and experiment file loads, builds and runs one training batch + a short sampling
 on the tiny CPU profile. The folders are listed here, never a hand-kept list of names."""
+import inspect
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,35 @@ def test_every_sweep_expands_to_valid_tasks(path, monkeypatch):
     monkeypatch.chdir(REPO)  # sweep files name configs relative to the repository root
     sweep = load_sweep(path)
     assert len(sweep.tasks) >= 2 and len({t.name for t in sweep.tasks}) == len(sweep.tasks)
+
+
+def _effective_params(role: str, node) -> dict:
+    """A component node's constructor values: its params over the variant's own defaults."""
+    from id2face.registry import MODEL_ROLES
+
+    signature = inspect.signature(MODEL_ROLES[role].get(node.name).__init__)
+    defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
+    return {**defaults, **OmegaConf.to_container(node.params)}
+
+
+SWAPS = [path for path in ABLATIONS if "name" in next(iter(yaml.safe_load(path.read_text())["model"].values()))]
+
+
+@pytest.mark.parametrize("base", [["tiny"], [], ["tiny", "experiments/synthfaces.yaml"]],
+                         ids=["tiny", "default", "synthfaces"])
+@pytest.mark.parametrize("path", SWAPS, ids=[p.stem for p in SWAPS])
+def test_an_ablation_that_swaps_a_variant_keeps_the_params_both_variants_take(path, base, monkeypatch):
+    """Swapping a variant resets its params to the class defaults: on a base with other sizes (tiny,
+    SynthFaces) the ablation would change those too. What both variants take keeps the run's value
+    (`keep_params`), unless the file sets it on purpose."""
+    monkeypatch.chdir(REPO)
+    (role, node), = yaml.safe_load(path.read_text())["model"].items()
+    before = load_config(base).model[role]
+    after = load_config([*base, str(path)]).model[role]
+    old, new = _effective_params(role, before), _effective_params(role, after)
+    set_by_file = set(node.get("params") or {})
+    shared = (set(old) & set(new)) - set_by_file
+    assert {p: new[p] for p in shared} == {p: old[p] for p in shared}
 
 
 @pytest.mark.parametrize("base", [["tiny"], []], ids=["tiny", "default"])

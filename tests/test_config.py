@@ -59,6 +59,18 @@ def test_swapping_a_component_replaces_its_params(tmp_path):
     assert OmegaConf.to_container(cfg.model.identity_encoder.params) == {"embed_dim": 128}
 
 
+def test_a_swap_keeps_the_params_it_lists_at_the_runs_values(tmp_path):
+    """`keep_params`: an ablation that changes the variant and nothing else, on any base."""
+    swap = write(tmp_path, "swap.yaml", "model:\n  id_vae:\n    name: deterministic\n"
+                                         "    keep_params: [latent_dim, width]\n    params:\n      norm_momentum: 0.1\n")
+    cfg = load_config(["tiny", swap])
+    # the run's latent_dim (tiny's 16, not the class default 64); no width in the run's node to keep
+    assert OmegaConf.to_container(cfg.model.id_vae) == {
+        "name": "deterministic", "params": {"latent_dim": 16, "norm_momentum": 0.1}}
+    same = write(tmp_path, "same.yaml", "model:\n  id_vae:\n    name: vae\n    keep_params: [latent_dim]\n")
+    assert load_config(["tiny", same]).model.id_vae == load_config(["tiny"]).model.id_vae  # no swap, nothing reset
+
+
 def test_swap_from_command_line_then_set_new_params():
     cfg = load_config(["tiny"], ["model.harmonizer.name=sum", "model.harmonizer.params.extra=1"])
     assert OmegaConf.to_container(cfg.model.harmonizer) == {"name": "sum", "params": {"extra": 1}}
