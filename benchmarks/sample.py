@@ -183,19 +183,27 @@ def guidance_description(model) -> str:
     return f"guidance {model.guidance.registered_name}" + (f" (UNet batch x {copies})" if copies > 1 else "")
 
 
+def flops_per_face_by_part(model, cfg, profile: str, steps: int) -> dict[str, float]:
+    """FLOPs per face of one anonymization at ``steps`` sampler steps, by part (the UNet's under
+    ``UNet x {steps} steps``), counted on the meta device (``model`` built there)."""
+    model.eval()
+    n = 2
+    # Not under no_grad: FlopCounterMode's module tracker trips over parameters without a graph.
+    # Forward only is counted either way (nothing calls backward).
+    parts = {(f"UNet x {steps} steps" if name == "UNet" else name): (times or steps) * C.count_flops(fn)
+             for name, (fn, times) in call_parts(model, cfg, n, C.PROFILE_IMAGE_SIZE[profile],
+                                                 torch.device("meta")).items()}
+    return {name: flops / n for name, flops in parts.items()}
+
+
 def flops_only(args) -> int:
     """FLOPs per face of one anonymization at the first ``--steps``, by part, counted on meta tensors."""
     device = torch.device("meta")
     with device:
         model, cfg = C.build_model(args.profile, device, args.override, seed=args.seed)
         model.first_stage = C.first_stage_variant(model.first_stage, args.decoders[0])
-    model.eval()
-    n, steps, size = 2, args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
-    # Not under no_grad: FlopCounterMode's module tracker trips over parameters without a graph.
-    # Forward only is counted either way (nothing calls backward).
-    parts = {(f"UNet x {steps} steps" if name == "UNet" else name): (times or steps) * C.count_flops(fn)
-             for name, (fn, times) in call_parts(model, cfg, n, size, device).items()}
-    per_face = {k: v / n for k, v in parts.items()}
+    steps, size = args.steps[0], C.PROFILE_IMAGE_SIZE[args.profile]
+    per_face = flops_per_face_by_part(model, cfg, args.profile, steps)
     total = sum(per_face.values())
     target = 20.0
     print(f"FLOPs per face of one anonymization, profile {args.profile} ({size} px), {steps} steps, "

@@ -150,24 +150,31 @@ def build_on_meta(args):
     return model, cfg, bare
 
 
-def flops_only(args) -> int:
-    """FLOPs of one full and one bare training step, counted on meta tensors (no memory, no compute)."""
+def step_flops_per_image(model, profile: str, cached_latents: bool) -> tuple[float, dict[str, float]]:
+    """(FLOPs per image of one training step of ``model``, forward + backward, the same by top-level
+    module), counted on the meta device (``model`` built there)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = torch.device("meta")
-    model, cfg, bare = build_on_meta(args)
     # Two pairs: per-image FLOPs do not depend on the batch, except the alignment's N x N batch
     # statistics (negligible; computed from N = 4 images on).
     n = 4
-    batch = C.pair_batch(n // 2, C.PROFILE_IMAGE_SIZE[args.profile], device)
-    if args.cached_latents:
+    batch = C.pair_batch(n // 2, C.PROFILE_IMAGE_SIZE[profile], torch.device("meta"))
+    if cached_latents:
         batch = with_cached_latents(model, batch)
     counter = FlopCounterMode(display=False)
     with counter:
         model.training_losses(batch)["loss"].backward()
     by_role = {name: sum(ops.values()) / n for name, ops in counter.get_flop_counts().items()
                if "." not in name and name != "Global"}
-    full = counter.get_total_flops() / n
+    return counter.get_total_flops() / n, by_role
+
+
+def flops_only(args) -> int:
+    """FLOPs of one full and one bare training step, counted on meta tensors (no memory, no compute)."""
+    device = torch.device("meta")
+    model, cfg, bare = build_on_meta(args)
+    full, by_role = step_flops_per_image(model, args.profile, args.cached_latents)
+    n = 4
     h = C.PROFILE_IMAGE_SIZE[args.profile] // model.first_stage.downscale
     context = torch.empty(n, C.context_tokens(model), int(cfg.model.context_dim), device=device)
     sample = torch.empty(n, bare.config.in_channels, h, h, device=device)

@@ -348,6 +348,22 @@ def test_the_sd15_profile_builds_every_experiment_file_with_random_weights(exper
     assert model.first_stage.latent_channels == 4 and model.backbone.unet.config.in_channels == 9
 
 
+def test_ablation_costs_rates_each_ablation_against_the_default(capsys):
+    ablations = [str(BENCHMARKS.parent / "ablations" / f"{name}.yaml") for name in ("guidance_cfg", "attributes_none")]
+    figures, out = run_script("ablation_costs", ["--profile", "tiny", "--steps", "2", "--ablations", *ablations],
+                              capsys)
+    rows = figures["rows"]
+    assert set(rows) == {"default", "guidance_cfg", "attributes_none"}
+    assert rows["default"]["train_flops_ratio"] == rows["default"]["sample_flops_ratio"] == 1.0
+    assert rows["guidance_cfg"]["sample_flops_ratio"] == pytest.approx(2.0, rel=0.02)  # the UNet twice a step
+    assert rows["guidance_cfg"]["trainable_params"] == rows["default"]["trainable_params"]
+    assert rows["attributes_none"]["trainable_params"] < rows["default"]["trainable_params"]
+    assert rows["attributes_none"]["train_flops_ratio"] < 1.0 and "attributes_none" in out
+    with pytest.raises(SystemExit):
+        load_script("ablation_costs").parse_args(["--ablations", "ablations/nope.yaml"])
+    assert "no such ablation file: ablations/nope.yaml" in capsys.readouterr().err
+
+
 def test_sample_breakdown_adds_up_to_the_call(capsys):
     figures, _ = run_script("sample", ["--profile", "tiny", "--device", "cpu", "--steps", "2", "--batch", "2",
                                        "--samplers", "ddim", "--repeats", "1", "--breakdown"], capsys)
