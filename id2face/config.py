@@ -70,7 +70,8 @@ def _replace_swapped_components(base: DictConfig, layer: DictConfig, prefix: str
         new, old = layer[key], base[key]
         path = f"{prefix}{key}"
         if isinstance(new, DictConfig) and _is_component(old) and "name" in new:
-            keep = [str(param) for param in new.pop("keep_params", None) or []]
+            keep = new.pop("keep_params", None) or []
+            keep = [str(keep)] if isinstance(keep, str) else [str(param) for param in keep]
             if new.name != old.name:
                 params = old.get("params") or {}
                 OmegaConf.set_struct(base, False)

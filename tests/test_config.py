@@ -67,6 +67,8 @@ def test_a_swap_keeps_the_params_it_lists_at_the_runs_values(tmp_path):
     # the run's latent_dim (tiny's 16, not the class default 64); no width in the run's node to keep
     assert OmegaConf.to_container(cfg.model.id_vae) == {
         "name": "deterministic", "params": {"latent_dim": 16, "norm_momentum": 0.1}}
+    one = write(tmp_path, "one.yaml", "model:\n  id_vae:\n    name: deterministic\n    keep_params: latent_dim\n")
+    assert OmegaConf.to_container(load_config(["tiny", one]).model.id_vae.params) == {"latent_dim": 16}
     same = write(tmp_path, "same.yaml", "model:\n  id_vae:\n    name: vae\n    keep_params: [latent_dim]\n")
     assert load_config(["tiny", same]).model.id_vae == load_config(["tiny"]).model.id_vae  # no swap, nothing reset
 
