@@ -152,21 +152,16 @@ def build_on_meta(args):
 
 def step_flops_per_image(model, profile: str, cached_latents: bool) -> tuple[float, dict[str, float]]:
     """(FLOPs per image of one training step of ``model``, forward + backward, the same by top-level
-    module), counted on the meta device (``model`` built there)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    module): ``id2face.flops.training_step_flops``, which a training run's logged MFU uses too."""
+    from id2face.flops import images_in, training_step_flops
 
     # Two pairs: per-image FLOPs do not depend on the batch, except the alignment's N x N batch
     # statistics (negligible; computed from N = 4 images on).
-    n = 4
-    batch = C.pair_batch(n // 2, C.PROFILE_IMAGE_SIZE[profile], torch.device("meta"))
+    batch = C.pair_batch(2, C.PROFILE_IMAGE_SIZE[profile], torch.device("meta"))
     if cached_latents:
         batch = with_cached_latents(model, batch)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model.training_losses(batch)["loss"].backward()
-    by_role = {name: sum(ops.values()) / n for name, ops in counter.get_flop_counts().items()
-               if "." not in name and name != "Global"}
-    return counter.get_total_flops() / n, by_role
+    flops, n = training_step_flops(model, batch), images_in(batch)
+    return flops.total / n, {name: value / n for name, value in flops.by_role.items()}
 
 
 def flops_only(args) -> int:
