@@ -1,8 +1,8 @@
 """Training runs: one fixed folder per (experiment, ablation, seed), resumable after preemption.
 
 ``runs/<experiment>/<ablation>/seed<k>/`` holds ``config.yaml`` (the resolved config),
-``split.json`` (the identity-disjoint split), ``checkpoints/last.ckpt`` (+ periodic ones), ``tb/`` (TensorBoard: losses and the image grids
-of ``log_images()``) and ``train_state.json``. Starting a run whose folder has a checkpoint
+``split.json`` (the identity-disjoint split), ``checkpoints/last.ckpt`` (+ periodic ones), ``tb/`` (TensorBoard: losses,
+throughput and MFU (``TrainingThroughput``), the image grids of ``log_images()``) and ``train_state.json``. Starting a run whose folder has a checkpoint
 resumes it: a requeued SLURM task or a rerun of the same command continues where it stopped.
 """
 from __future__ import annotations
@@ -11,9 +11,10 @@ import json
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import save_config
 from .errors import UserError
+from .flops import images_in, training_step_flops
 
 
 class Preempted(UserError):
@@ -148,6 +150,90 @@ class CheckpointOnSignal(Callback):
             signal.signal(signal.SIGUSR1, self._previous_usr1)
 
 
+class TrainingThroughput(Callback):
+    """Logs ``throughput/images_per_s`` (all devices), ``throughput/tflops_per_s`` and, where one
+    device's peak is known, ``throughput/mfu`` (per device) at the steps Lightning logs the losses
+    (every ``trainer.log_every_n_steps``), over the time since the last log: data loading,
+    optimiser, EMA and checkpoints included; validation and the first batch (compilation, cuDNN's
+    search) left out. FLOPs are counted once, on the first batch (``flops.training_step_flops``,
+    as ``benchmarks/train_step.py`` counts them), without gradient checkpointing's recomputation:
+    model FLOPs, on which MFU is defined.
+
+    Not Lightning's ``ThroughputMonitor``: it calls ``torch.cuda.synchronize()`` after every batch,
+    which empties the GPU's queue each step (the host no longer runs ahead). Here the clock is read
+    after one synchronisation where a log is written, where Lightning's logging of the losses
+    waits for the GPU anyway.
+
+    ``peak_flops``: one device's peak FLOP/s (``run.peak_flops``); ``None`` asks Lightning's table
+    for the device and ``trainer.precision`` (H100 SXM bf16: 989e12; none for a CPU).
+    """
+
+    def __init__(self, peak_flops: float | str | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.peak_flops = None if peak_flops is None else float(peak_flops)
+        self.clock = clock
+        self.flops_per_image: float | None = None
+        self._started: float | None = None  # clock at the last log (None: before the first batch ended)
+        self._paused = 0.0  # seconds of the interval before a validation
+        self._images = 0
+        self._step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        device = trainer.strategy.root_device
+        if self.peak_flops is None and device.type != "cpu":
+            from lightning.fabric.utilities.throughput import get_available_flops
+
+            precision = str(trainer.precision)
+            dtype = (torch.bfloat16 if precision.startswith("bf16") else
+                     torch.float16 if precision.startswith("16") else torch.float32)
+            self.peak_flops = get_available_flops(device, dtype)
+
+    def _now(self, trainer) -> float:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":  # the interval ends when its queued kernels have run
+            torch.cuda.synchronize(device)
+        return self.clock()
+
+    def _active(self, trainer) -> bool:
+        return trainer.is_global_zero and bool(trainer.loggers) and not trainer.sanity_checking
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.flops_per_image is None and self._active(trainer):
+            flops = training_step_flops(pl_module.model, batch, recomputation=False)
+            self.flops_per_image = flops.total / images_in(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._active(trainer):
+            return
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        if self._started is None:
+            self._started = self._now(trainer)
+            return
+        self._images += images_in(batch)
+        if not stepped or trainer.log_every_n_steps < 1 or trainer.global_step % trainer.log_every_n_steps:
+            return
+        now = self._now(trainer)
+        seconds, images = self._paused + now - self._started, self._images
+        self._started, self._paused, self._images = now, 0.0, 0
+        if seconds <= 0:  # a clock too coarse to time the interval
+            return
+        per_device = images / seconds
+        flops_per_s = self.flops_per_image * per_device
+        metrics = {"throughput/images_per_s": per_device * trainer.world_size,
+                   "throughput/tflops_per_s": flops_per_s / 1e12}
+        if self.peak_flops:
+            metrics["throughput/mfu"] = flops_per_s / self.peak_flops
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._started is not None and self._active(trainer):
+            self._paused += self._now(trainer) - self._started
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._started is not None and self._active(trainer):
+            self._started = self._now(trainer)
+
+
 def _slurm_auto_requeue(trainer) -> bool:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -261,7 +347,8 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     ckpt = resume_checkpoint(folder) if resume else None
     on_signal = CheckpointOnSignal(checkpoint_dir / "last.ckpt")
     run_state = RunState(folder / "train_state.json", ckpt)
-    callbacks = [on_signal, run_state, LogImages(int(cfg.run.log_images_every_n_steps)), *callbacks]
+    callbacks = [on_signal, run_state, LogImages(int(cfg.run.log_images_every_n_steps)),
+                 TrainingThroughput(cfg.run.get("peak_flops")), *callbacks]
     if not cfg.trainer.get("fast_dev_run"):
         # last.ckpt links to the newest periodic checkpoint instead of being a second copy of it:
         # one write, not two, of the 14 GB an SD-1.5 run's checkpoint holds (BENCHMARKS.md).
