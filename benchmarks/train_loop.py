@@ -73,22 +73,46 @@ class StepWindow:
         return _Window()
 
 
-def loop_seconds(cfg, device: torch.device, args) -> tuple[float, object]:
-    """Seconds a step of ``fit`` over ``args.steps`` steps after ``args.warmup``, and the module."""
+def kept_logs():
+    """A Lightning logger that keeps what it is given: ``(step, metrics)`` in ``.logged``."""
+    from lightning.pytorch.loggers.logger import Logger
+
+    class Kept(Logger):
+        name, version = "kept", 0
+
+        def __init__(self):
+            super().__init__()
+            self.logged = []
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    return Kept()
+
+
+def loop_seconds(cfg, device: torch.device, args) -> tuple[float, object, list]:
+    """Seconds a step of ``fit`` over ``args.steps`` steps after ``args.warmup``, the module, and the
+    ``(step, metrics)`` the fit's ``TrainingThroughput`` logged (as a training run logs them)."""
     import lightning as L
 
     from id2face.data.datamodule import FacePairDataModule
     from id2face.lit_module import ID2FaceModule
+    from id2face.training import TrainingThroughput
 
     total = args.warmup + args.steps
     window = StepWindow(args.warmup + 1, total, device)
     torch.manual_seed(0)
     module = ID2FaceModule(cfg)
+    logs = kept_logs()
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=cfg.trainer.precision, max_steps=total,
-                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=logs, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=cfg.trainer.gradient_clip_val,
-                        log_every_n_steps=int(cfg.trainer.log_every_n_steps), callbacks=[window.callback()])
+                        log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+                        callbacks=[window.callback(), TrainingThroughput(cfg.run.get("peak_flops"))])
     C.progress(f"fit: {args.warmup} + {args.steps} steps")
     with warnings.catch_warnings():  # as id2face.training.fit: notices about choices made on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -96,7 +120,8 @@ def loop_seconds(cfg, device: torch.device, args) -> tuple[float, object]:
         trainer.fit(module, datamodule=FacePairDataModule(cfg.data))
     if window.seconds is None:
         raise SystemExit(f"the fit ended at step {trainer.global_step}, before step {total}: more --files")
-    return window.seconds / args.steps, module
+    throughput = [(step, m) for step, m in logs.logged if "throughput/images_per_s" in m]
+    return window.seconds / args.steps, module, throughput
 
 
 def step_seconds(module, cfg, device: torch.device, args) -> float:
@@ -144,7 +169,7 @@ def main(argv=None) -> int:
             *args.override, f"trainer.accelerator={device.type}", "trainer.devices=1",
             "data.dataset={name: identity_folder, params: {root: " + str(root) + "}}", f"data.image_size={size}",
             f"data.batch_size={pairs}", f"data.num_workers={workers}", "data.split_fractions=[0.9,0.05,0.05]"])
-        loop_s, module = loop_seconds(cfg, device, args)
+        loop_s, module, logged = loop_seconds(cfg, device, args)
         step_s = step_seconds(module, cfg, device, args)
 
     images = 2 * pairs
@@ -155,13 +180,28 @@ def main(argv=None) -> int:
                "loop_step_s": loop_s, "step_s": step_s, "ratio_loop_over_step": loop_s / step_s,
                "loop_overhead_ms": (loop_s - step_s) * 1e3, "loop_ema_updates": module._ema_updates,
                "torch": torch.__version__}
+    # What the run's own log says: its last interval, when it lies in the timed window.
+    every = int(cfg.trainer.log_every_n_steps)
+    step, last = logged[-1] if logged else (None, {})
+    in_window = step is not None and step - every >= args.warmup
+    figures.update({"logged_step": step if in_window else None,
+                    **{f"logged_{k.split('/')[1]}": (v if in_window else None) for k, v in last.items()}})
     print(f"training loop vs its step, profile {args.profile} on {figures['device']}: {images} images a step "
           f"({pairs} pairs), {size} px, {workers} loader workers, precision {figures['precision']}, "
           f"pixel_transport {figures['pixel_transport']}, ema_every {figures['ema_every']}; "
           f"{args.steps} timed steps after {args.warmup}")
     C.print_table(["run", "ms a step", "img/s"],
                   [["fit (loader, copy, EMA, logging, schedule)", f"{loop_s * 1e3:.1f}", f"{images / loop_s:.1f}"],
-                   ["the step alone (one batch on the device)", f"{step_s * 1e3:.1f}", f"{images / step_s:.1f}"]])
+                   ["the step alone (one batch on the device)", f"{step_s * 1e3:.1f}", f"{images / step_s:.1f}"]]
+                  + ([[f"fit, as its run logs it (throughput/*, steps {step - every + 1}-{step})",
+                       f"{images / figures['logged_images_per_s'] * 1e3:.1f}", f"{figures['logged_images_per_s']:.1f}"]]
+                     if in_window else []))
+    if in_window:
+        mfu = figures.get("logged_mfu")
+        print(f"logged: {figures['logged_tflops_per_s']:.3f} TFLOP/s a device"
+              + (f", MFU {100 * mfu:.1f} %" if mfu is not None else " (no peak known for this device: run.peak_flops)"))
+    else:
+        print(f"logged: no throughput log inside the timed steps (trainer.log_every_n_steps={every})")
     print(f"ratio loop / step: {figures['ratio_loop_over_step']:.3f} ({figures['loop_overhead_ms']:+.1f} ms a step)")
     C.print_json(figures)
     return 0

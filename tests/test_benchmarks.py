@@ -142,8 +142,12 @@ def test_data_loading_times_the_training_loader_for_each_pixel_transport(capsys)
 
 def test_train_loop_times_lightnings_fit_against_the_step_it_is_made_of(capsys):
     figures, out = run_script("train_loop", ["--profile", "tiny", "--pairs", "2", "--steps", "2", "--warmup", "1",
-                                             "--override", "model.optim.ema_every=2"], capsys)
+                                             "--override", "model.optim.ema_every=2", "trainer.log_every_n_steps=1"],
+                              capsys)
     assert figures["images_per_step"] == 4 and figures["precision"] == "32-true" and figures["workers"] == 0
+    # the run's own log of its last step, beside the window's timing
+    assert figures["logged_step"] == 3 and figures["logged_images_per_s"] > 0 and "logged_mfu" not in figures
+    assert "fit, as its run logs it (throughput/*, steps 3-3)" in out
     assert figures["ema_every"] == 2 and figures["loop_ema_updates"] == 1  # fit ran 3 steps: one update, at 2
     assert figures["loop_step_s"] > 0 and figures["step_s"] > 0
     assert figures["ratio_loop_over_step"] == pytest.approx(figures["loop_step_s"] / figures["step_s"])
