@@ -157,7 +157,8 @@ class TrainingThroughput(Callback):
     optimiser, EMA and checkpoints included; validation and the first batch (compilation, cuDNN's
     search) left out. FLOPs are counted once, on the first batch (``flops.training_step_flops``,
     as ``benchmarks/train_step.py`` counts them), without gradient checkpointing's recomputation:
-    model FLOPs, on which MFU is defined.
+    model FLOPs, on which MFU is defined. A model the meta device cannot run (a component that reads
+    a value back to the host) trains all the same: a warning, and images/s only.
 
     Not Lightning's ``ThroughputMonitor``: it calls ``torch.cuda.synchronize()`` after every batch,
     which empties the GPU's queue each step (the host no longer runs ahead). Here the clock is read
@@ -171,7 +172,8 @@ class TrainingThroughput(Callback):
     def __init__(self, peak_flops: float | str | None = None, clock: Callable[[], float] = time.perf_counter):
         self.peak_flops = None if peak_flops is None else float(peak_flops)
         self.clock = clock
-        self.flops_per_image: float | None = None
+        self.flops_per_image: float | None = None  # None: not counted (yet, or the model cannot run on meta)
+        self._counted = False
         self._started: float | None = None  # clock at the last log (None: before the first batch ended)
         self._paused = 0.0  # seconds of the interval before a validation
         self._images = 0
@@ -197,9 +199,17 @@ class TrainingThroughput(Callback):
         return trainer.is_global_zero and bool(trainer.loggers) and not trainer.sanity_checking
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if self.flops_per_image is None and self._active(trainer):
+        if self._counted or not self._active(trainer):
+            return
+        self._counted = True
+        try:
             flops = training_step_flops(pl_module.model, batch, recomputation=False)
-            self.flops_per_image = flops.total / images_in(batch)
+        except Exception as err:  # noqa: BLE001 - a model the meta device cannot run still trains
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            warnings.warn(f"throughput: the training step's FLOPs could not be counted on the meta device "
+                          f"({type(err).__name__}: {message}); logging images/s only", stacklevel=1)
+            return
+        self.flops_per_image = flops.total / images_in(batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._active(trainer):
@@ -217,11 +227,12 @@ class TrainingThroughput(Callback):
         if seconds <= 0:  # a clock too coarse to time the interval
             return
         per_device = images / seconds
-        flops_per_s = self.flops_per_image * per_device
-        metrics = {"throughput/images_per_s": per_device * trainer.world_size,
-                   "throughput/tflops_per_s": flops_per_s / 1e12}
-        if self.peak_flops:
-            metrics["throughput/mfu"] = flops_per_s / self.peak_flops
+        metrics = {"throughput/images_per_s": per_device * trainer.world_size}
+        if self.flops_per_image is not None:
+            flops_per_s = self.flops_per_image * per_device
+            metrics["throughput/tflops_per_s"] = flops_per_s / 1e12
+            if self.peak_flops:
+                metrics["throughput/mfu"] = flops_per_s / self.peak_flops
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 

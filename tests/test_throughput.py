@@ -99,7 +99,7 @@ def run_batches(callback, trainer, steps, pairs=4, validate_after=()):
 def test_the_callback_logs_images_per_second_and_mfu_at_the_logging_steps_only():
     clock = Clock(tick=2.0)
     callback = TrainingThroughput(peak_flops=1e12, clock=clock)
-    callback.flops_per_image = 1e11  # counted on the first batch otherwise
+    callback.flops_per_image, callback._counted = 1e11, True  # counted on the first batch otherwise
     trainer = trainer_stub(world_size=2, log_every_n_steps=2)
     callback.setup(trainer, None, "fit")
     run_batches(callback, trainer, steps=range(1, 8))  # 4 pairs = 8 images a batch
@@ -118,7 +118,7 @@ def test_the_callback_logs_images_per_second_and_mfu_at_the_logging_steps_only()
 def test_validation_and_accumulated_batches_do_not_bend_the_figure():
     clock = Clock(tick=1.0)
     callback = TrainingThroughput(clock=clock)  # a CPU: no peak, no mfu
-    callback.flops_per_image = 5e9
+    callback.flops_per_image, callback._counted = 5e9, True
     trainer = trainer_stub(log_every_n_steps=4)
     callback.setup(trainer, None, "fit")
     assert callback.peak_flops is None
@@ -145,6 +145,22 @@ def test_the_callback_counts_the_models_flops_on_the_first_batch_and_stays_quiet
     trainer.is_global_zero = False
     run_batches(other_rank, trainer, steps=range(1, 6))
     assert other_rank.flops_per_image is None and trainer.loggers[0].logged == []
+
+
+def test_a_model_the_meta_device_cannot_run_still_trains_and_logs_its_images_per_second():
+    class ReadsBack(torch.nn.Module):  # a user's component that reads a value to the host
+        def training_losses(self, batch):
+            scale = batch["a"]["image"].abs().max().item()
+            return {"loss": batch["a"]["image"].sum() * scale}
+
+    trainer = trainer_stub(log_every_n_steps=1)
+    callback = TrainingThroughput(peak_flops=1e12, clock=Clock(1.0))
+    batch = {"a": {"image": torch.ones(2, 3, 4, 4)}, "b": {"image": torch.ones(2, 3, 4, 4)}}
+    with pytest.warns(UserWarning, match=r"FLOPs could not be counted on the meta device .*images/s only"):
+        callback.on_train_batch_start(trainer, SimpleNamespace(model=ReadsBack()), batch, 0)
+    callback.on_train_batch_start(trainer, SimpleNamespace(model=ReadsBack()), batch, 0)  # tried once only
+    run_batches(callback, trainer, steps=[1, 2])
+    assert trainer.loggers[0].logged == [(2, {"throughput/images_per_s": 8.0})]  # 8 images in 1 s
 
 
 def test_the_peak_comes_from_the_config_or_lightnings_table(monkeypatch):
