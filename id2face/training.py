@@ -1,9 +1,10 @@
 """Training runs: one fixed folder per (experiment, ablation, seed), resumable after preemption.
 
 ``runs/<experiment>/<ablation>/seed<k>/`` holds ``config.yaml`` (the resolved config),
-``split.json`` (the identity-disjoint split), ``checkpoints/last.ckpt`` (+ periodic ones), ``tb/`` (TensorBoard: losses,
-throughput and MFU (``TrainingThroughput``), the image grids of ``log_images()``) and ``train_state.json``. Starting a run whose folder has a checkpoint
-resumes it: a requeued SLURM task or a rerun of the same command continues where it stopped.
+``split.json`` (the identity-disjoint split), ``checkpoints/last.ckpt`` (+ periodic ones), ``tb/``
+(TensorBoard: losses, throughput and MFU (``TrainingThroughput``), the image grids of
+``log_images()``) and ``train_state.json``. Starting a run whose folder has a checkpoint resumes it:
+a requeued SLURM task or a rerun of the same command continues where it stopped.
 """
 from __future__ import annotations
 
