@@ -256,7 +256,8 @@ def _slurm_auto_requeue(trainer) -> bool:
 def build_strategy(node: Any) -> Any:
     """``trainer.strategy``: a Lightning name as it is, or ``{name, params}``: the strategy Lightning
     registers under ``name`` with ``params`` added to its own (e.g. ``{name: ddp, params:
-    {gradient_as_bucket_view: true}}``, which Lightning's names cannot say)."""
+    {gradient_as_bucket_view: true}}``, which Lightning's names cannot say; ``ddp_comm_hook`` by
+    name: ``ddp_comm_hook``)."""
     if not isinstance(node, dict):
         return node
     from lightning.pytorch.strategies import StrategyRegistry
@@ -275,7 +276,25 @@ def build_strategy(node: Any) -> Any:
     if wrong:
         raise UserError(f"trainer.strategy {name}: unknown params {', '.join(wrong)}; it takes "
                         f"{', '.join(sorted(accepted))}")
+    if isinstance(params.get("ddp_comm_hook"), str):
+        params["ddp_comm_hook"] = ddp_comm_hook(params["ddp_comm_hook"])
     return entry["strategy"](**{**entry["init_params"], **params})
+
+
+# torch's default DDP communication hooks, by the name a config gives (`{name}_hook` in torch).
+DDP_COMM_HOOKS = ("allreduce", "fp16_compress", "bf16_compress")
+
+
+def ddp_comm_hook(name: str):
+    """``trainer.strategy.params.ddp_comm_hook`` by name: a YAML file cannot hold the function.
+    ``bf16_compress`` all-reduces the gradients in bf16 (half the bytes of fp32: 1.7 of 3.5 GB a step
+    for the SD-1.5 UNet's 867 M trainable weights), then divides and writes them back in fp32.
+    Lightning registers the hook on CUDA only (``build_trainer`` warns elsewhere)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if name not in DDP_COMM_HOOKS:
+        raise UserError(f"trainer.strategy ddp_comm_hook: unknown hook {name!r}; valid: {', '.join(DDP_COMM_HOOKS)}")
+    return getattr(default_hooks, f"{name}_hook")
 
 
 def _strategy_parameters(strategy_class) -> set[str]:
@@ -306,7 +325,11 @@ def build_trainer(cfg: DictConfig, folder: Path, callbacks: list[Callback] = (),
         kwargs.setdefault("logger", TensorBoardLogger(save_dir=str(folder), name="tb", version=""))
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), *callbacks]
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    trainer = L.Trainer(**kwargs)
+    if getattr(trainer.strategy, "_ddp_comm_hook", None) is not None and trainer.strategy.root_device.type != "cuda":
+        warnings.warn("trainer.strategy ddp_comm_hook: Lightning registers DDP communication hooks on CUDA "
+                      "only; this run all-reduces uncompressed", stacklevel=2)
+    return trainer
 
 
 def latent_cache_hint(cfg: DictConfig, model) -> str | None:

@@ -161,7 +161,18 @@ def test_a_strategy_mapping_adds_params_to_lightnings_named_strategy(tmp_path):
     strategy = build_trainer(cfg, tmp_path, logger=False).strategy
     assert isinstance(strategy, DDPStrategy) and strategy._start_method == "popen"  # Lightning's `ddp`
     assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True}  # what DistributedDataParallel gets
-    for node, message in [("{name: ddp, params: {gradient_as_bucket_veiw: true}}",
+    # a communication hook by name (a YAML file cannot hold the function)
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hooked = load_config(["tiny"], ["trainer.strategy={name: ddp, params: {ddp_comm_hook: bf16_compress}}",
+                                    "trainer.accelerator=cpu", "trainer.devices=2"])
+    with pytest.warns(UserWarning, match="registers DDP communication hooks on CUDA only; this run all-reduces "
+                                         "uncompressed"):  # Lightning skips it on a CPU, silently
+        strategy = build_trainer(hooked, tmp_path, logger=False).strategy
+    assert strategy._ddp_comm_hook is default_hooks.bf16_compress_hook
+    for node, message in [("{name: ddp, params: {ddp_comm_hook: bf16}}",
+                           "ddp_comm_hook: unknown hook 'bf16'; valid: allreduce, fp16_compress, bf16_compress"),
+                          ("{name: ddp, params: {gradient_as_bucket_veiw: true}}",
                            "trainer.strategy ddp: unknown params gradient_as_bucket_veiw; it takes .*static_graph"),
                           ("{name: dpp}", "unknown strategy 'dpp'; Lightning's are .*ddp_spawn"),
                           ("{kind: ddp}", "trainer.strategy as a mapping takes name and params, got \\['kind'\\]")]:
