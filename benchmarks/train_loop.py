@@ -196,11 +196,11 @@ def main(argv=None) -> int:
                   + ([[f"fit, as its run logs it (throughput/*, steps {step - every + 1}-{step})",
                        f"{images / figures['logged_images_per_s'] * 1e3:.1f}", f"{figures['logged_images_per_s']:.1f}"]]
                      if in_window else []))
-    if in_window:
+    if in_window and "logged_tflops_per_s" in figures:  # absent where the model's FLOPs could not be counted
         mfu = figures.get("logged_mfu")
         print(f"logged: {figures['logged_tflops_per_s']:.3f} TFLOP/s a device"
               + (f", MFU {100 * mfu:.1f} %" if mfu is not None else " (no peak known for this device: run.peak_flops)"))
-    else:
+    elif not in_window:
         print(f"logged: no throughput log inside the timed steps (trainer.log_every_n_steps={every})")
     print(f"ratio loop / step: {figures['ratio_loop_over_step']:.3f} ({figures['loop_overhead_ms']:+.1f} ms a step)")
     C.print_json(figures)
