@@ -159,7 +159,8 @@ class TrainingThroughput(Callback):
     search) left out. FLOPs are counted once, on the first batch (``flops.training_step_flops``,
     as ``benchmarks/train_step.py`` counts them), without gradient checkpointing's recomputation:
     model FLOPs, on which MFU is defined. A model the meta device cannot run (a component that reads
-    a value back to the host) trains all the same: a warning, and images/s only.
+    a value back to the host) trains all the same: a warning, and images/s only. At the end of
+    training, one line gives the same figures over all the logged intervals.
 
     Not Lightning's ``ThroughputMonitor``: it calls ``torch.cuda.synchronize()`` after every batch,
     which empties the GPU's queue each step (the host no longer runs ahead). Here the clock is read
@@ -179,6 +180,10 @@ class TrainingThroughput(Callback):
         self._paused = 0.0  # seconds of the interval before a validation
         self._images = 0
         self._step = -1
+        self._since = 0  # the first step of the interval being timed
+        # all logged intervals, for the line at the end
+        self._run_first_step = self._run_last_step = self._run_images = 0
+        self._run_seconds = 0.0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         device = trainer.strategy.root_device
@@ -218,6 +223,7 @@ class TrainingThroughput(Callback):
         stepped, self._step = trainer.global_step != self._step, trainer.global_step
         if self._started is None:
             self._started = self._now(trainer)
+            self._since = trainer.global_step + 1
             return
         self._images += images_in(batch)
         if not stepped or trainer.log_every_n_steps < 1 or trainer.global_step % trainer.log_every_n_steps:
@@ -227,15 +233,35 @@ class TrainingThroughput(Callback):
         self._started, self._paused, self._images = now, 0.0, 0
         if seconds <= 0:  # a clock too coarse to time the interval
             return
+        self._run_first_step = self._run_first_step or self._since
+        self._run_last_step = trainer.global_step
+        self._run_images += images
+        self._run_seconds += seconds
+        self._since = trainer.global_step + 1
+        for logger in trainer.loggers:
+            logger.log_metrics(self._figures(images, seconds, trainer.world_size), step=trainer.global_step)
+
+    def _figures(self, images: int, seconds: float, world_size: int) -> dict[str, float]:
         per_device = images / seconds
-        metrics = {"throughput/images_per_s": per_device * trainer.world_size}
+        figures = {"throughput/images_per_s": per_device * world_size}
         if self.flops_per_image is not None:
             flops_per_s = self.flops_per_image * per_device
-            metrics["throughput/tflops_per_s"] = flops_per_s / 1e12
+            figures["throughput/tflops_per_s"] = flops_per_s / 1e12
             if self.peak_flops:
-                metrics["throughput/mfu"] = flops_per_s / self.peak_flops
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+                figures["throughput/mfu"] = flops_per_s / self.peak_flops
+        return figures
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self._active(trainer) or self._run_seconds <= 0:
+            return
+        figures = self._figures(self._run_images, self._run_seconds, trainer.world_size)
+        line = (f"throughput: {figures['throughput/images_per_s']:.1f} images/s over steps "
+                f"{self._run_first_step}-{self._run_last_step}")
+        if "throughput/tflops_per_s" in figures:
+            line += f", {figures['throughput/tflops_per_s']:.3f} TFLOP/s a device"
+        if "throughput/mfu" in figures:
+            line += f", MFU {100 * figures['throughput/mfu']:.1f} %"
+        print(line, flush=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._started is not None and self._active(trainer):

@@ -1,4 +1,5 @@
 """FLOPs of a training step counted on a meta copy, and the callback that logs a run's images/s and MFU."""
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -96,7 +97,7 @@ def run_batches(callback, trainer, steps, pairs=4, validate_after=()):
             callback.on_validation_end(trainer, None)
 
 
-def test_the_callback_logs_images_per_second_and_mfu_at_the_logging_steps_only():
+def test_the_callback_logs_images_per_second_and_mfu_at_the_logging_steps_only(capsys):
     clock = Clock(tick=2.0)
     callback = TrainingThroughput(peak_flops=1e12, clock=clock)
     callback.flops_per_image, callback._counted = 1e11, True  # counted on the first batch otherwise
@@ -113,6 +114,10 @@ def test_the_callback_logs_images_per_second_and_mfu_at_the_logging_steps_only()
     assert later["throughput/images_per_s"] == pytest.approx(2 * 16 / 2.0)
     assert later["throughput/tflops_per_s"] == pytest.approx(1e11 * 8 / 1e12)
     assert later["throughput/mfu"] == pytest.approx(0.8)
+    # the line at the end: 8 + 16 + 16 images a device in 6 s, on 2 devices
+    callback.on_train_end(trainer, None)
+    assert capsys.readouterr().out == ("throughput: 13.3 images/s over steps 2-6, 0.667 TFLOP/s a device, "
+                                       "MFU 66.7 %\n")
 
 
 def test_validation_and_accumulated_batches_do_not_bend_the_figure():
@@ -177,7 +182,7 @@ def test_the_peak_comes_from_the_config_or_lightnings_table(monkeypatch):
     assert callback.peak_flops == 7e14 and asked == [("cuda", torch.bfloat16)]
 
 
-def test_a_training_run_logs_its_throughput_to_tensorboard(tmp_path):
+def test_a_training_run_logs_its_throughput_to_tensorboard(tmp_path, capsys):
     import time
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -199,6 +204,12 @@ def test_a_training_run_logs_its_throughput_to_tensorboard(tmp_path):
     flops_per_image = tflops[1].value * 1e12 / rate[1].value
     assert flops_per_image == pytest.approx(training_step_flops(tiny_model(), pair_batch(2)).total / 4, rel=1e-3)
     assert mfu[1].value == pytest.approx(tflops[1].value * 1e12 / 2e12, rel=1e-4)
+    # and one line at the end over both intervals: their images over their summed seconds
+    overall = 3 * images_per_batch / (images_per_batch / rate[0].value + 2 * images_per_batch / rate[1].value)
+    line = re.search(r"throughput: ([\d.]+) images/s over steps 2-4, ([\d.]+) TFLOP/s a device, MFU ([\d.]+) %",
+                     capsys.readouterr().out)
+    assert line and float(line[1]) == pytest.approx(overall, abs=0.1)
+    assert float(line[3]) == pytest.approx(100 * float(line[2]) * 1e12 / 2e12, abs=0.1)
 
 
 def test_model_flops_leave_out_what_gradient_checkpointing_recomputes():
