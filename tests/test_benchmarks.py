@@ -264,12 +264,13 @@ def test_train_step_eager_bare_compiles_our_unet_alone(capsys):
 
 def test_switch_quality_evaluates_each_arithmetic_beside_a_seed_change(tmp_path, capsys):
     """The shipped demo model under fp32, another seed and bf16 autocast: one eval run each, and
-    the shifts are the differences to fp32 (an untrained encoder judges: no oracle to train here)."""
+    the shifts are the differences to fp32 (an untrained encoder judges: no oracle to train here).
+    Four faces, four DDIM steps: bf16 matmuls are emulated on CPUs without AVX512-BF16 (~10x fp32)."""
     checkpoint = BENCHMARKS.parent / "checkpoints" / "demo-tiny.pt"
-    figures, out = run_script("switch_quality", ["--checkpoint", str(checkpoint), "--device", "cpu", "--limit", "8",
+    figures, out = run_script("switch_quality", ["--checkpoint", str(checkpoint), "--device", "cpu", "--limit", "4",
                                                  "--variants", "fp32", "seed", "bf16", "--out", str(tmp_path),
                                                  "--override", "eval.recognizers=[{name: encoder, params: {encoder: "
-                                                 "tiny}}]"], capsys)
+                                                 "tiny}}]", "model.sampler.params.num_inference_steps=4"], capsys)
     metrics = figures["metrics"]
     assert list(metrics) == ["fp32", "seed", "bf16"]
     assert all((tmp_path / name / "metrics.json").is_file() for name in metrics)
