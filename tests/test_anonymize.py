@@ -748,8 +748,9 @@ def test_the_command_searches_convolutions_only_when_told(tmp_path, monkeypatch,
     assert main([*command, "--cudnn-benchmark"]) == 2 and built[-1]["args"][3].cudnn_benchmark is True
 
 
+@pytest.mark.slow
 def test_compiled_anonymization_gives_the_eager_faces(checkpoint, loaded, fresh_dynamo):
-    """~30 s: one CPU compile of the tiny UNet's forward."""
+    """One CPU compile of the tiny UNet's forward: 30 s to 95 s on the CPUs measured."""
     detector = GroundTruthDetector()
     photo, _ = compose(detector, skimage_data.coffee(), [(0, 0, 30, 40), (1, 0, 300, 120)])
     compiled_model, cfg, info = load_model(checkpoint, compile=True)

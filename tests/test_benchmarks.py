@@ -223,6 +223,7 @@ COMPILED_ANONYMIZE = ["anonymize_throughput.py", "--photos", "1", "--faces-per-p
                       "--io-workers", "0", "--compile", "--precision", "bf16-mixed"]
 
 
+@pytest.mark.slow
 def test_dynamo_check_passes_the_compiled_pipeline_and_counts_what_would_split_it(monkeypatch, capsys):
     """The compiled file pipeline (tiny) traces as whole graphs, once; the check counts the graph
     breaks of an autocast query dynamo cannot trace (torch 2.11's) and the recompilation of a
@@ -473,6 +474,7 @@ def test_traffic_counter_counts_the_fused_optimizer_which_returns_nothing():
     assert fused.bytes == 4 * 4 * 1100 + 2 * 4
 
 
+@pytest.mark.slow
 def test_sd15_step_traffic_on_fake_tensors(capsys):
     """The whole SD-1.5-size step of both models, counted without memory or compute."""
     figures, out = run_script("train_step", ["--profile", "sd15", "--traffic", "--bf16", "--cached-latents"], capsys)
@@ -542,6 +544,7 @@ def test_sd15_step_memory_on_fake_tensors_matches_the_h100(capsys):
     assert figures["bare"]["step_peak_bytes"] / 2**20 == pytest.approx(39988, rel=0.05)
 
 
+@pytest.mark.slow
 def test_sd15_sampling_traffic_and_the_bf16_vae(capsys):
     """The eager bound of one SD-1.5 anonymization by part, and what the bf16 VAE saves of it."""
     argv = ["--profile", "sd15", "--traffic", "--bf16", "--steps", "25", "--batch", "2"]
