@@ -288,6 +288,7 @@ def test_switch_quality_needs_the_fp32_reference():
         load_script("switch_quality").parse_args(["--checkpoint", "x.pt", "--variants", "bf16"])
 
 
+@pytest.mark.slow
 def test_sd15_flop_counts_with_and_without_the_latent_cache(capsys):
     """Meta device: the SD-1.5-size step's FLOPs without building anything real."""
     encoded, _ = run_script("train_step", ["--profile", "sd15", "--flops-only"], capsys)
@@ -312,6 +313,15 @@ def test_step_counts_take_an_ablation_whose_attribute_encoder_has_no_token_param
 
 
 ABLATIONS = sorted((BENCHMARKS.parent / "ablations").glob("*.yaml"))
+_DEFAULT_SAMPLING_COUNTS: dict = {}
+
+
+def default_sampling_counts(capsys) -> dict:
+    """The default config's tiny sampling count, which every ablation is compared with: made once."""
+    if not _DEFAULT_SAMPLING_COUNTS:
+        figures, _ = run_script("sample", ["--profile", "tiny", "--flops-only", "--steps", "4"], capsys)
+        _DEFAULT_SAMPLING_COUNTS.update(figures)
+    return _DEFAULT_SAMPLING_COUNTS
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda path: path.stem)
@@ -322,7 +332,7 @@ def test_every_ablation_file_runs_through_the_flop_counts(ablation, capsys):
     assert 1.0 <= step["flop_ratio_full_over_bare"] < 1.1
     sampling, _ = run_script("sample", ["--profile", "tiny", "--flops-only", "--steps", "4",
                                           "--override", str(ablation)], capsys)
-    reference, _ = run_script("sample", ["--profile", "tiny", "--flops-only", "--steps", "4"], capsys)
+    reference = default_sampling_counts(capsys)
     unet = {name: figures["flops_per_face_by_part"]["UNet x 4 steps"] for name, figures in
             (("ablation", sampling), ("default", reference))}
     # Guidance that needs a second condition runs the UNet on twice the batch.
@@ -588,6 +598,7 @@ def test_host_marks_add_up_phases():
     assert marks.spans == {"forward": 1.5, "backward": 2.0, "optimizer": 2.5}
 
 
+@pytest.mark.slow
 def test_the_narrow_copy_cuts_only_the_widths_an_ablations_variants_take():
     """`--host-overhead --override ablations/X.yaml`: the file is layered before the narrowing keys,
     which must skip the params its variant lacks (the null attribute encoder's width)."""
