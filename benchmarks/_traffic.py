@@ -198,7 +198,7 @@ def track_memory(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Opt
             return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
         # Only the step's peak is read here; torch's version also walks every module's statistics at
-        # every operator (~10x the whole count's time at the tiny size, 21k operators x 500 modules).
+        # every operator: half of the tiny count's time (21k operators), 9/10 of the SD-1.5 one's.
         def _update_peak_stats(self, peak_state) -> None:
             for device, snapshot in self._curr_mem_snap.items():
                 if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
