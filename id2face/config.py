@@ -95,8 +95,37 @@ def _open_params(cfg: DictConfig) -> None:
             _open_params(node)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_numbers_stay_numbers(base: DictConfig, layer: DictConfig, source: str, prefix: str = "") -> None:
+    """Where ``base`` holds a number, ``layer`` must give one: ``data.batch_size=eight`` fails here,
+    naming the key and the layer, not as ``int()``'s ValueError deep inside a run. A string that
+    reads as a number passes (the code converts it), and so do null, lists (``attention_head_dim``
+    takes one per level) and interpolations."""
+    for key in layer.keys():
+        if key not in base or OmegaConf.is_interpolation(layer, key) or OmegaConf.is_interpolation(base, key) \
+                or OmegaConf.is_missing(base, key):
+            continue
+        new, old = layer[key], base[key]
+        if isinstance(new, DictConfig) and isinstance(old, DictConfig):
+            _check_numbers_stay_numbers(old, new, source, f"{prefix}{key}.")
+        elif _is_number(old) and isinstance(new, str) and not _reads_as_number(new):
+            raise ConfigError(f"{source}: {prefix}{key} takes a number (it was {old}), got {new!r}")
+
+
 def merge_layer(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     _replace_swapped_components(base, layer)
+    _check_numbers_stay_numbers(base, layer, source)
     _open_params(base)
     try:
         merged = OmegaConf.merge(base, layer)

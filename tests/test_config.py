@@ -93,6 +93,21 @@ def test_missing_file_and_bad_yaml_and_bad_override(tmp_path):
         load_config([], ["=3"])
 
 
+def test_a_number_key_given_a_word_names_the_key_and_the_layer(tmp_path):
+    with pytest.raises(ConfigError,
+                       match=r"^command line: data\.batch_size takes a number \(it was \d+\), got 'eight'$"):
+        load_config(["tiny"], ["data.batch_size=eight"])
+    layer = write(tmp_path, "optim.yaml", "model:\n  optim:\n    lr: fast\n")
+    with pytest.raises(ConfigError, match=rf"^{layer}: model\.optim\.lr takes a number"):
+        load_config(["tiny", layer])
+    # What may stand where a number was: a string that reads as one, null, a list, an interpolation.
+    cfg = load_config(["tiny"], ["model.optim.lr='1e-4'", "model.id_vae.params.beta=null",
+                                 "model.backbone.params.attention_head_dim=[4,8]", "run.seed=${data.split_seed}",
+                                 "data.split_seed=3"])
+    assert float(cfg.model.optim.lr) == 1e-4 and cfg.model.id_vae.params.beta is None
+    assert list(cfg.model.backbone.params.attention_head_dim) == [4, 8] and cfg.run.seed == 3
+
+
 def test_saved_config_reloads_identically(tmp_path):
     cfg = load_config(["tiny"], ["run.seed=3"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
