@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import MODEL_ROLES, variant_name
+from .errors import one_line
+from .registry import MODEL_ROLES, ComponentValueError, variant_name
 
 # Components whose weights never train: kept out of the optimiser, the EMA and DDP's gradient sync.
 FROZEN_ROLES = ("identity_encoder", "first_stage")
@@ -143,6 +144,8 @@ class ID2Face(nn.Module):
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}; valid: {sorted(DEFAULT_LOSS_WEIGHTS)}")
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **{k: float(v) for k, v in (loss or {}).items()}}
+        if not 0 <= self.loss_weights["id_dropout"] <= 1:
+            raise ValueError(f"id_dropout is a probability, in [0, 1]; got {self.loss_weights['id_dropout']}")
         for role in FROZEN_ROLES:
             getattr(self, role).requires_grad_(False)
         if self.loss_weights["id_dropout"] <= 0:
@@ -152,7 +155,11 @@ class ID2Face(nn.Module):
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any]) -> "ID2Face":
         loss = model_cfg.get("loss")
-        return cls(**build_components(model_cfg), loss=dict(loss) if loss is not None else None)
+        components = build_components(model_cfg)
+        try:
+            return cls(**components, loss=dict(loss) if loss is not None else None)
+        except ValueError as err:
+            raise ComponentValueError(f"model.loss: {one_line(err)}") from None
 
     def trainable_modules(self) -> nn.ModuleDict:
         """The denoiser and the conditioning networks (everything but the frozen encoders): what the

@@ -11,7 +11,7 @@ import importlib
 import inspect
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 class RegistryError(UserError, KeyError):
@@ -19,6 +19,10 @@ class RegistryError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class ComponentValueError(UserError, ValueError):
+    """A component's constructor refused a value of its config node (``num_inference_steps: 0``)."""
 
 
 class Registry:
@@ -83,7 +87,14 @@ class Registry:
                 f"valid: {', '.join(sorted(accepted - set(runtime))) or '(none)'}"
             )
         extra = {k: v for k, v in runtime.items() if accepted is None or k in accepted}
-        return cls(**to_plain(params), **extra)
+        missing = sorted(_required_kwargs(cls) - set(params) - set(extra))
+        if missing:
+            raise RegistryError(f"{self.role} '{name}' needs parameter{'s' * (len(missing) > 1)} "
+                                f"{', '.join(map(repr, missing))} in its params")
+        try:
+            return cls(**to_plain(params), **extra)
+        except ValueError as err:  # constructors check their values: the arguments are the config
+            raise ComponentValueError(f"{self.role} '{name}': {one_line(err)}") from None
 
     def __repr__(self) -> str:
         return f"Registry({self.role!r}, {self.names()})"
@@ -101,6 +112,13 @@ def _accepted_kwargs(cls) -> set[str] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
         return None
     return {n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_POSITIONAL}
+
+
+def _required_kwargs(cls) -> set[str]:
+    """Names a constructor needs: keyword-passable and without a default."""
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    return {n for n, p in inspect.signature(target).parameters.items()
+            if n != "self" and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def to_plain(value: Any) -> Any:

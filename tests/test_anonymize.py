@@ -935,6 +935,8 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
          "unknown ['flash']; valid: math, flash_attention"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--detect-device", "gpu"],
          "--detect-device gpu is not a torch device"),
+        (["-i", str(photos), "-o", str(tmp_path / "o"), "--steps", "1001", "--device", "cpu"],
+         "--steps must be <= 1000 (the model's training timesteps), got 1001"),
     ]
     for extra, message in cases:
         assert main(["anonymize", "--checkpoint", str(checkpoint), *extra]) == 2

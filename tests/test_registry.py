@@ -49,6 +49,51 @@ def test_unknown_param_names_the_valid_ones():
         reg.build({"name": "scaled", "params": {"scael": 1.0}}, in_dim=3)
 
 
+def test_a_value_the_constructor_refuses_names_the_role_and_variant():
+    from id2face.errors import UserError
+    from id2face.registry import SAMPLERS, ComponentValueError
+
+    reg = Registry("widget")
+
+    @reg.register("positive")
+    class Positive:
+        def __init__(self, width: int = 4):
+            if width < 1:
+                raise ValueError(f"width must be >= 1, got {width}")
+
+    with pytest.raises(ComponentValueError, match=r"^widget 'positive': width must be >= 1, got 0$") as err:
+        reg.build({"name": "positive", "params": {"width": 0}})
+    # The CLI prints it as one line; callers that catch ValueError still do.
+    assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)
+    with pytest.raises(ComponentValueError, match=r"^sampler 'ddim': num_inference_steps must be in 1\.\.1000"):
+        SAMPLERS.build({"name": "ddim", "params": {"num_inference_steps": 0}}, train_scheduler=_train_scheduler())
+    assert SAMPLERS.build({"name": "dpm_solver", "params": {"num_inference_steps": 1000}},
+                          train_scheduler=_train_scheduler()).num_inference_steps == 1000
+
+
+def test_a_missing_required_param_is_named_before_the_constructor_runs():
+    from id2face.registry import DATASETS
+
+    with pytest.raises(RegistryError, match=r"^dataset 'celebahq' needs parameter 'root' in its params$"):
+        DATASETS.build({"name": "celebahq", "params": {}})
+    reg = Registry("widget")
+
+    @reg.register("sized")
+    class Sized:
+        def __init__(self, in_dim: int, width: int, *, depth: int, scale: float = 1.0):
+            self.in_dim, self.width, self.depth = in_dim, width, depth
+
+    with pytest.raises(RegistryError, match=r"needs parameters 'depth', 'width' in its params"):
+        reg.build({"name": "sized"}, in_dim=3)  # a runtime fact counts as given
+    assert reg.build({"name": "sized", "params": {"width": 2, "depth": 1}}, in_dim=3).depth == 1
+
+
+def _train_scheduler():
+    from id2face.registry import SCHEDULERS
+
+    return SCHEDULERS.build({"name": "ddpm", "params": {"num_train_timesteps": 1000}})
+
+
 def test_omegaconf_params_arrive_as_plain_python():
     from omegaconf import OmegaConf
 

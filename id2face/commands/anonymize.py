@@ -204,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
                                   tiny_decoder=args.tiny_decoder, tiny_encoder=args.tiny_encoder,
                                   unet_dtype=args.unet_dtype, harmonizer_attention=attention,
                                   attention_backends=args.attention_backends)
+    train_timesteps = model.sampler.scheduler.config.num_train_timesteps
+    if settings.steps is not None and settings.steps > train_timesteps:  # else every face would fail, and be covered
+        raise UserError(f"--steps must be <= {train_timesteps} (the model's training timesteps), got {settings.steps}")
     settings.precision = resolve_precision(args.precision, device, OmegaConf.select(cfg, "trainer.precision"))
     size = int(cfg.data.image_size)
     template, info["template"] = training_template(cfg, size, settings.face_scale)

@@ -470,6 +470,9 @@ class Sampler(nn.Module):
         with torch.device("cpu"):
             self.scheduler = getattr(diffusers, self.scheduler_class).from_config(
                 train_scheduler.config, **self.scheduler_kwargs)
+        if not 1 <= int(num_inference_steps) <= self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in 1..{self.scheduler.config.num_train_timesteps} "
+                             f"(the training timesteps), got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
 
     def step_kwargs(self, generator: torch.Generator | None) -> dict:
