@@ -21,11 +21,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from .config import save_config
-from .errors import UserError
+from .errors import UserError, one_line
 from .flops import images_in, training_step_flops
 
 
@@ -351,7 +351,14 @@ def build_trainer(cfg: DictConfig, folder: Path, callbacks: list[Callback] = (),
         kwargs.setdefault("logger", TensorBoardLogger(save_dir=str(folder), name="tb", version=""))
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), *callbacks]
     kwargs.update(overrides)
-    trainer = L.Trainer(**kwargs)
+    accumulate = kwargs.get("accumulate_grad_batches")
+    if accumulate is not None and int(accumulate) < 1:  # Lightning would divide by it mid-epoch
+        raise UserError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+    try:
+        trainer = L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        # The Trainer checks its arguments here, and they are the config's trainer section.
+        raise UserError(f"trainer: {one_line(err, limit=1000)} (config section: trainer)") from None
     if getattr(trainer.strategy, "_ddp_comm_hook", None) is not None and trainer.strategy.root_device.type != "cuda":
         warnings.warn("trainer.strategy ddp_comm_hook: Lightning registers DDP communication hooks on CUDA "
                       "only; this run all-reduces uncompressed", stacklevel=2)
@@ -402,7 +409,6 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     # the node's /tmp: a requeued or sibling run compiles from a warm cache (tiny UNet, CPU: 63 s
     # -> 4 s; minutes at SD-1.5 size). Cache keys hash the graph and code, so runs can share it.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str((Path(cfg.run.root) / ".torchinductor").resolve()))
-    save_config(cfg, folder / "config.yaml")
     L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
     checkpoint_dir = folder / "checkpoints"
     ckpt = resume_checkpoint(folder) if resume else None
@@ -425,6 +431,10 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     # The split is saved in the run folder so evaluation (and a resumed run) use the same identities.
     # Its training order depends on run.seed (seeds are replicates) and resumes mid-epoch.
     datamodule = FacePairDataModule(cfg.data, split_file=folder / "split.json", shuffle_seed=int(cfg.run.seed))
+    # Written once the trainer and the model have taken the config: one they refuse leaves no run folder.
+    config_path = folder / "config.yaml"
+    resumed_config = config_path.read_text() if ckpt is not None and config_path.is_file() else None
+    save_config(cfg, config_path)
     try:
         with warnings.catch_warnings():
             # The frozen roles (identity encoder, first stage) are in eval mode by design.
@@ -442,6 +452,15 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
         if "val_check_interval" not in str(err):
             raise
         raise UserError(f"{' '.join(str(err).split())} (config key: trainer.val_check_interval)") from None
+    except RuntimeError as err:  # the folder's checkpoint is of another model: a size or a variant changed
+        if ckpt is None or "Error(s) in loading state_dict" not in str(err):
+            raise
+        if resumed_config is not None:
+            config_path.write_text(resumed_config)  # it describes the checkpoint, which stays
+        detail = one_line((str(err).strip().splitlines()[1:] or [""])[0], limit=200).rstrip(".")
+        raise UserError(f"{ckpt} is a checkpoint of another model than this config describes ({detail}); resume it "
+                        f"with {config_path}, start over with --no-resume, or give this config its own "
+                        "run.experiment or run.ablation") from None
     if on_signal.signal_received is not None:
         run_state.write(trainer, status=f"preempted: {signal.Signals(on_signal.signal_received).name}")
         raise Preempted(f"stopped by signal {signal.Signals(on_signal.signal_received).name} at step {trainer.global_step}; "

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -183,7 +184,6 @@ def test_eval_of_a_checkpoint_outside_a_run_folder_writes_under_runs_eval(tmp_pa
     """The shipped demo checkpoint sits in the repository's checkpoints/, no run folder: eval's
     default output is runs/eval/<name> in the working folder, never the checkpoint's parent."""
     import shutil
-    from pathlib import Path
 
     project = tmp_path / "project"
     (project / "checkpoints").mkdir(parents=True)
@@ -195,6 +195,18 @@ def test_eval_of_a_checkpoint_outside_a_run_folder_writes_under_runs_eval(tmp_pa
     assert sorted(p.name for p in project.iterdir()) == ["checkpoints", "runs"]
     written = json.loads((project / "runs" / "eval" / "demo-tiny" / "metrics.json").read_text())
     assert written["meta"]["num_faces"] == 2 and 0 <= written["metrics"]["tiny/top1"] <= 1
+
+
+@pytest.mark.parametrize("override", ["eval.batch_size=0", "eval.far=1.5"])
+def test_eval_with_an_impossible_setting_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, override):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-tiny.pt"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "2", "--device", "cpu", override]) == 2
+    err = capsys.readouterr().err.strip()
+    got = r"0 and [\d.e-]+" if "batch_size" in override else r"\d+ and 1\.5"
+    assert re.fullmatch(rf"id2face eval: error: eval\.batch_size must be >= 1 and eval\.far in \[0, 1\], got {got}",
+                        err)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

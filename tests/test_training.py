@@ -192,6 +192,50 @@ def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.precision=bogus",
+     r"^trainer: Precision 'bogus' is invalid\. Allowed .*bf16-mixed.*\(config section: trainer\)$"),
+    ("trainer.max_steps=-3", r"^trainer: `max_steps` must be a non-negative integer or -1"),
+    ("model.optim.lr=-1", r"^model\.optim: Invalid learning rate: -1\.0 \(lr=-1, betas=\[0\.9, 0\.999\]"),
+    ("model.optim.betas=[0.9]", r"^model\.optim: .*\(lr=.*, betas=\[0\.9\], weight_decay="),
+    ("model.optim.ema_decay=2", r"^model\.optim\.ema_decay must be in \[0, 1\] and ema_every >= 1 .*got 2\.0 and"),
+    ("trainer.accumulate_grad_batches=0", r"^trainer\.accumulate_grad_batches must be >= 1, got 0$"),
+    ("model.loss.id_dropout=1.5", r"^model\.loss: id_dropout is a probability, in \[0, 1\]; got 1\.5$"),
+])
+def test_a_setting_lightning_or_torch_refuses_is_one_line_and_leaves_no_run_folder(tmp_path, override, message):
+    from id2face.errors import UserError
+
+    cfg = load_config(["tiny"], [f"run.root={tmp_path}", *FAST, override])
+    with pytest.raises(UserError, match=message) as err:
+        fit(cfg)
+    assert "\n" not in str(err.value)
+    assert not run_dir(cfg).exists()
+
+
+def test_resuming_a_checkpoint_of_another_model_is_one_line_and_keeps_the_runs_config(tmp_path):
+    from id2face.errors import UserError
+
+    base = [f"run.root={tmp_path}", *FAST, "run.checkpoint_every_n_steps=1"]
+    folder = fit(load_config(["tiny"], [*base, "trainer.max_steps=1"]))
+    saved, checkpoint = (folder / "config.yaml").read_text(), (folder / "checkpoints" / "last.ckpt").read_bytes()
+    changed = load_config(["tiny"], [*base, "trainer.max_steps=2", "model.id_vae.params.latent_dim=8"])
+    with pytest.raises(UserError, match=r"last\.ckpt is a checkpoint of another model than this config describes "
+                                        r"\(size mismatch for model\.id_vae\..*--no-resume") as err:
+        fit(changed)
+    assert "\n" not in str(err.value)
+    assert (folder / "config.yaml").read_text() == saved  # it still describes the checkpoint
+    assert (folder / "checkpoints" / "last.ckpt").read_bytes() == checkpoint
+    assert state(fit(changed, resume=False))["global_step"] == 2
+
+
+def test_cli_train_with_a_refused_setting_exits_2_on_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "id2face.cli", "train", "tiny", f"run.root={tmp_path}",
+                          "trainer.precision=bf16-mixd"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("id2face train: error: trainer: Precision 'bf16-mixd'")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_of_gpu_memory_is_one_line_naming_the_keys_that_lower_it(tmp_path):
     from id2face.errors import UserError
 

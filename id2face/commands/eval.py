@@ -101,6 +101,9 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
     from ..precision import autocast, resolve_precision
 
     eval_cfg = cfg.eval
+    if int(eval_cfg.batch_size) < 1 or not 0 <= float(eval_cfg.far) <= 1:
+        raise UserError(f"eval.batch_size must be >= 1 and eval.far in [0, 1], got {eval_cfg.batch_size} and "
+                        f"{eval_cfg.far}")
     precision = resolve_precision(precision, device, OmegaConf.select(cfg, "trainer.precision"))
     datamodule = FacePairDataModule(cfg.data, split_file=split_file if split_file and Path(split_file).is_file() else None)
     datamodule.setup("test")
