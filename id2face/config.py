@@ -146,10 +146,14 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"command-line overrides: {_first_line(err)}") from None
+    for override in overrides:  # one at a time, so that an error names its override
+        try:
+            OmegaConf.from_dotlist([override])
+        except Exception as err:  # OmegaConf's errors, and yaml's for a value that is not YAML
+            problem = ": ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None))))
+            hint = " (YAML wants a space after each colon: key={a: 1, b: [2, 3]})" if "':'" in problem else ""
+            raise ConfigError(f"override '{override}': {problem or _first_line(err)}{hint}") from None
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def load_config(files: Iterable[str] = (), overrides: Sequence[str] = ()) -> DictConfig:

@@ -108,6 +108,16 @@ def test_a_number_key_given_a_word_names_the_key_and_the_layer(tmp_path):
     assert list(cfg.model.backbone.params.attention_head_dim) == [4, 8] and cfg.run.seed == 3
 
 
+def test_an_override_whose_value_is_not_yaml_names_the_override():
+    with pytest.raises(ConfigError, match=r"^override 'data\.dataset=\{name:x,params:\{root:/d\}\}': .*found "
+                                          r"unexpected ':' \(YAML wants a space after each colon"):
+        load_config(["tiny"], ["run.seed=1", "data.dataset={name:x,params:{root:/d}}"])
+    with pytest.raises(ConfigError, match=r"^override 'model\.optim\.betas=\[0\.9': .*flow sequence.*[^)]$"):
+        load_config(["tiny"], ["model.optim.betas=[0.9"])
+    cfg = load_config(["tiny"], ["data.dataset={name: synthfaces, params: {num_identities: 5}}"])
+    assert cfg.data.dataset.params.num_identities == 5
+
+
 def test_saved_config_reloads_identically(tmp_path):
     cfg = load_config(["tiny"], ["run.seed=3"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
