@@ -22,7 +22,7 @@ import torch
 
 from .config import load_config, save_config
 from .metrics.table import save_metrics
-from .training import final_checkpoint, fit, run_dir
+from .training import final_checkpoint, fit, run_dir, split_path
 
 COLUMNS = [  # (metrics key, label, better)
     ("oracle/top1", "oracle identity top-1", "↓"),
@@ -66,7 +66,7 @@ def evaluate_both(cfg, module, folder: Path, limit: int | None) -> dict[str, dic
     for generate in ("reconstruct", "anonymize"):
         _say(f"evaluating the test split ({generate})")
         metrics, meta = evaluate(module, cfg, limit=limit, reconstruction=False,
-                                 progress=False, generate=generate, split_file=folder / "split.json")
+                                 progress=False, generate=generate, split_file=split_path(cfg, folder))
         target = folder if generate == "anonymize" else folder.parent / "reconstruction" / folder.name
         if generate == "reconstruct":
             save_config(cfg, target / "config.yaml")
@@ -80,7 +80,7 @@ def save_grid(module, cfg, path: Path, folder: Path, rows: int = 8, k: int = 4) 
 
     from .data.datamodule import FacePairDataModule
 
-    datamodule = FacePairDataModule(cfg.data, split_file=folder / "split.json")
+    datamodule = FacePairDataModule(cfg.data, split_file=split_path(cfg, folder))
     datamodule.setup("test")
     dataset = datamodule.test_dataset
     step = max(1, len(dataset) // rows)

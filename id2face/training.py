@@ -1,10 +1,11 @@
 """Training runs: one fixed folder per (experiment, ablation, seed), resumable after preemption.
 
 ``runs/<experiment>/<ablation>/seed<k>/`` holds ``config.yaml`` (the resolved config),
-``split.json`` (the identity-disjoint split), ``checkpoints/last.ckpt`` (+ periodic ones), ``tb/``
-(TensorBoard: losses, throughput and MFU (``TrainingThroughput``), the image grids of
-``log_images()``) and ``train_state.json``. Starting a run whose folder has a checkpoint resumes it:
-a requeued SLURM task or a rerun of the same command continues where it stopped.
+``split.json`` (the identity-disjoint split, unless ``data.split_file`` names one that runs share),
+``checkpoints/last.ckpt`` (+ periodic ones), ``tb/`` (TensorBoard: losses, throughput and MFU
+(``TrainingThroughput``), the image grids of ``log_images()``) and ``train_state.json``. Starting a
+run whose folder has a checkpoint resumes it: a requeued SLURM task or a rerun of the same command
+continues where it stopped.
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ class Preempted(UserError):
 
 def run_dir(cfg: DictConfig) -> Path:
     return Path(str(cfg.run.root)) / str(cfg.run.experiment) / str(cfg.run.ablation) / f"seed{int(cfg.run.seed)}"
+
+
+def split_path(cfg: DictConfig, folder: Path) -> Path:
+    """The run's identity split: ``data.split_file`` when the config names one (a split that runs
+    share), else the run folder's ``split.json``."""
+    named = OmegaConf.select(cfg, "data.split_file")
+    return Path(str(named)) if named else folder / "split.json"
 
 
 def resume_checkpoint(folder: Path) -> Path | None:
@@ -430,7 +438,7 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
         print(hint, file=sys.stderr, flush=True)
     # The split is saved in the run folder so evaluation (and a resumed run) use the same identities.
     # Its training order depends on run.seed (seeds are replicates) and resumes mid-epoch.
-    datamodule = FacePairDataModule(cfg.data, split_file=folder / "split.json", shuffle_seed=int(cfg.run.seed))
+    datamodule = FacePairDataModule(cfg.data, split_file=split_path(cfg, folder), shuffle_seed=int(cfg.run.seed))
     # Written once the trainer and the model have taken the config: one they refuse leaves no run folder.
     config_path = folder / "config.yaml"
     resumed_config = config_path.read_text() if ckpt is not None and config_path.is_file() else None

@@ -228,6 +228,30 @@ def test_resuming_a_checkpoint_of_another_model_is_one_line_and_keeps_the_runs_c
     assert state(fit(changed, resume=False))["global_step"] == 2
 
 
+def test_a_split_file_the_config_names_is_the_split_training_uses(tmp_path):
+    """data.split_file (a split runs share) was overridden by the run folder's own split.json."""
+    import dataclasses
+
+    from id2face.data.pairs import split_identities
+    from id2face.registry import DATASETS
+
+    base = [f"run.root={tmp_path}", *FAST, "trainer.max_steps=1"]
+    cfg = load_config(["tiny"], base)
+    labels = DATASETS.build(cfg.data.dataset, image_size=cfg.data.image_size).identity_labels
+    made = split_identities(labels, cfg.data.split_fractions, cfg.data.split_seed)
+    # What the run would draw itself, with val and test exchanged: valid for the data, and told apart.
+    shared = dataclasses.replace(made, val=made.test, test=made.val).save(tmp_path / "shared_split.json")
+    seen = {}
+
+    class RecordTestSplit(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["test"] = trainer.datamodule.split.test.tolist()
+
+    folder = fit(load_config(["tiny"], [*base, f"data.split_file={shared}"]), callbacks=[RecordTestSplit()])
+    assert seen["test"] == made.val.tolist() != made.test.tolist()
+    assert not (folder / "split.json").exists()
+
+
 def test_cli_train_with_a_refused_setting_exits_2_on_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "id2face.cli", "train", "tiny", f"run.root={tmp_path}",
                           "trainer.precision=bf16-mixd"], capture_output=True, text=True, timeout=300, cwd=REPO)

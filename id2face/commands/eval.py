@@ -231,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import save_config, split_args
     from ..inference import module_for_checkpoint
     from ..metrics.table import save_metrics
+    from ..training import split_path
 
     checkpoint = Path(args.checkpoint)
     files, overrides = split_args(args.args)
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
     metrics, meta = evaluate(module, cfg, limit=args.limit, reconstruction=not args.no_reconstruction,
-                             device=device, split_file=training_run_dir(checkpoint) / "split.json",
+                             device=device, split_file=split_path(cfg, training_run_dir(checkpoint)),
                              precision=args.precision)
     meta["checkpoint"] = str(checkpoint)
     save_config(cfg, run_dir / "eval_config.yaml")

@@ -9,7 +9,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     from ..commands.eval import evaluate
     from ..lit_module import ID2FaceModule
     from ..metrics.table import save_metrics
-    from ..training import final_checkpoint, fit
+    from ..training import final_checkpoint, fit, split_path
 
     folder = fit(cfg)
     if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
@@ -20,7 +20,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         limit = cfg.eval.get("limit")
         metrics, meta = evaluate(module, cfg, limit=int(limit) if limit else None, device=device, progress=False,
-                                 split_file=folder / "split.json")
+                                 split_file=split_path(cfg, folder))
         meta["checkpoint"] = str(final_checkpoint(folder))
         save_metrics(folder, metrics, meta)
         return metrics
