@@ -70,14 +70,11 @@ class Registry:
         self._load()
         return name in self._entries
 
-    def build(self, node: Mapping[str, Any] | str, **runtime: Any):
-        """Instantiate ``node`` = ``{name, params}`` (or a bare name) with runtime keyword facts.
-
-        Runtime facts are passed only if the constructor accepts them, so a variant that has no
-        use for ``in_dim`` need not declare it.
-        """
-        name = variant_name(node)
-        params = {} if isinstance(node, str) else dict(node.get("params") or {})
+    def check(self, node: Mapping[str, Any] | str, runtime: Iterable[str] = ()):
+        """What ``build`` refuses before it constructs anything: an unknown variant, or a param its
+        constructor does not take (``runtime``: the names of the facts ``build`` passes). Returns
+        the registered class."""
+        name, params = variant_name(node), _params(node)
         cls = self.get(name)
         accepted = _accepted_kwargs(cls)
         unknown = sorted(set(params) - accepted) if accepted is not None else []
@@ -86,6 +83,17 @@ class Registry:
                 f"{self.role} '{name}' has no parameter {', '.join(map(repr, unknown))}; "
                 f"valid: {', '.join(sorted(accepted - set(runtime))) or '(none)'}"
             )
+        return cls
+
+    def build(self, node: Mapping[str, Any] | str, **runtime: Any):
+        """Instantiate ``node`` = ``{name, params}`` (or a bare name) with runtime keyword facts.
+
+        Runtime facts are passed only if the constructor accepts them, so a variant that has no
+        use for ``in_dim`` need not declare it.
+        """
+        cls = self.check(node, runtime)
+        name, params = variant_name(node), _params(node)
+        accepted = _accepted_kwargs(cls)
         extra = {k: v for k, v in runtime.items() if accepted is None or k in accepted}
         missing = sorted(_required_kwargs(cls) - set(params) - set(extra))
         if missing:
@@ -103,6 +111,10 @@ class Registry:
 def variant_name(node: Mapping[str, Any] | str) -> str:
     """The registered name a config node ``{name, params}`` (or a bare name) asks for."""
     return node if isinstance(node, str) else node["name"]
+
+
+def _params(node: Mapping[str, Any] | str) -> dict:
+    return {} if isinstance(node, str) else dict(node.get("params") or {})
 
 
 def _accepted_kwargs(cls) -> set[str] | None:
@@ -165,3 +177,15 @@ MODEL_ROLES: dict[str, Registry] = {
     "scheduler": SCHEDULERS,
     "sampler": SAMPLERS,
 }
+
+
+def check_components(cfg: Mapping[str, Any]) -> None:
+    """Every component node of a resolved config (``model.<role>``, ``data.dataset``,
+    ``eval.recognizers``) names a registered variant and only params its constructor takes: what a
+    build refuses first, found without building anything (``id2face sweep`` checks each task so,
+    before it waits in a queue)."""
+    for role, registry in MODEL_ROLES.items():
+        registry.check(cfg["model"][role])
+    DATASETS.check(cfg["data"]["dataset"])
+    for node in cfg["eval"].get("recognizers") or []:
+        RECOGNIZERS.check(node)

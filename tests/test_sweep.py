@@ -1,4 +1,5 @@
 """Sweep files expand into validated tasks; --dry-run prints the sbatch array script."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,20 @@ def test_a_typo_in_one_ablation_stops_the_sweep_before_launch(tmp_path):
     bad = write(tmp_path, "model:\n  harmonizr: {}\n", "bad.yaml")
     with pytest.raises(UserError, match=r"ablation 'bad'.*model.harmonizr"):
         load_sweep(write(tmp_path, f"base: [tiny]\nablations:\n  bad: [{bad}]\n"))
+
+
+def test_a_param_typo_or_unknown_variant_stops_the_sweep_before_launch(tmp_path):
+    """Component params are open in the config (each variant takes its own), so only the registry
+    knows a typo there; the sweep asks it for every task before anything is queued."""
+    typo = write(tmp_path, "model:\n  harmonizer:\n    params:\n      gate_hiden: 8\n", "typo.yaml")
+    with pytest.raises(UserError, match=r"ablation 'typo': harmonizer 'gated' has no parameter 'gate_hiden'; "
+                                        r"valid: .*gate_hidden"):
+        load_sweep(write(tmp_path, f"base: [tiny]\nablations:\n  base: []\n  typo: [{typo}]\n"))
+    for override, message in [("data.dataset.params.num_identites=3", "dataset 'synthfaces' has no parameter"),
+                              ("model.sampler.name=ddpm", "unknown sampler 'ddpm'; valid names: ddim, dpm_solver"),
+                              ("eval.recognizers=[{name: oracle, params: {sizee: 1}}]", "recognizer 'oracle' has no")]:
+        with pytest.raises(UserError, match=rf"ablation 'base': {re.escape(message)}"):
+            load_sweep(write(tmp_path, f"base: [tiny]\noverrides: ['{override}']\n"))
 
 
 def test_unknown_sweep_and_resource_keys(tmp_path):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..config import ConfigError, load_config, resolve_config_path
 from ..errors import UserError
+from ..registry import RegistryError, check_components
 
 SWEEP_KEYS = {"base", "ablations", "seeds", "overrides", "resources"}
 RESOURCE_DEFAULTS = {
@@ -119,7 +120,8 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
             task = SweepTask("", ablation, seed, [*base, *files], overrides)
             try:
                 cfg = task.config()
-            except ConfigError as err:
+                check_components(cfg)  # a param typo fails here, not after the task waited in the queue
+            except (ConfigError, RegistryError) as err:
                 raise UserError(f"{path}: ablation '{ablation}': {err}") from None
             task.experiment = str(cfg.run.experiment)
             tasks.append(task)
