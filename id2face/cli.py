@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         print(f"id2face {args.command}: not built yet in this version", file=sys.stderr)
         return 2
-    from .errors import UserError
+    from .errors import UserError, user_message
 
     try:
         return int(importlib.import_module(f"id2face.commands.{module}").run(args) or 0)
     except UserError as err:
-        print(f"id2face {args.command}: error: {err}", file=sys.stderr)
+        print(f"id2face {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"id2face {args.command}: interrupted", file=sys.stderr)

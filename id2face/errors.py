@@ -13,6 +13,17 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def user_message(err: BaseException) -> str:
+    """What the CLI prints of a ``UserError``. One raised in a DataLoader worker comes back as the
+    same type whose message is torch's "Caught X in DataLoader worker process N. Original
+    Traceback ...": its last line holds the original message."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 class UserError(Exception):
     """Bad input, a missing file, an impossible request."""
 

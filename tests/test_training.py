@@ -252,6 +252,29 @@ def test_a_split_file_the_config_names_is_the_split_training_uses(tmp_path):
     assert not (folder / "split.json").exists()
 
 
+def test_an_unreadable_image_met_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    """torch re-raises a worker's exception as its type with the worker's traceback for message;
+    the CLI prints the original message."""
+    from PIL import Image
+
+    from id2face.cli import main
+
+    for identity in range(8):
+        folder = tmp_path / "faces" / f"person{identity}"
+        folder.mkdir(parents=True)
+        for view in range(3):
+            Image.new("RGB", (40, 40), (30 * identity, 8 * view, 90)).save(folder / f"{view}.png")
+    broken = tmp_path / "faces" / "person2" / "1.png"
+    broken.write_bytes(b"not a png")
+    code = main(["train", "tiny", f"run.root={tmp_path / 'runs'}", "data.batch_size=2", "data.num_workers=1",
+                 "trainer.max_steps=20", "trainer.limit_val_batches=0", "trainer.val_check_interval=5",
+                 f"data.dataset={{name: identity_folder, params: {{root: {tmp_path / 'faces'}}}}}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == (f"id2face train: error: identity_folder: {broken}: not an image file (text content: "
+                                     "'not a png') (not_an_image); `id2face prepare` screens and reports such files")
+    assert not any("Traceback" in line for line in err)
+
+
 def test_cli_train_with_a_refused_setting_exits_2_on_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "id2face.cli", "train", "tiny", f"run.root={tmp_path}",
                           "trainer.precision=bf16-mixd"], capture_output=True, text=True, timeout=300, cwd=REPO)
