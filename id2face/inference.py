@@ -28,6 +28,9 @@ def read_checkpoint_config(checkpoint: str | Path):
     from .config import load_config
 
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        raise UserError(f"checkpoint {checkpoint} is a folder: name the checkpoint file in it "
+                        "(a run's is checkpoints/last.ckpt)")
     if not checkpoint.is_file():
         raise UserError(f"checkpoint {checkpoint} does not exist")
     try:  # a Lightning checkpoint of the user's own training run (trusted: full unpickling)

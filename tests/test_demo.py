@@ -32,6 +32,8 @@ def test_export_keeps_weights_and_config_and_drops_training_state(tmp_path):
     with pytest.raises(UserError, match="cannot be read as a checkpoint"):
         export_weights(bad, tmp_path / "x.pt")
     assert bad.read_text() == "not a checkpoint"
+    with pytest.raises(UserError, match="is a folder: name the checkpoint file"):
+        read_checkpoint_config(tmp_path)
 
 
 @pytest.mark.slow
