@@ -107,25 +107,30 @@ def _reads_as_number(text: str) -> bool:
     return True
 
 
-def _check_numbers_stay_numbers(base: DictConfig, layer: DictConfig, source: str, prefix: str = "") -> None:
+def _check_kinds_stay(base: DictConfig, layer: DictConfig, source: str, prefix: str = "") -> None:
     """Where ``base`` holds a number, ``layer`` must give one: ``data.batch_size=eight`` fails here,
     naming the key and the layer, not as ``int()``'s ValueError deep inside a run. A string that
     reads as a number passes (the code converts it), and so do null, lists (``attention_head_dim``
-    takes one per level) and interpolations."""
+    takes one per level) and interpolations. A section stays a section: OmegaConf lets
+    ``model.backbone=3`` replace the whole node, which no run could use."""
     for key in layer.keys():
         if key not in base or OmegaConf.is_interpolation(layer, key) or OmegaConf.is_interpolation(base, key) \
                 or OmegaConf.is_missing(base, key):
             continue
         new, old = layer[key], base[key]
         if isinstance(new, DictConfig) and isinstance(old, DictConfig):
-            _check_numbers_stay_numbers(old, new, source, f"{prefix}{key}.")
-        elif _is_number(old) and isinstance(new, str) and not _reads_as_number(new):
-            raise ConfigError(f"{source}: {prefix}{key} takes a number (it was {old}), got {new!r}")
+            _check_kinds_stay(old, new, source, f"{prefix}{key}.")
+        elif isinstance(old, DictConfig):
+            raise ConfigError(f"{source}: {prefix}{key} is a section (keys: {', '.join(map(str, old.keys()))}), "
+                              f"got {new!r}; set one of its keys ({prefix}{key}.KEY=VALUE)")
+        elif _is_number(old) and (isinstance(new, DictConfig) or isinstance(new, str) and not _reads_as_number(new)):
+            shown = OmegaConf.to_container(new) if isinstance(new, DictConfig) else new
+            raise ConfigError(f"{source}: {prefix}{key} takes a number (it was {old}), got {shown!r}")
 
 
 def merge_layer(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     _replace_swapped_components(base, layer)
-    _check_numbers_stay_numbers(base, layer, source)
+    _check_kinds_stay(base, layer, source)
     _open_params(base)
     try:
         merged = OmegaConf.merge(base, layer)

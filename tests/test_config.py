@@ -108,6 +108,20 @@ def test_a_number_key_given_a_word_names_the_key_and_the_layer(tmp_path):
     assert list(cfg.model.backbone.params.attention_head_dim) == [4, 8] and cfg.run.seed == 3
 
 
+def test_a_section_given_a_value_names_the_section_and_its_keys(tmp_path):
+    # OmegaConf itself lets a scalar replace a whole node: the run would fail far from the cause.
+    with pytest.raises(ConfigError, match=r"^command line: model\.backbone is a section \(keys: name, params\), "
+                                          r"got 3; set one of its keys \(model\.backbone\.KEY=VALUE\)$"):
+        load_config(["tiny"], ["model.backbone=3"])
+    with pytest.raises(ConfigError, match=r"model\.optim is a section .*got None"):
+        load_config(["tiny"], ["model.optim=null"])
+    layer = write(tmp_path, "flat.yaml", "model: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{layer}: model is a section \(keys: context_dim, identity_encoder"):
+        load_config(["tiny", layer])
+    with pytest.raises(ConfigError, match=r"data\.batch_size takes a number \(it was \d+\), got \{'a': 1\}"):
+        load_config(["tiny"], ["data.batch_size={a: 1}"])
+
+
 def test_an_override_whose_value_is_not_yaml_names_the_override():
     with pytest.raises(ConfigError, match=r"^override 'data\.dataset=\{name:x,params:\{root:/d\}\}': .*found "
                                           r"unexpected ':' \(YAML wants a space after each colon"):
