@@ -17,6 +17,18 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import UserError
 
 SECTIONS = ("run", "model", "data", "trainer", "eval")
+# The framework's own counts and their ranges (components check their params themselves): a null,
+# 2.5 or -1 here was int()'s TypeError or numpy's seed error deep inside a run, or a silent 2.
+SEED_RANGE = (0, 2**32 - 1)
+COUNTS = {
+    "run.seed": SEED_RANGE,
+    "run.checkpoint_every_n_steps": (0, None),  # 0: none but the one written on SIGTERM/SIGUSR1
+    "run.log_images_every_n_steps": (0, None),  # 0: no image grids
+    "data.image_size": (1, None),
+    "data.batch_size": (1, None),
+    "data.num_workers": (0, None),
+    "data.split_seed": SEED_RANGE,
+}
 
 
 class ConfigError(UserError, ValueError):
@@ -175,7 +187,17 @@ def load_config(files: Iterable[str] = (), overrides: Sequence[str] = ()) -> Dic
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot resolve interpolation: {_first_line(err)}") from None
+    _check_counts(cfg)
     return cfg
+
+
+def _check_counts(cfg: DictConfig) -> None:
+    for key, (low, high) in COUNTS.items():
+        value = OmegaConf.select(cfg, key)
+        whole = _is_number(value) and float(value).is_integer() or isinstance(value, str) and value.strip().isdigit()
+        if not whole or int(float(value)) < low or high is not None and int(float(value)) > high:
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{key} takes a whole number {span}, got {value!r}")
 
 
 def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -108,6 +108,24 @@ def test_a_number_key_given_a_word_names_the_key_and_the_layer(tmp_path):
     assert list(cfg.model.backbone.params.attention_head_dim) == [4, 8] and cfg.run.seed == 3
 
 
+@pytest.mark.parametrize("override, message", [
+    ("run.seed=-1", r"run\.seed takes a whole number 0\.\.4294967295, got -1"),
+    ("data.split_seed=4294967296", r"data\.split_seed takes a whole number 0\.\.4294967295, got 4294967296"),
+    ("data.image_size=null", r"data\.image_size takes a whole number >= 1, got None"),
+    ("data.batch_size=2.5", r"data\.batch_size takes a whole number >= 1, got 2\.5"),
+    ("data.num_workers=true", r"data\.num_workers takes a whole number >= 0, got True"),
+    ("run.checkpoint_every_n_steps=-1", r"run\.checkpoint_every_n_steps takes a whole number >= 0, got -1"),
+])
+def test_the_frameworks_counts_must_be_whole_numbers_in_range(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        load_config(["tiny"], [override])
+
+
+def test_counts_written_as_whole_floats_or_digit_strings_pass():
+    cfg = load_config(["tiny"], ["data.batch_size=4.0", "run.seed='7'", "run.log_images_every_n_steps=0"])
+    assert int(cfg.data.batch_size) == 4 and int(cfg.run.seed) == 7
+
+
 def test_a_section_given_a_value_names_the_section_and_its_keys(tmp_path):
     # OmegaConf itself lets a scalar replace a whole node: the run would fail far from the cause.
     with pytest.raises(ConfigError, match=r"^command line: model\.backbone is a section \(keys: name, params\), "
