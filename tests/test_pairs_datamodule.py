@@ -69,7 +69,8 @@ def test_unlabelled_items_go_to_train_and_unlabelled_datasets_split_by_item():
     assert not ffhq_like.by_identity and [len(ffhq_like[n]) for n in ("train", "val", "test")] == [40, 5, 5]
 
 
-@pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.8, 0.3, 0.1), (1.2, -0.1, -0.1)])
+@pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.8, 0.3, 0.1), (1.2, -0.1, -0.1), ("a", "b", "c"), 1.0,
+                                       [[0.8], [0.1], [0.1]]])
 def test_bad_fractions_are_refused(fractions):
     with pytest.raises(UserError, match="split_fractions"):
         split_identities(_labels(), fractions)
@@ -163,6 +164,15 @@ def test_augmented_view_moves_image_mask_and_landmarks_together():
 def _tiny_data_cfg(**overrides):
     cfg = load_config(["tiny"], [f"data.{k}={v}" for k, v in overrides.items()])
     return cfg.data
+
+
+@pytest.mark.parametrize("fractions", ["1", "[a,b,c]", "[0.5,0.5,0.5]"])
+def test_datamodule_refuses_bad_fractions_before_touching_the_data(fractions, tmp_path):
+    from id2face.data.datamodule import FacePairDataModule
+
+    with pytest.raises(UserError, match=r"^split_fractions must be three non-negative numbers"):
+        FacePairDataModule(_tiny_data_cfg(split_fractions=fractions, split_file=str(tmp_path / "split.json")))
+    assert not (tmp_path / "split.json").exists()
 
 
 def test_datamodule_batches_splits_and_test_dataset(tmp_path):

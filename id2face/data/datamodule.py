@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from ..errors import UserError
 from ..registry import DATASETS, to_plain
 from .latent_cache import CachedLatents, LatentCache
-from .pairs import LabelledSubset, PairDataset, Split, load_or_create_split
+from .pairs import LabelledSubset, PairDataset, Split, check_fractions, load_or_create_split
 from .pixels import pair_collate
 
 
@@ -61,7 +61,7 @@ class FacePairDataModule(L.LightningDataModule):
         self.batch_size = int(cfg["batch_size"])
         self.num_workers = int(cfg.get("num_workers", 0))
         self.split_seed = int(cfg.get("split_seed", 0))
-        self.split_fractions = tuple(cfg.get("split_fractions", (0.8, 0.1, 0.1)))
+        self.split_fractions = check_fractions(cfg.get("split_fractions", (0.8, 0.1, 0.1)))
         self.split_file = split_file if split_file is not None else cfg.get("split_file")
         self.pair_seed = self.split_seed if pair_seed is None else int(pair_seed)
         self.shuffle_seed = self.pair_seed if shuffle_seed is None else int(shuffle_seed)

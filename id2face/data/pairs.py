@@ -41,11 +41,14 @@ def labels_fingerprint(identity_labels) -> str:
     return hashlib.sha256(labels.tobytes()).hexdigest()[:16]
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    values = tuple(float(f) for f in fractions)
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):  # a word, a nested list, a bare number
+        values = ()
     if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
         raise UserError(f"split_fractions must be three non-negative numbers (train, val, test) summing to 1, "
-                        f"got {list(fractions)}")
+                        f"got {list(values) or fractions!r}")
     return values  # type: ignore[return-value]
 
 
@@ -107,7 +110,7 @@ class Split:
             raise UserError(f"{where} was made for another dataset ({self.num_items} items, labels "
                             f"{self.labels_sha256}; this one has {len(labels)} items, labels "
                             f"{labels_fingerprint(labels)}): delete it or point data.split_file elsewhere")
-        if fractions is not None and not np.allclose(self.fractions, _check_fractions(fractions)):
+        if fractions is not None and not np.allclose(self.fractions, check_fractions(fractions)):
             raise UserError(f"{where} was made with split_fractions {list(self.fractions)}, the config asks for "
                             f"{list(fractions)}: delete it or point data.split_file elsewhere")
         if seed is not None and int(seed) != self.seed:
@@ -121,7 +124,7 @@ def split_identities(identity_labels, fractions: Sequence[float] = (0.8, 0.1, 0.
     Cuts are at ``round(cumsum(fractions) * num_identities)``; unlabelled items (-1) join train.
     If no item is labelled, items are permuted and cut instead (``by_identity=False``).
     """
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     labels = np.asarray(identity_labels, dtype=np.int64)
     if labels.ndim != 1:
         raise UserError(f"identity_labels must be one label per item, got shape {labels.shape}")
