@@ -11,23 +11,27 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
 
 SECTIONS = ("run", "model", "data", "trainer", "eval")
-# The framework's own counts and their ranges (components check their params themselves): a null,
-# 2.5 or -1 here was int()'s TypeError or numpy's seed error deep inside a run, or a silent 2.
-SEED_RANGE = (0, 2**32 - 1)
+# The framework's own counts, their ranges and whether null is one (components check their params
+# themselves): a null, 2.5 or -1 here was int()'s TypeError or numpy's seed error deep inside a
+# run, or a silent 2.
+SEED_RANGE = (0, 2**32 - 1, False)
 COUNTS = {
     "run.seed": SEED_RANGE,
-    "run.checkpoint_every_n_steps": (0, None),  # 0: none but the one written on SIGTERM/SIGUSR1
-    "run.log_images_every_n_steps": (0, None),  # 0: no image grids
-    "data.image_size": (1, None),
-    "data.batch_size": (1, None),
-    "data.num_workers": (0, None),
+    "run.checkpoint_every_n_steps": (0, None, False),  # 0: none but the one written on SIGTERM/SIGUSR1
+    "run.log_images_every_n_steps": (0, None, False),  # 0: no image grids
+    "data.image_size": (1, None, False),
+    "data.batch_size": (1, None, False),
+    "data.num_workers": (0, None, False),
     "data.split_seed": SEED_RANGE,
+    "eval.limit": (1, None, True),  # null: the whole test split
+    "eval.batch_size": (1, None, False),
+    "eval.diversity_k": (1, None, False),  # 1: no diversity metric
 }
 
 
@@ -135,6 +139,8 @@ def _check_kinds_stay(base: DictConfig, layer: DictConfig, source: str, prefix: 
         elif isinstance(old, DictConfig):
             raise ConfigError(f"{source}: {prefix}{key} is a section (keys: {', '.join(map(str, old.keys()))}), "
                               f"got {new!r}; set one of its keys ({prefix}{key}.KEY=VALUE)")
+        elif isinstance(old, ListConfig) and isinstance(new, DictConfig):
+            raise ConfigError(f"{source}: {prefix}{key} takes a list, got a mapping: write it as [{{...}}]")
         elif _is_number(old) and (isinstance(new, DictConfig) or isinstance(new, str) and not _reads_as_number(new)):
             shown = OmegaConf.to_container(new) if isinstance(new, DictConfig) else new
             raise ConfigError(f"{source}: {prefix}{key} takes a number (it was {old}), got {shown!r}")
@@ -192,11 +198,13 @@ def load_config(files: Iterable[str] = (), overrides: Sequence[str] = ()) -> Dic
 
 
 def _check_counts(cfg: DictConfig) -> None:
-    for key, (low, high) in COUNTS.items():
+    for key, (low, high, nullable) in COUNTS.items():
         value = OmegaConf.select(cfg, key)
+        if value is None and nullable:
+            continue
         whole = _is_number(value) and float(value).is_integer() or isinstance(value, str) and value.strip().isdigit()
         if not whole or int(float(value)) < low or high is not None and int(float(value)) > high:
-            span = f"{low}..{high}" if high is not None else f">= {low}"
+            span = (f"{low}..{high}" if high is not None else f">= {low}") + (" or null" if nullable else "")
             raise ConfigError(f"{key} takes a whole number {span}, got {value!r}")
 
 

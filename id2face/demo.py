@@ -59,13 +59,13 @@ def load_module(cfg, state):
     return module
 
 
-def evaluate_both(cfg, module, folder: Path, limit: int | None) -> dict[str, dict]:
+def evaluate_both(cfg, module, folder: Path) -> dict[str, dict]:
     from .commands.eval import evaluate
 
     results = {}
     for generate in ("reconstruct", "anonymize"):
         _say(f"evaluating the test split ({generate})")
-        metrics, meta = evaluate(module, cfg, limit=limit, reconstruction=False,
+        metrics, meta = evaluate(module, cfg, reconstruction=False,
                                  progress=False, generate=generate, split_file=split_path(cfg, folder))
         target = folder if generate == "anonymize" else folder.parent / "reconstruction" / folder.name
         if generate == "reconstruct":
@@ -137,6 +137,7 @@ def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = 
     instead of training one here (steps 1-2)."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
+    overrides = [*overrides, *([f"eval.limit={limit}"] if limit is not None else [])]
     out = Path(root) / "demo"
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint:
@@ -170,7 +171,7 @@ def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = 
 
     t = time.perf_counter()
     module = load_module(cfg, state)
-    results = evaluate_both(cfg, module, folder, limit)
+    results = evaluate_both(cfg, module, folder)
     seconds["evaluate"] = time.perf_counter() - t
     save_grid(module, cfg, out / "grid.png", folder)
     seconds["total"] = time.perf_counter() - started

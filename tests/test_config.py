@@ -138,6 +138,9 @@ def test_a_section_given_a_value_names_the_section_and_its_keys(tmp_path):
         load_config(["tiny", layer])
     with pytest.raises(ConfigError, match=r"data\.batch_size takes a number \(it was \d+\), got \{'a': 1\}"):
         load_config(["tiny"], ["data.batch_size={a: 1}"])
+    # OmegaConf's own merge raised a bare TypeError here.
+    with pytest.raises(ConfigError, match=r"^command line: eval\.recognizers takes a list, got a mapping: write it as"):
+        load_config(["tiny"], ["eval.recognizers={name: dlib}"])
 
 
 def test_an_override_whose_value_is_not_yaml_names_the_override():

@@ -197,16 +197,32 @@ def test_eval_of_a_checkpoint_outside_a_run_folder_writes_under_runs_eval(tmp_pa
     assert written["meta"]["num_faces"] == 2 and 0 <= written["metrics"]["tiny/top1"] <= 1
 
 
-@pytest.mark.parametrize("override", ["eval.batch_size=0", "eval.far=1.5"])
-def test_eval_with_an_impossible_setting_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, override):
+@pytest.mark.parametrize("arguments, message", [
+    (["eval.batch_size=0"], r"eval\.batch_size takes a whole number >= 1, got 0"),
+    (["eval.far=1.5"], r"eval\.far must be in \[0, 1\], got 1\.5"),
+    (["eval.diversity_k=0"], r"eval\.diversity_k takes a whole number >= 1, got 0"),
+    (["--limit", "-2"], r"eval\.limit takes a whole number >= 1 or null, got -2"),
+    (["eval.limit=2.5"], r"eval\.limit takes a whole number >= 1 or null, got 2\.5"),
+])
+def test_eval_with_an_impossible_setting_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, arguments,
+                                                                    message):
     monkeypatch.chdir(tmp_path)
     checkpoint = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-tiny.pt"
-    assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "2", "--device", "cpu", override]) == 2
-    err = capsys.readouterr().err.strip()
-    got = r"0 and [\d.e-]+" if "batch_size" in override else r"\d+ and 1\.5"
-    assert re.fullmatch(rf"id2face eval: error: eval\.batch_size must be >= 1 and eval\.far in \[0, 1\], got {got}",
-                        err)
+    assert main(["eval", "--checkpoint", str(checkpoint), "--device", "cpu", *arguments]) == 2
+    assert re.fullmatch(rf"id2face eval: error: {message}", capsys.readouterr().err.strip())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_limit_and_one_recognizer_name_from_the_config(tmp_path, monkeypatch, capsys):
+    """``eval.limit`` in the config limits ``id2face eval`` as ``--limit`` does (it was read only by
+    sweep tasks), and ``eval.recognizers`` may be one name instead of a list."""
+    checkpoint = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-tiny.pt"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--no-reconstruction", "--device", "cpu",
+                 "--run-dir", str(tmp_path), "eval.limit=3", "eval.recognizers=dlib", "eval.diversity_k=1"]) == 0
+    capsys.readouterr()
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["meta"]["num_faces"] == 3 and list(written["meta"]["recognizers"]) == ["dlib"]
+    assert "dlib/top1" in written["metrics"] and "dlib/diversity" not in written["metrics"]
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="Lightning checkpoint of id2face train")
     parser.add_argument("--run-dir", metavar="DIR", help="where metrics.json goes (default: the checkpoint's training "
                                                           "run folder; for a checkpoint outside one, runs/eval/NAME)")
-    parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N test faces only (smoke runs)")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N test faces only (smoke runs; sets eval.limit)")
     parser.add_argument("--no-reconstruction", action="store_true", help="skip the PSNR/SSIM reconstruction pass")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
@@ -77,7 +77,7 @@ def _recognizer_key(node, taken: set) -> str:
     return key
 
 
-def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True, device: str = "cpu",
+def evaluate(module, cfg, reconstruction: bool = True, device: str = "cpu",
              progress: bool = True, generate: str = "anonymize", split_file: Path | None = None,
              precision: str | None = None) -> tuple[dict, dict]:
     """Run every metric of ``cfg.eval`` on the test split; returns (metrics, meta) for save_metrics.
@@ -100,27 +100,28 @@ def evaluate(module, cfg, limit: int | None = None, reconstruction: bool = True,
     from ..metrics.recognizers import OracleRecognizer, build_recognizer
     from ..precision import autocast, resolve_precision
 
-    eval_cfg = cfg.eval
-    if int(eval_cfg.batch_size) < 1 or not 0 <= float(eval_cfg.far) <= 1:
-        raise UserError(f"eval.batch_size must be >= 1 and eval.far in [0, 1], got {eval_cfg.batch_size} and "
-                        f"{eval_cfg.far}")
+    eval_cfg = cfg.eval  # its counts (limit, batch_size, diversity_k) were checked by load_config
+    if not 0 <= float(eval_cfg.far) <= 1:
+        raise UserError(f"eval.far must be in [0, 1], got {eval_cfg.far}")
     precision = resolve_precision(precision, device, OmegaConf.select(cfg, "trainer.precision"))
     datamodule = FacePairDataModule(cfg.data, split_file=split_file if split_file and Path(split_file).is_file() else None)
     datamodule.setup("test")
     dataset = datamodule.test_dataset
-    if limit is not None:
-        dataset = Subset(dataset, range(min(int(limit), len(dataset))))
+    if eval_cfg.get("limit") is not None:
+        dataset = Subset(dataset, range(min(int(eval_cfg.limit), len(dataset))))
     if len(dataset) < 2:
         raise UserError(f"the test split has {len(dataset)} face(s); evaluation needs at least 2")
     loader = DataLoader(dataset, batch_size=int(eval_cfg.batch_size), shuffle=False,
                         num_workers=int(cfg.data.get("num_workers", 0)))
 
     taken: set = set()
-    nodes = OmegaConf.to_container(eval_cfg.recognizers, resolve=True)
+    nodes = OmegaConf.to_container(eval_cfg.recognizers, resolve=True) \
+        if OmegaConf.is_config(eval_cfg.recognizers) else eval_cfg.recognizers
+    nodes = nodes if isinstance(nodes, list) else [nodes]  # eval.recognizers=dlib: one name, not a list
     recognizers = {_recognizer_key(node, taken): build_recognizer(node, data=cfg.data).to(device) for node in nodes}
     if not recognizers:
         raise UserError("eval.recognizers is empty: name at least one (dlib, oracle, encoder)")
-    k = max(int(eval_cfg.diversity_k), 1)
+    k = int(eval_cfg.diversity_k)
     far = float(eval_cfg.far)
     retrieval = {n: IdentityRetrieval(metric=r.metric).to(device) for n, r in recognizers.items()}
     verification = {n: VerificationRate(far=far, metric=r.metric).to(device) for n, r in recognizers.items()}
@@ -235,12 +236,13 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = Path(args.checkpoint)
     files, overrides = split_args(args.args)
+    overrides += [f"eval.limit={args.limit}"] if args.limit is not None else []
     cfg, state = _checkpoint_config(checkpoint, files, overrides)
     module, cfg, _ = module_for_checkpoint(cfg, state)
     module.load_state_dict(state)
     device = str(resolve_device(args.device))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
-    metrics, meta = evaluate(module, cfg, limit=args.limit, reconstruction=not args.no_reconstruction,
+    metrics, meta = evaluate(module, cfg, reconstruction=not args.no_reconstruction,
                              device=device, split_file=split_path(cfg, training_run_dir(checkpoint)),
                              precision=args.precision)
     meta["checkpoint"] = str(checkpoint)

@@ -18,8 +18,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         module = ID2FaceModule(cfg)
         module.load_state_dict(checkpoint["state_dict"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        limit = cfg.eval.get("limit")
-        metrics, meta = evaluate(module, cfg, limit=int(limit) if limit else None, device=device, progress=False,
+        metrics, meta = evaluate(module, cfg, device=device, progress=False,
                                  split_file=split_path(cfg, folder))
         meta["checkpoint"] = str(final_checkpoint(folder))
         save_metrics(folder, metrics, meta)
