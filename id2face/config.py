@@ -25,6 +25,8 @@ COUNTS = {
     "run.seed": SEED_RANGE,
     "run.checkpoint_every_n_steps": (0, None, False),  # 0: none but the one written on SIGTERM/SIGUSR1
     "run.log_images_every_n_steps": (0, None, False),  # 0: no image grids
+    "model.optim.warmup_steps": (0, None, False),
+    "model.optim.ema_every": (1, None, False),
     "data.image_size": (1, None, False),
     "data.batch_size": (1, None, False),
     "data.num_workers": (0, None, False),
@@ -33,6 +35,7 @@ COUNTS = {
     "eval.batch_size": (1, None, False),
     "eval.diversity_k": (1, None, False),  # 1: no diversity metric
 }
+FLAGS = ("model.optim.fused",)
 
 
 class ConfigError(UserError, ValueError):
@@ -193,11 +196,14 @@ def load_config(files: Iterable[str] = (), overrides: Sequence[str] = ()) -> Dic
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot resolve interpolation: {_first_line(err)}") from None
-    _check_counts(cfg)
+    _check_framework_values(cfg)
     return cfg
 
 
-def _check_counts(cfg: DictConfig) -> None:
+def _check_framework_values(cfg: DictConfig) -> None:
+    for key in FLAGS:
+        if not isinstance(OmegaConf.select(cfg, key), bool):
+            raise ConfigError(f"{key} is true or false, got {OmegaConf.select(cfg, key)!r}")
     for key, (low, high, nullable) in COUNTS.items():
         value = OmegaConf.select(cfg, key)
         if value is None and nullable:

@@ -143,7 +143,11 @@ class ID2Face(nn.Module):
         unknown = set(loss or {}) - set(DEFAULT_LOSS_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}; valid: {sorted(DEFAULT_LOSS_WEIGHTS)}")
-        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **{k: float(v) for k, v in (loss or {}).items()}}
+        given = {**DEFAULT_LOSS_WEIGHTS, **(loss or {})}
+        bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0}
+        if bad:  # a negative weight would train the model away from that term
+            raise ValueError(f"loss weights are numbers >= 0; got {bad}")
+        self.loss_weights = {k: float(v) for k, v in given.items()}
         if not 0 <= self.loss_weights["id_dropout"] <= 1:
             raise ValueError(f"id_dropout is a probability, in [0, 1]; got {self.loss_weights['id_dropout']}")
         for role in FROZEN_ROLES:

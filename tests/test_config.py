@@ -115,8 +115,12 @@ def test_a_number_key_given_a_word_names_the_key_and_the_layer(tmp_path):
     ("data.batch_size=2.5", r"data\.batch_size takes a whole number >= 1, got 2\.5"),
     ("data.num_workers=true", r"data\.num_workers takes a whole number >= 0, got True"),
     ("run.checkpoint_every_n_steps=-1", r"run\.checkpoint_every_n_steps takes a whole number >= 0, got -1"),
+    ("model.optim.warmup_steps=null", r"model\.optim\.warmup_steps takes a whole number >= 0, got None"),
+    ("model.optim.ema_every=2.5", r"model\.optim\.ema_every takes a whole number >= 1, got 2\.5"),
+    ("eval.limit=0", r"eval\.limit takes a whole number >= 1 or null, got 0"),
+    ("model.optim.fused=maybe", r"model\.optim\.fused is true or false, got 'maybe'"),
 ])
-def test_the_frameworks_counts_must_be_whole_numbers_in_range(override, message):
+def test_the_frameworks_own_settings_are_checked_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=f"^{message}$"):
         load_config(["tiny"], [override])
 

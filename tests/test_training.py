@@ -201,6 +201,9 @@ def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
     ("model.optim.ema_decay=2", r"^model\.optim\.ema_decay must be in \[0, 1\] and ema_every >= 1 .*got 2\.0 and"),
     ("trainer.accumulate_grad_batches=0", r"^trainer\.accumulate_grad_batches must be >= 1, got 0$"),
     ("model.loss.id_dropout=1.5", r"^model\.loss: id_dropout is a probability, in \[0, 1\]; got 1\.5$"),
+    ("model.loss.identity_region=null",
+     r"^model\.loss: loss weights are numbers >= 0; got \{'identity_region': None\}$"),
+    ("model.loss.alignment=-0.1", r"^model\.loss: loss weights are numbers >= 0; got \{'alignment': -0\.1\}$"),
 ])
 def test_a_setting_lightning_or_torch_refuses_is_one_line_and_leaves_no_run_folder(tmp_path, override, message):
     from id2face.errors import UserError
