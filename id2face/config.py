@@ -25,6 +25,7 @@ COUNTS = {
     "run.seed": SEED_RANGE,
     "run.checkpoint_every_n_steps": (0, None, False),  # 0: none but the one written on SIGTERM/SIGUSR1
     "run.log_images_every_n_steps": (0, None, False),  # 0: no image grids
+    "model.context_dim": (1, None, False),
     "model.optim.warmup_steps": (0, None, False),
     "model.optim.ema_every": (1, None, False),
     "data.image_size": (1, None, False),

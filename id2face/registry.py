@@ -103,6 +103,11 @@ class Registry:
             return cls(**to_plain(params), **extra)
         except ValueError as err:  # constructors check their values: the arguments are the config
             raise ComponentValueError(f"{self.role} '{name}': {one_line(err)}") from None
+        except TypeError as err:  # int(None) and the like: the config's fault only if a value is of another kind
+            suspects = _off_kind_params(cls, params)
+            if not suspects:
+                raise
+            raise ComponentValueError(f"{self.role} '{name}': {one_line(err)} (check {'; '.join(suspects)})") from None
 
     def __repr__(self) -> str:
         return f"Registry({self.role!r}, {self.names()})"
@@ -131,6 +136,22 @@ def _required_kwargs(cls) -> set[str]:
     target = cls.__init__ if inspect.isclass(cls) else cls
     return {n for n, p in inspect.signature(target).parameters.items()
             if n != "self" and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _off_kind_params(cls, params: Mapping[str, Any]) -> list[str]:
+    """The params set to null where their default is not, or to another kind of value than their
+    default (a word for a number, a list for a word), each as ``name=value, default D``."""
+    def kind(value):
+        if isinstance(value, bool) or value is None:
+            return type(value).__name__
+        return next((k for k, types in (("number", (int, float)), ("word", str), ("list", (list, tuple)),
+                                        ("mapping", dict)) if isinstance(value, types)), type(value).__name__)
+
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    defaults = {n: p.default for n, p in inspect.signature(target).parameters.items() if p.default is not p.empty}
+    return [f"{n}={v!r}, default {defaults[n]!r}" for n, v in to_plain(params).items()
+            if n in defaults and defaults[n] is not None and kind(v) != kind(defaults[n])
+            and not (isinstance(defaults[n], bool) and kind(v) == "number")]
 
 
 def to_plain(value: Any) -> Any:

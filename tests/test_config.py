@@ -115,6 +115,7 @@ def test_a_number_key_given_a_word_names_the_key_and_the_layer(tmp_path):
     ("data.batch_size=2.5", r"data\.batch_size takes a whole number >= 1, got 2\.5"),
     ("data.num_workers=true", r"data\.num_workers takes a whole number >= 0, got True"),
     ("run.checkpoint_every_n_steps=-1", r"run\.checkpoint_every_n_steps takes a whole number >= 0, got -1"),
+    ("model.context_dim=null", r"model\.context_dim takes a whole number >= 1, got None"),
     ("model.optim.warmup_steps=null", r"model\.optim\.warmup_steps takes a whole number >= 0, got None"),
     ("model.optim.ema_every=2.5", r"model\.optim\.ema_every takes a whole number >= 1, got 2\.5"),
     ("eval.limit=0", r"eval\.limit takes a whole number >= 1 or null, got 0"),

@@ -71,6 +71,28 @@ def test_a_value_the_constructor_refuses_names_the_role_and_variant():
                           train_scheduler=_train_scheduler()).num_inference_steps == 1000
 
 
+def test_a_type_error_is_the_users_only_where_a_param_is_of_another_kind_than_its_default():
+    from id2face.registry import ComponentValueError
+
+    reg = Registry("widget")
+
+    @reg.register("sized")
+    class Sized:
+        def __init__(self, width: int = 4, widths: tuple = (1, 2), flag: bool = False, bug: bool = False):
+            self.width = int(width) + len(widths)
+            if bug:
+                len(5)  # a bug of the component, not of the config: its traceback is kept
+
+    with pytest.raises(ComponentValueError, match=r"^widget 'sized': int\(\) .* \(check width=None, default 4\)$"):
+        reg.build({"name": "sized", "params": {"width": None}})
+    with pytest.raises(ComponentValueError, match=r"\(check widths=3, default \(1, 2\)\)$"):
+        reg.build({"name": "sized", "params": {"widths": 3}})
+    assert reg.build({"name": "sized", "params": {"width": 2.0, "widths": [1], "flag": 1}}).width == 3
+    with pytest.raises(TypeError) as err:
+        reg.build({"name": "sized", "params": {"bug": True}})
+    assert not isinstance(err.value, ComponentValueError)
+
+
 def test_a_missing_required_param_is_named_before_the_constructor_runs():
     from id2face.registry import DATASETS
 
