@@ -200,6 +200,8 @@ def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
     ("model.optim.betas=[0.9]", r"^model\.optim: .*\(lr=.*, betas=\[0\.9\], weight_decay="),
     ("model.optim.ema_decay=2", r"^model\.optim\.ema_decay must be in \[0, 1\] and ema_every >= 1 .*got 2\.0 and"),
     ("trainer.accumulate_grad_batches=0", r"^trainer\.accumulate_grad_batches must be >= 1, got 0$"),
+    ("trainer.val_check_interval=0", r"^trainer\.val_check_interval must be > 0, got 0$"),
+    ("trainer.gradient_clip_val=-1", r"^trainer\.gradient_clip_val must be >= 0, got -1$"),
     ("model.loss.id_dropout=1.5", r"^model\.loss: id_dropout is a probability, in \[0, 1\]; got 1\.5$"),
     ("model.loss.identity_region=null",
      r"^model\.loss: loss weights are numbers >= 0; got \{'identity_region': None\}$"),
