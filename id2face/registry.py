@@ -83,6 +83,13 @@ class Registry:
                 f"{self.role} '{name}' has no parameter {', '.join(map(repr, unknown))}; "
                 f"valid: {', '.join(sorted(accepted - set(runtime))) or '(none)'}"
             )
+        # A switch given a word would be on whatever the word (compile: 'no' is truthy).
+        defaults = _defaults(cls)
+        not_switched = {n: v for n, v in to_plain(params).items()
+                        if isinstance(defaults.get(n), bool) and not isinstance(v, bool)}
+        if not_switched:
+            raise RegistryError(f"{self.role} '{name}': {', '.join(not_switched)} is true or false, got "
+                                f"{', '.join(map(repr, not_switched.values()))}")
         return cls
 
     def build(self, node: Mapping[str, Any] | str, **runtime: Any):
@@ -138,6 +145,11 @@ def _required_kwargs(cls) -> set[str]:
             if n != "self" and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _defaults(cls) -> dict[str, Any]:
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    return {n: p.default for n, p in inspect.signature(target).parameters.items() if p.default is not p.empty}
+
+
 def _off_kind_params(cls, params: Mapping[str, Any]) -> list[str]:
     """The params set to null where their default is not, or to another kind of value than their
     default (a word for a number, a list for a word), each as ``name=value, default D``."""
@@ -147,11 +159,9 @@ def _off_kind_params(cls, params: Mapping[str, Any]) -> list[str]:
         return next((k for k, types in (("number", (int, float)), ("word", str), ("list", (list, tuple)),
                                         ("mapping", dict)) if isinstance(value, types)), type(value).__name__)
 
-    target = cls.__init__ if inspect.isclass(cls) else cls
-    defaults = {n: p.default for n, p in inspect.signature(target).parameters.items() if p.default is not p.empty}
+    defaults = _defaults(cls)
     return [f"{n}={v!r}, default {defaults[n]!r}" for n, v in to_plain(params).items()
-            if n in defaults and defaults[n] is not None and kind(v) != kind(defaults[n])
-            and not (isinstance(defaults[n], bool) and kind(v) == "number")]
+            if n in defaults and defaults[n] is not None and kind(v) != kind(defaults[n])]
 
 
 def to_plain(value: Any) -> Any:

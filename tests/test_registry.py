@@ -87,10 +87,28 @@ def test_a_type_error_is_the_users_only_where_a_param_is_of_another_kind_than_it
         reg.build({"name": "sized", "params": {"width": None}})
     with pytest.raises(ComponentValueError, match=r"\(check widths=3, default \(1, 2\)\)$"):
         reg.build({"name": "sized", "params": {"widths": 3}})
-    assert reg.build({"name": "sized", "params": {"width": 2.0, "widths": [1], "flag": 1}}).width == 3
+    assert reg.build({"name": "sized", "params": {"width": 2.0, "widths": [1], "flag": True}}).width == 3
     with pytest.raises(TypeError) as err:
         reg.build({"name": "sized", "params": {"bug": True}})
     assert not isinstance(err.value, ComponentValueError)
+
+
+def test_a_switch_takes_true_or_false_only():
+    from id2face.registry import BACKBONES
+
+    reg, *_ = make_registry()
+
+    @reg.register("switched")
+    class Switched:
+        def __init__(self, compile: bool = False, width: int = 2):
+            self.compile = compile
+
+    for value in ("no", "maybe", 1):
+        with pytest.raises(RegistryError, match=rf"^widget 'switched': compile is true or false, got {value!r}$"):
+            reg.check({"name": "switched", "params": {"compile": value, "width": 3}})
+    assert reg.build({"name": "switched", "params": {"compile": True}}).compile is True
+    with pytest.raises(RegistryError, match=r"backbone 'unet': gradient_checkpointing is true or false"):
+        BACKBONES.check({"name": "unet", "params": {"gradient_checkpointing": "yes please"}})
 
 
 def test_a_missing_required_param_is_named_before_the_constructor_runs():
