@@ -206,13 +206,18 @@ def _check_framework_values(cfg: DictConfig) -> None:
         if not isinstance(OmegaConf.select(cfg, key), bool):
             raise ConfigError(f"{key} is true or false, got {OmegaConf.select(cfg, key)!r}")
     for key, (low, high, nullable) in COUNTS.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None and nullable:
-            continue
-        whole = _is_number(value) and float(value).is_integer() or isinstance(value, str) and value.strip().isdigit()
-        if not whole or int(float(value)) < low or high is not None and int(float(value)) > high:
-            span = (f"{low}..{high}" if high is not None else f">= {low}") + (" or null" if nullable else "")
-            raise ConfigError(f"{key} takes a whole number {span}, got {value!r}")
+        check_whole_number(key, OmegaConf.select(cfg, key), low, high, nullable)
+
+
+def check_whole_number(key: str, value, low: int, high: int | None = None, nullable: bool = False) -> None:
+    """``value`` is a whole number in ``low..high`` (a float such as 4.0, a string of digits), or
+    null where ``nullable``; else a ConfigError naming ``key``."""
+    if value is None and nullable:
+        return
+    whole = _is_number(value) and float(value).is_integer() or isinstance(value, str) and value.strip().isdigit()
+    if not whole or int(float(value)) < low or high is not None and int(float(value)) > high:
+        span = (f"{low}..{high}" if high is not None else f">= {low}") + (" or null" if nullable else "")
+        raise ConfigError(f"{key} takes a whole number {span}, got {value!r}")
 
 
 def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:

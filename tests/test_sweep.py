@@ -63,6 +63,27 @@ def test_unknown_sweep_and_resource_keys(tmp_path):
         load_sweep(tmp_path / "missing.sweep.yaml")
 
 
+@pytest.mark.parametrize("resource, message", [
+    ("timeout_min: 0", r"resources\.timeout_min takes a whole number >= 1, got 0"),  # sbatch: no time limit
+    ("gpus_per_node: -1", r"resources\.gpus_per_node takes a whole number >= 0 or null, got -1"),
+    ("mem_gb: lots", r"resources\.mem_gb takes a whole number >= 0, got 'lots'"),
+    ("cpus_per_task: 2.5", r"resources\.cpus_per_task takes a whole number >= 1, got 2\.5"),
+])
+def test_a_resource_sbatch_would_refuse_or_misread_stops_the_sweep(tmp_path, resource, message):
+    path = write(tmp_path, f"base: [tiny]\nresources: {{{resource}}}\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {message}$"):
+        load_sweep(path)
+    ok = load_sweep(write(tmp_path, "base: [tiny]\nresources: {gpus_per_node: null, mem_gb: 0}\n", "ok.yaml"))
+    assert ok.resources["gpus_per_node"] is None and ok.resources["mem_gb"] == 0
+
+
+def test_a_resource_flag_is_checked_like_the_files(capsys):
+    from id2face.cli import main
+
+    assert main(["sweep", str(REPO / "experiments" / "synthfaces_main.sweep.yaml"), "--dry-run", "--nodes", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("command line: resources.nodes takes a whole number >= 1, got 0")
+
+
 def test_dry_run_prints_array_script_with_requeue_signal(tmp_path):
     path = write(tmp_path, "base: [tiny]\nseeds: [0, 1, 2]\nresources: {gpus_per_node: 4, nodes: 2, timeout_min: 60}\n")
     out = subprocess.run([sys.executable, "-m", "id2face.cli", "sweep", str(path), "--dry-run",

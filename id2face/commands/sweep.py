@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UserError
     from ..launch.launchers import launch_local, launch_slurm, sbatch_script
-    from ..launch.sweep import load_sweep
+    from ..launch.sweep import check_resources, load_sweep
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             resources[key] = value
+    check_resources(resources, "command line")
     root = Path(str(sweep.tasks[0].config().run.root))
     folder = Path(args.folder) if args.folder else root / sweep.experiment / "slurm"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..config import ConfigError, load_config, resolve_config_path
+from ..config import ConfigError, check_whole_number, load_config, resolve_config_path
 from ..errors import UserError
 from ..registry import RegistryError, check_components
 
@@ -39,6 +39,19 @@ RESOURCE_DEFAULTS = {
     "constraint": None,
     "signal_delay_s": 90,
 }
+# The counts' lowest values. mem_gb=0 is SLURM's "all of the node's memory"; gpus_per_node may be
+# null (no GPU request), no other count.
+RESOURCE_MINIMUMS = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 0, "timeout_min": 1,
+                     "array_parallelism": 1, "signal_delay_s": 0}
+
+
+def check_resources(resources: dict, where: str) -> None:
+    """sbatch would refuse these after the grid was resolved, or take timeout_min=0 as no limit."""
+    for key, low in RESOURCE_MINIMUMS.items():
+        try:
+            check_whole_number(f"resources.{key}", resources[key], low, nullable=key == "gpus_per_node")
+        except ConfigError as err:
+            raise UserError(f"{where}: {err}") from None
 
 
 @dataclass
@@ -113,6 +126,7 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     if bad:
         raise UserError(f"{path}: unknown resource(s) {sorted(bad)}; valid: {sorted(RESOURCE_DEFAULTS)}")
     resources.update(given)
+    check_resources(resources, str(path))
 
     tasks = []
     for ablation, files in ablations.items():
