@@ -105,6 +105,16 @@ def speed_switch_overrides(model_cfg: Mapping[str, Any], switches: tuple[str, ..
             for switch in switches if registry.declares(variant_name(model_cfg[role]), switch)]
 
 
+def _weight(value) -> float | None:
+    """A loss weight as a float (a string such as '1e-3' too), or None for what is no number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) number of parameters, each shared tensor counted once."""
     params = list(module.parameters())
@@ -144,10 +154,10 @@ class ID2Face(nn.Module):
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}; valid: {sorted(DEFAULT_LOSS_WEIGHTS)}")
         given = {**DEFAULT_LOSS_WEIGHTS, **(loss or {})}
-        bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0}
+        self.loss_weights = {k: _weight(v) for k, v in given.items()}
+        bad = {k: given[k] for k, w in self.loss_weights.items() if w is None or w < 0}
         if bad:  # a negative weight would train the model away from that term
             raise ValueError(f"loss weights are numbers >= 0; got {bad}")
-        self.loss_weights = {k: float(v) for k, v in given.items()}
         if not 0 <= self.loss_weights["id_dropout"] <= 1:
             raise ValueError(f"id_dropout is a probability, in [0, 1]; got {self.loss_weights['id_dropout']}")
         for role in FROZEN_ROLES:

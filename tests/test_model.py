@@ -89,6 +89,15 @@ def test_count_parameters_counts_shared_tensors_once():
     assert count_parameters(module) == (16, 22)
 
 
+def test_loss_weights_take_numbers_written_as_strings_and_refuse_negatives_and_nulls():
+    from id2face.registry import ComponentValueError
+
+    assert tiny_model("model.loss.alignment='1e-3'").loss_weights["alignment"] == 1e-3
+    with pytest.raises(ComponentValueError, match=r"^model\.loss: loss weights are numbers >= 0; got "
+                                                  r"\{'id_vae': -1, 'alignment': None\}$"):
+        tiny_model("model.loss.id_vae=-1", "model.loss.alignment=null")
+
+
 def test_training_losses_are_finite_and_reach_every_trainable_component(model, batch):
     model.train()
     model.zero_grad()

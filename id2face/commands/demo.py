@@ -8,7 +8,8 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied on top of tiny + demo")
     parser.add_argument("--root", default="runs", help="where runs/demo goes (default: runs)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test faces (sets eval.limit)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N test faces (sets eval.limit)")
     parser.add_argument("--checkpoint", default=None,
                         help="evaluate this `id2face train` checkpoint (or `id2face export` of one) instead of "
                              "training the model here (trainer.max_steps of the demo config: ~30 min on 2 cores)")

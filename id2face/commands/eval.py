@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="Lightning checkpoint of id2face train")
     parser.add_argument("--run-dir", metavar="DIR", help="where metrics.json goes (default: the checkpoint's training "
                                                           "run folder; for a checkpoint outside one, runs/eval/NAME)")
-    parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N test faces only (smoke runs; sets eval.limit)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="evaluate the first N test faces only (smoke runs; sets eval.limit)")
     parser.add_argument("--no-reconstruction", action="store_true", help="skip the PSNR/SSIM reconstruction pass")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
