@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -183,11 +183,16 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(overrides))
 
 
-def load_config(files: Iterable[str] = (), overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved config: default <- each file in order <- ``key=value`` overrides."""
+def load_config(files: Iterable[str] = (), overrides: Sequence[str] = (), base: Mapping | None = None,
+                base_source: str = "saved config") -> DictConfig:
+    """The resolved config: default <- ``base`` (a config saved whole, such as a checkpoint's; named
+    ``base_source`` in errors) <- each file in order <- ``key=value`` overrides."""
     cfg = _read_yaml(packaged_config_path("default"))
     OmegaConf.set_struct(cfg, True)
     _open_params(cfg)
+    if base is not None:
+        plain = OmegaConf.to_container(base, resolve=True) if OmegaConf.is_config(base) else base
+        cfg = merge_layer(cfg, OmegaConf.create(plain), base_source)
     for arg in files:
         path = resolve_config_path(arg)
         cfg = merge_layer(cfg, _read_yaml(path), str(arg))

@@ -124,13 +124,6 @@ def _test_identities(cfg) -> int:
     return max(1, round(int(cfg.data.dataset.params.num_identities) * fractions[2]))
 
 
-def _with_overrides(cfg, overrides: list[str]):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_config([str(save_config(cfg, Path(tmp) / "config.yaml"))], overrides)
-
-
 def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = None,
              checkpoint: str | None = None) -> Path:
     """``checkpoint``: evaluate a model that ``id2face train`` produced (its config comes with it)
@@ -144,7 +137,8 @@ def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = 
         from .inference import read_checkpoint_config
 
         saved, state, _ = read_checkpoint_config(checkpoint)
-        cfg = _with_overrides(saved, [f"run.root={root}", "model.identity_encoder.params.weights=null", *overrides])
+        cfg = load_config([], [f"run.root={root}", "model.identity_encoder.params.weights=null", *overrides],
+                          base=saved, base_source=f"{checkpoint}'s config")
         folder = run_dir(cfg)
         save_config(cfg, folder / "config.yaml")
         trained = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")

@@ -21,8 +21,6 @@ def read_checkpoint_config(checkpoint: str | Path):
     that the current default no longer has are dropped outside ``model`` (a run, trainer or eval
     setting renamed since training says nothing about the weights) and kept, hence refused, inside.
     """
-    import tempfile
-
     from omegaconf import OmegaConf
 
     from .config import load_config
@@ -54,10 +52,7 @@ def read_checkpoint_config(checkpoint: str | Path):
                for key in _drop_stale(saved, section, default)]
     if dropped:
         source += f"; dropped settings this version no longer has: {', '.join(k.rstrip('.') for k in dropped)}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "checkpoint_config.yaml"
-        path.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-        cfg = load_config([str(path)])
+    cfg = load_config(base=saved, base_source=f"{checkpoint}'s config")
     return cfg, payload["state_dict"], source
 
 

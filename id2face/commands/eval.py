@@ -53,17 +53,13 @@ def default_run_dir(checkpoint: Path) -> Path:
 
 def _checkpoint_config(checkpoint: Path, files, overrides):
     """The checkpoint's own config (what its weights are) <- CONFIG files <- key=value."""
-    import tempfile
-
-    from ..config import load_config, save_config
+    from ..config import load_config
     from ..inference import read_checkpoint_config
 
     cfg, state, _ = read_checkpoint_config(checkpoint)
     if not files and not overrides:
         return cfg, state
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = save_config(cfg, Path(tmp) / "checkpoint_config.yaml")
-        return load_config([str(saved), *files], overrides), state
+    return load_config(files, overrides, base=cfg, base_source=f"{checkpoint}'s config"), state
 
 
 def _recognizer_key(node, taken: set) -> str:
