@@ -10,7 +10,9 @@ renders (sample indices from ``sample_offset``):
 
 ``train_oracle(config, cache_dir)`` caches the result under ``<cache_dir>/oracle-<hash>/``
 (``oracle.pt``, ``config.json``, ``metrics.json``), the hash covering every field of
-``OracleConfig`` and the format version: the same config is trained once.
+``OracleConfig`` and the format version: the same config is trained once. Training runs on
+``TRAINING_THREADS`` CPU threads whatever the machine has, so the judge is a function of its config
+and the processor's kind, not of the core count (float sums split over more threads round otherwise).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ ORACLE_SOURCE = "`id2face train-oracle CONFIG...` with the evaluation config (ca
 FEATURE_DIM = 256               # penultimate width (the FID features of OracleFeatures)
 POSE_NAMES = ("yaw", "pitch", "roll")
 EXPRESSION_NAMES = ("smile", "mouth_open", "eye_open", "brow_raise", "gaze_x")
+TRAINING_THREADS = 2
 
 
 def default_cache_dir() -> Path:
@@ -94,6 +97,21 @@ def oracle_config(data: Mapping[str, Any], settings: Mapping[str, Any] | None = 
         raise UserError(f"unknown oracle setting(s) {', '.join(unknown)}; valid: {', '.join(OracleConfig.fields())}")
     values.update(settings)
     return OracleConfig(**values)
+
+
+def check_fits(config: OracleConfig, data: Mapping[str, Any], source: str | Path) -> None:
+    """Refuse an oracle trained on other SynthFaces people, or at another size, than ``data`` renders
+    (its identity head would judge strangers); ``data`` of another dataset is not checked here."""
+    if _plain(_plain(data).get("dataset")).get("name") != "synthfaces":
+        return
+    needed = oracle_config(data)
+    wrong = [f"{name} {getattr(config, name)} (the data's: {getattr(needed, name)})"
+             for name in ("renderer_seed", "image_size") if getattr(config, name) != getattr(needed, name)]
+    if config.num_identities < needed.num_identities:
+        wrong.append(f"num_identities {config.num_identities} (the data renders {needed.num_identities})")
+    if wrong:
+        raise UserError(f"oracle {source} was trained for other SynthFaces data: {'; '.join(wrong)}; "
+                        "train one for this data with `id2face train-oracle CONFIG`")
 
 
 def _block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -204,12 +222,24 @@ def oracle_dir(config: OracleConfig, cache_dir: str | Path | None = None) -> Pat
 def train_oracle(config: OracleConfig, cache_dir: str | Path | None = None, force: bool = False,
                  log: Callable[[str], None] = _log_to_stderr) -> OracleNet:
     """Train (or load from the cache) the oracle for ``config``; see the module docstring."""
-    from ..data.synthfaces import ATTRIBUTE_FACTORS, IDENTITY_FACTORS
-
     folder = oracle_dir(config, cache_dir)
     if (folder / "oracle.pt").is_file() and not force:
         log(f"oracle: cache hit {folder}")
         return load_oracle(folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        net, metrics = _train(config, log)
+    finally:
+        torch.set_num_threads(threads)
+    _save(net, metrics, folder)
+    log(f"oracle: saved {folder} ({net.summary})")
+    return net.eval()
+
+
+def _train(config: OracleConfig, log: Callable[[str], None]) -> tuple[OracleNet, dict[str, float]]:
+    from ..data.synthfaces import ATTRIBUTE_FACTORS, IDENTITY_FACTORS
+
     start = time.perf_counter()
     log(f"oracle: rendering {config.num_identities} identities x {config.samples_per_identity} views "
         f"at {config.image_size} px")
@@ -259,9 +289,7 @@ def train_oracle(config: OracleConfig, cache_dir: str | Path | None = None, forc
         "last_factor_loss": sum(h[1] for h in history[-k:]) / k if history else math.nan,
     })
     net.summary = _summary(config, metrics)
-    _save(net, metrics, folder)
-    log(f"oracle: saved {folder} ({net.summary})")
-    return net.eval()
+    return net, metrics
 
 
 def _summary(config: OracleConfig, metrics: Mapping[str, float]) -> str:

@@ -172,7 +172,8 @@ class EncoderRecognizer(Recognizer):
 class OracleRecognizer(Recognizer):
     """SynthFaces oracle (``id2face train-oracle``): identity embedding of its held-out judge network.
 
-    ``path``: an oracle folder or its ``oracle.pt``. Without it the oracle matching the evaluation
+    ``path``: an oracle folder or its ``oracle.pt`` (refused if trained for other SynthFaces data than
+    the evaluation ``data``). Without it the oracle matching the evaluation
     data is looked up in ``cache_dir`` (default ``~/.cache/id2face/oracle``) by the hash of its
     config, built from the runtime ``data`` section + ``settings`` (``OracleConfig`` fields, as given to
     ``id2face train-oracle oracle.<field>=...``); ``train_if_missing``
@@ -188,6 +189,8 @@ class OracleRecognizer(Recognizer):
 
         if path is not None:
             self.net = oracle_lib.load_oracle(path)
+            if data is not None:
+                oracle_lib.check_fits(self.net.config, data, path)
         else:
             if data is None:
                 raise UserError("recognizer 'oracle' needs `path` (a trained oracle) or the evaluation data "
