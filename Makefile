@@ -18,11 +18,13 @@ $(STAMP): $(PY) setup.cfg setup.py
 
 install: $(STAMP)
 
-# The shipped model was trained by `id2face demo` itself (README: "Reproducing the demo model").
+# The shipped model was trained by `id2face demo` itself, its judge by `id2face train-oracle` (README:
+# "Reproducing the demo model"); a judge trained here instead would vary with the processor.
 DEMO_CHECKPOINT ?= checkpoints/demo-tiny.pt
+DEMO_ORACLE ?= checkpoints/demo-oracle.pt
 
 demo: $(STAMP)
-	$(VENV)/bin/id2face demo --checkpoint $(DEMO_CHECKPOINT)
+	$(VENV)/bin/id2face demo --checkpoint $(DEMO_CHECKPOINT) --oracle $(DEMO_ORACLE)
 
 # The SLURM sweep test needs a cluster: bring up a one-node one here (skips with a reason if it cannot).
 test: $(STAMP)

@@ -124,10 +124,26 @@ def _test_identities(cfg) -> int:
     return max(1, round(int(cfg.data.dataset.params.num_identities) * fractions[2]))
 
 
+def judge_with(cfg, oracle: str) -> None:
+    """Make ``oracle`` (a trained oracle's folder or file) the demo's judge, in place of the one the
+    config trains into the cache; checked against the test data before any training starts."""
+    from omegaconf import OmegaConf
+
+    from .metrics.oracle import check_fits, load_oracle
+
+    check_fits(load_oracle(oracle).config, cfg.data, oracle)
+    nodes = OmegaConf.to_container(cfg.eval.recognizers, resolve=True)
+    nodes = nodes if isinstance(nodes, list) else [nodes]
+    others = [n for n in nodes if n != "oracle" and not (isinstance(n, dict) and n.get("name") == "oracle")]
+    cfg.eval.recognizers = [{"name": "oracle", "params": {"path": str(oracle)}}, *others]
+
+
 def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = None,
-             checkpoint: str | None = None) -> Path:
+             checkpoint: str | None = None, oracle: str | None = None) -> Path:
     """``checkpoint``: evaluate a model that ``id2face train`` produced (its config comes with it)
-    instead of training one here (steps 1-2)."""
+    instead of training one here (steps 1-2). ``oracle``: judge with this trained oracle (``make demo``:
+    the shipped one) instead of training one into the cache, whose weights would depend on the
+    processor's float kernels."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     overrides = [*overrides, *([f"eval.limit={limit}"] if limit is not None else [])]
@@ -139,6 +155,8 @@ def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = 
         saved, state, _ = read_checkpoint_config(checkpoint)
         cfg = load_config([], [f"run.root={root}", "model.identity_encoder.params.weights=null", *overrides],
                           base=saved, base_source=f"{checkpoint}'s config")
+        if oracle:
+            judge_with(cfg, oracle)
         folder = run_dir(cfg)
         save_config(cfg, folder / "config.yaml")
         trained = torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step")
@@ -147,6 +165,8 @@ def run_demo(root: str = "runs", overrides: list[str] = (), limit: int | None = 
         cfg = load_config(["tiny", "demo"], [f"run.root={root}",
                                               f"model.identity_encoder.params.weights={root}/demo/encoder.pt",
                                               *overrides])
+        if oracle:
+            judge_with(cfg, oracle)
         cfg_path = save_config(cfg, out / "demo_config.yaml")  # train-encoder reads the same resolved config
         t = time.perf_counter()
         train_encoder(cfg_path, Path(cfg.model.identity_encoder.params.weights), steps=400)
