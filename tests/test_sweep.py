@@ -85,7 +85,8 @@ def test_a_resource_flag_is_checked_like_the_files(capsys):
 
 
 def test_dry_run_prints_array_script_with_requeue_signal(tmp_path):
-    path = write(tmp_path, "base: [tiny]\nseeds: [0, 1, 2]\nresources: {gpus_per_node: 4, nodes: 2, timeout_min: 60}\n")
+    path = write(tmp_path, "base: [tiny]\nseeds: [0, 1, 2]\nresources: {gpus_per_node: 4, nodes: 2, timeout_min: 60}\n"
+                           "overrides: ['eval.recognizers=[dlib]']\n")  # a judge any machine has
     out = subprocess.run([sys.executable, "-m", "id2face.cli", "sweep", str(path), "--dry-run",
                           "--partition", "gpu", "--account", "lab", "--folder", str(tmp_path / "logs")],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -96,6 +97,53 @@ def test_dry_run_prints_array_script_with_requeue_signal(tmp_path):
                  "#SBATCH --account=lab", "#SBATCH --time=60"):
         assert line in script, line
     assert not list((tmp_path / "logs").glob("*")), "a dry run must not create job files"
+
+
+SMALL_ORACLE = "{steps: 2, samples_per_identity: 2, width: 4, embed_dim: 8, batch_size: 8}"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("'eval.recognizers=[oracle]'", "SynthFaces oracle weights not found at {cache}/oracle/oracle-"),
+    ("'eval.recognizers=[dlib]', eval.fid.weights=/nowhere/pt_inception.pth",
+     "FID Inception-v3 weights not found at /nowhere/pt_inception.pth"),
+])
+def test_a_missing_judge_stops_the_sweep_before_anything_is_queued(tmp_path, monkeypatch, capsys, overrides, message):
+    """Evaluation runs after each task's training: a judge missing on disk would fail every task
+    after hours of it; the sweep builds the judges first, on either launcher and on --dry-run."""
+    from id2face.cli import main
+
+    monkeypatch.setenv("ID2FACE_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path, f"base: [tiny]\nseeds: [0, 1]\noverrides: [run.root={tmp_path / 'runs'}, {overrides}]\n")
+    for launch in (["--dry-run"], ["--launcher", "local"]):
+        assert main(["sweep", str(path), *launch]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"ablation 'base': {message.format(cache=tmp_path / 'cache')}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_judge_trained_on_demand_is_trained_once_for_the_whole_sweep(tmp_path, monkeypatch, capsys):
+    from id2face.cli import main
+
+    monkeypatch.setenv("ID2FACE_CACHE", str(tmp_path / "cache"))
+    node = f"{{name: oracle, params: {{train_if_missing: true, settings: {SMALL_ORACLE}}}}}"
+    path = write(tmp_path, f"base: [tiny]\nseeds: [0, 1, 2]\noverrides: ['eval.recognizers=[{node}]', "
+                           "data.dataset.params.num_identities=10]\n")
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().err.count("oracle: rendering") == 1
+    assert len(list((tmp_path / "cache" / "oracle").glob("oracle-*/oracle.pt"))) == 1
+
+
+def test_a_task_whose_judge_is_missing_fails_before_its_training(tmp_path, monkeypatch):
+    from id2face.config import load_config
+    from id2face.errors import MissingWeightsError
+    from id2face.launch.task import train_and_evaluate
+
+    monkeypatch.setenv("ID2FACE_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(["tiny"], [f"run.root={tmp_path / 'runs'}", "trainer.max_steps=1", "data.batch_size=2",
+                                 "trainer.limit_val_batches=0"])
+    with pytest.raises(MissingWeightsError, match="SynthFaces oracle"):
+        train_and_evaluate(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_rejects_missing_sweep_file_in_one_line(tmp_path):

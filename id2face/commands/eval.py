@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..precision import PRECISION_CHOICES
 from . import resolve_device
@@ -74,6 +75,36 @@ def _recognizer_key(node, taken: set) -> str:
     return key
 
 
+def build_judges(cfg) -> tuple[dict, Any]:
+    """The recognizers (by name) and the FID metric (or None) that ``cfg.eval`` names, on the CPU:
+    all that evaluation reads from disk or trains (an oracle with ``train_if_missing``), so a sweep
+    task can fail on a missing judge before its training, not after."""
+    from omegaconf import OmegaConf
+
+    from ..errors import UserError
+    from ..metrics import build_fid
+    from ..metrics.oracle import OracleFeatures
+    from ..metrics.recognizers import OracleRecognizer, build_recognizer
+
+    eval_cfg = cfg.eval
+    taken: set = set()
+    nodes = OmegaConf.to_container(eval_cfg.recognizers, resolve=True) \
+        if OmegaConf.is_config(eval_cfg.recognizers) else eval_cfg.recognizers
+    nodes = nodes if isinstance(nodes, list) else [nodes]  # eval.recognizers=dlib: one name, not a list
+    recognizers = {_recognizer_key(node, taken): build_recognizer(node, data=cfg.data) for node in nodes}
+    if not recognizers:
+        raise UserError("eval.recognizers is empty: name at least one (dlib, oracle, encoder)")
+    oracle = next((r.net for r in recognizers.values() if isinstance(r, OracleRecognizer)), None)
+    weights = eval_cfg.fid.get("weights")
+    if weights:
+        return recognizers, build_fid(weights=weights)
+    if oracle is not None:
+        fid = build_fid(feature_extractor=OracleFeatures(oracle))
+        fid.convention = f"FID on SynthFaces-oracle features ({OracleFeatures.num_features}-d), real vs anonymized"
+        return recognizers, fid
+    return recognizers, None
+
+
 def evaluate(module, cfg, reconstruction: bool = True, device: str = "cpu",
              progress: bool = True, generate: str = "anonymize", split_file: Path | None = None,
              precision: str | None = None) -> tuple[dict, dict]:
@@ -92,9 +123,9 @@ def evaluate(module, cfg, reconstruction: bool = True, device: str = "cpu",
     from ..data.datamodule import FacePairDataModule
     from ..errors import UserError
     from ..metrics import (AttributePreservation, IdentityDiversity, IdentityRetrieval, LandmarkAttributeEstimator,
-                           VerificationRate, build_fid)
-    from ..metrics.oracle import OracleAttributeEstimator, OracleFeatures
-    from ..metrics.recognizers import OracleRecognizer, build_recognizer
+                           VerificationRate)
+    from ..metrics.oracle import OracleAttributeEstimator
+    from ..metrics.recognizers import OracleRecognizer
     from ..precision import autocast, resolve_precision
 
     eval_cfg = cfg.eval  # its counts (limit, batch_size, diversity_k) were checked by load_config
@@ -111,13 +142,9 @@ def evaluate(module, cfg, reconstruction: bool = True, device: str = "cpu",
     loader = DataLoader(dataset, batch_size=int(eval_cfg.batch_size), shuffle=False,
                         num_workers=int(cfg.data.get("num_workers", 0)))
 
-    taken: set = set()
-    nodes = OmegaConf.to_container(eval_cfg.recognizers, resolve=True) \
-        if OmegaConf.is_config(eval_cfg.recognizers) else eval_cfg.recognizers
-    nodes = nodes if isinstance(nodes, list) else [nodes]  # eval.recognizers=dlib: one name, not a list
-    recognizers = {_recognizer_key(node, taken): build_recognizer(node, data=cfg.data).to(device) for node in nodes}
-    if not recognizers:
-        raise UserError("eval.recognizers is empty: name at least one (dlib, oracle, encoder)")
+    recognizers, fid = build_judges(cfg)
+    recognizers = {name: recognizer.to(device) for name, recognizer in recognizers.items()}
+    fid = fid.to(device) if fid is not None else None
     k = int(eval_cfg.diversity_k)
     far = float(eval_cfg.far)
     retrieval = {n: IdentityRetrieval(metric=r.metric).to(device) for n, r in recognizers.items()}
@@ -125,14 +152,6 @@ def evaluate(module, cfg, reconstruction: bool = True, device: str = "cpu",
     diversity = {n: IdentityDiversity(metric=r.metric).to(device) for n, r in recognizers.items()} if k > 1 else {}
 
     oracle = next((r.net for r in recognizers.values() if isinstance(r, OracleRecognizer)), None)
-    weights = eval_cfg.fid.get("weights")
-    if weights:
-        fid = build_fid(weights=weights).to(device)
-    elif oracle is not None:
-        fid = build_fid(feature_extractor=OracleFeatures(oracle)).to(device)
-        fid.convention = f"FID on SynthFaces-oracle features ({OracleFeatures.num_features}-d), real vs anonymized"
-    else:
-        fid = None
     if oracle is not None:
         estimator = OracleAttributeEstimator(oracle)
         attribute_note = ("SynthFaces oracle regressors on the anonymized face vs the source's true factors "

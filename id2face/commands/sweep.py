@@ -9,7 +9,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every task")
     parser.add_argument("--launcher", choices=("slurm", "local"), default="slurm")
     parser.add_argument("--dry-run", action="store_true",
-                        help="list the tasks and print the sbatch script; submit nothing")
+                        help="list the tasks and print the sbatch script after the same checks (configs, resources, "
+                             "the evaluation's judges); submit nothing")
     parser.add_argument("--wait", action="store_true", help="slurm: wait for every task and report failures")
     parser.add_argument("--folder", default=None, help="slurm logs (default: <run.root>/<experiment>/slurm)")
     for key in ("partition", "account", "qos", "constraint"):
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UserError
     from ..launch.launchers import launch_local, launch_slurm, sbatch_script
-    from ..launch.sweep import check_resources, load_sweep
+    from ..launch.sweep import check_judges, check_resources, load_sweep
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             resources[key] = value
     check_resources(resources, "command line")
+    check_judges(sweep)
     root = Path(str(sweep.tasks[0].config().run.root))
     folder = Path(args.folder) if args.folder else root / sweep.experiment / "slurm"
 

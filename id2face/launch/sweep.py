@@ -12,7 +12,8 @@ A sweep file (``experiments/*.sweep.yaml``)::
 
 ``ablations`` may also be a plain list of files; each task's name is then the file's stem.
 Every task's config is resolved (and so validated) when the sweep is expanded, before anything
-is launched: a typo in one ablation stops the whole sweep at submission, not hours later.
+is launched: a typo in one ablation stops the whole sweep at submission, not hours later;
+``check_judges`` does the same for the files its evaluation reads (recognizers, Inception).
 """
 from __future__ import annotations
 
@@ -145,3 +146,23 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     for f in base:
         resolve_config_path(f)
     return Sweep(path, tasks, resources)
+
+
+def check_judges(sweep: Sweep) -> None:
+    """Build the evaluation judges of each task once per distinct ``eval`` + ``data`` sections: a
+    missing oracle or Inception file stops the sweep before anything is queued, not after each
+    task's training. A judge trained on demand (an oracle's ``train_if_missing``) is trained here,
+    once, so every task is judged by the same one."""
+    from ..commands.eval import build_judges
+
+    seen = set()
+    for task in sweep.tasks:
+        cfg = task.config()
+        key = OmegaConf.to_yaml(OmegaConf.create({"eval": cfg.eval, "data": cfg.data}), resolve=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            build_judges(cfg)
+        except UserError as err:
+            raise UserError(f"{sweep.path}: ablation '{task.ablation}': {err}") from None

@@ -6,11 +6,15 @@ from omegaconf import DictConfig
 
 
 def train_and_evaluate(cfg: DictConfig) -> dict:
-    from ..commands.eval import evaluate
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from ..commands.eval import build_judges, evaluate
     from ..lit_module import ID2FaceModule
     from ..metrics.table import save_metrics
     from ..training import final_checkpoint, fit, split_path
 
+    if rank_zero_only.rank == 0:
+        build_judges(cfg)  # a missing judge fails the task now, not after its training
     folder = fit(cfg)
     if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
             or torch.distributed.get_rank() == 0:
