@@ -921,6 +921,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(skimage_data.astronaut()).save(photos / "a.png")
+    keyed = ["-i", str(photos), "-o", str(tmp_path / "o"), "--key", "k", "--audit-recognizer", "none"]
     cases = [
         (["-i", str(tmp_path / "missing"), "-o", str(tmp_path / "o")], "does not exist"),
         (["-i", str(photos), "-o", str(photos / "out")], "inside the input"),
@@ -938,6 +939,12 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, checkpoint, capsys):
          "--detect-device gpu is not a torch device"),
         (["-i", str(photos), "-o", str(tmp_path / "o"), "--steps", "1001", "--device", "cpu"],
          "--steps must be <= 1000 (the model's training timesteps), got 1001"),
+        (["-i", str(photos), "-o", str(tmp_path / "o"), "--cluster-threshold", "0.7"],
+         "--cluster-threshold groups faces into persons for --key"),
+        ([*keyed, "--cluster-threshold", "5"], "--cluster-threshold 5.0 groups no faces by cosine (a similarity in [-1, 1])"),
+        ([*keyed, "--cluster-threshold", "nan"], "--cluster-threshold nan groups no faces by cosine"),
+        ([*keyed, "--cluster-by", "dlib", "--cluster-threshold", "0"],
+         "--cluster-threshold 0.0 groups no faces by euclidean (a distance > 0)"),
     ]
     for extra, message in cases:
         assert main(["anonymize", "--checkpoint", str(checkpoint), *extra]) == 2

@@ -88,6 +88,9 @@ class AnonymizeSettings:
                             f"{self.mask_margin}")
         if self.key is not None and len(self.key) == 0:
             raise UserError("--key is empty")
+        if self.key is None and self.cluster_threshold is not None:
+            raise UserError("--cluster-threshold groups faces into persons for --key; without a key every face "
+                            "gets a substitute of its own")
         if self.precision not in INFERENCE_PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {self.precision!r}")
 
@@ -278,6 +281,9 @@ class Anonymizer:
             if threshold is None:
                 native = None if cluster_by is None else getattr(cluster_by, "threshold", None)
                 threshold = native if native is not None else 0.5
+            if not (-1 <= threshold <= 1 if metric == "cosine" else 0 < threshold < math.inf):
+                raise UserError(f"--cluster-threshold {threshold} groups no faces by {metric} "
+                                f"({'a similarity in [-1, 1]' if metric == 'cosine' else 'a distance > 0'})")
             self.clusters = _Clusters(threshold, metric)
         elif isinstance(getattr(model, "id_mapping", None), KeyedIdentityMapping):
             raise UserError("this checkpoint's identity mapping is `keyed`: pass --key")
