@@ -110,8 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedding that groups faces into persons with --key: encoder (the model's, default), "
                              "dlib, oracle")
     parser.add_argument("--cluster-threshold", type=float,
-                        help="with --key: same person at cosine >= this (encoder, oracle; default 0.5, in [-1, 1]) or at a "
-                             "distance < this (dlib; default its own 0.6)")
+                        help="with --key: same person at cosine >= this (encoder, oracle; default 0.5, in [-1, 1]) "
+                             "or at a distance < this (dlib; default its own 0.6)")
     parser.add_argument("--face-scale", type=float,
                         help="align to the ArcFace template x this instead of the training data's template")
     parser.add_argument("--format", choices=("keep", "png"), default="keep", dest="output_format",
