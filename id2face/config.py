@@ -37,6 +37,12 @@ COUNTS = {
     "eval.diversity_k": (1, None, False),  # 1: no diversity metric
 }
 FLAGS = ("model.optim.fused",)
+# Values lightning.Trainer takes and then fails on mid-run (accumulate_grad_batches=0 and
+# val_check_interval=0 divide by zero) or uses against the run (a negative clip value scales every
+# gradient by a negative factor: gradient ascent).
+BOUNDS = {"trainer.accumulate_grad_batches": (">= 1", lambda v: v >= 1),
+          "trainer.val_check_interval": ("> 0", lambda v: v > 0),
+          "trainer.gradient_clip_val": (">= 0", lambda v: v >= 0)}
 
 
 class ConfigError(UserError, ValueError):
@@ -212,6 +218,10 @@ def _check_framework_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} is true or false, got {OmegaConf.select(cfg, key)!r}")
     for key, (low, high, nullable) in COUNTS.items():
         check_whole_number(key, OmegaConf.select(cfg, key), low, high, nullable)
+    for key, (bound, holds) in BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        if _is_number(value) and not holds(value):
+            raise ConfigError(f"{key} must be {bound}, got {value}")
 
 
 def check_whole_number(key: str, value, low: int, high: int | None = None, nullable: bool = False) -> None:

@@ -24,19 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .data.pixels import unpack_pixels
-from .errors import UserError, one_line
 from .model import ID2Face
-
-
-def adamw(params, optim: Mapping[str, Any], fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with ``model.optim``'s lr, betas and weight decay; a value torch refuses (a negative lr,
-    a beta outside [0, 1)) is a ``UserError`` naming them."""
-    try:
-        return torch.optim.AdamW(params, lr=float(optim["lr"]), betas=tuple(float(b) for b in optim["betas"]),
-                                 weight_decay=float(optim["weight_decay"]), fused=fused)
-    except (TypeError, ValueError, IndexError) as err:
-        raise UserError(f"model.optim: {one_line(err)} (lr={optim['lr']}, betas={list(optim['betas'])}, "
-                        f"weight_decay={optim['weight_decay']})") from None
+from .optim import adamw, check_optim
 
 
 class ID2FaceModule(L.LightningModule):
@@ -53,16 +42,12 @@ class ID2FaceModule(L.LightningModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.config = cfg
         self.optim_cfg = cfg.model.optim
-        # Bad optimiser values fail here, before the model is built.
-        adamw([torch.zeros(1, requires_grad=True)], self.optim_cfg)
+        check_optim(self.optim_cfg)  # bad optimiser values fail here, before the model is built
         self._ema_decay = float(self.optim_cfg.ema_decay)
         # Every k-th optimiser step, weighted as k steps (ema-pytorch's update_every, its weight
         # corrected): the lerp reads and writes every trainable weight, ~10 GB of memory traffic at
         # SD-1.5 size (~3 ms of an H100's ~350 ms step); k = 10 leaves a tenth of that.
         self._ema_every = int(self.optim_cfg.get("ema_every", 1))
-        if not 0 <= self._ema_decay <= 1 or self._ema_every < 1:
-            raise UserError(f"model.optim.ema_decay must be in [0, 1] and ema_every >= 1 (optimiser steps between "
-                            f"EMA updates), got {self._ema_decay} and {self._ema_every}")
         self.model = ID2Face.from_config(cfg.model)
         # EMA of everything that trains (UNet, harmonizer, token MLP, attribute encoder, id_vae).
         # Not Lightning's EMAWeightAveraging callback: it copies the whole LightningModule (frozen

@@ -115,6 +115,35 @@ def _weight(value) -> float | None:
         return None
 
 
+def loss_weights(loss: Mapping[str, Any] | None) -> dict[str, float]:
+    """``loss`` over ``DEFAULT_LOSS_WEIGHTS``, as floats; a ValueError for an unknown name, a weight
+    that is no number or < 0 (it would train the model away from its term), an ``id_dropout``
+    outside [0, 1]."""
+    unknown = set(loss or {}) - set(DEFAULT_LOSS_WEIGHTS)
+    if unknown:
+        raise ValueError(f"unknown loss weights {sorted(unknown)}; valid: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+    given = {**DEFAULT_LOSS_WEIGHTS, **(loss or {})}
+    weights = {k: _weight(v) for k, v in given.items()}
+    bad = {k: given[k] for k, w in weights.items() if w is None or w < 0}
+    if bad:
+        raise ValueError(f"loss weights are numbers >= 0; got {bad}")
+    if not 0 <= weights["id_dropout"] <= 1:
+        raise ValueError(f"id_dropout is a probability, in [0, 1]; got {weights['id_dropout']}")
+    return weights
+
+
+def check_loss(model_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``model_cfg.loss`` as given (a plain dict, or None for the defaults) once ``loss_weights``
+    accepts it; else a one-line ``ComponentValueError`` naming ``model.loss``."""
+    loss = model_cfg.get("loss")
+    loss = dict(loss) if loss is not None else None
+    try:
+        loss_weights(loss)
+    except ValueError as err:
+        raise ComponentValueError(f"model.loss: {one_line(err)}") from None
+    return loss
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) number of parameters, each shared tensor counted once."""
     params = list(module.parameters())
@@ -150,16 +179,7 @@ class ID2Face(nn.Module):
         self.scheduler = scheduler
         self.sampler = sampler
         self.identity_tokens = identity_tokens
-        unknown = set(loss or {}) - set(DEFAULT_LOSS_WEIGHTS)
-        if unknown:
-            raise ValueError(f"unknown loss weights {sorted(unknown)}; valid: {sorted(DEFAULT_LOSS_WEIGHTS)}")
-        given = {**DEFAULT_LOSS_WEIGHTS, **(loss or {})}
-        self.loss_weights = {k: _weight(v) for k, v in given.items()}
-        bad = {k: given[k] for k, w in self.loss_weights.items() if w is None or w < 0}
-        if bad:  # a negative weight would train the model away from that term
-            raise ValueError(f"loss weights are numbers >= 0; got {bad}")
-        if not 0 <= self.loss_weights["id_dropout"] <= 1:
-            raise ValueError(f"id_dropout is a probability, in [0, 1]; got {self.loss_weights['id_dropout']}")
+        self.loss_weights = loss_weights(loss)
         for role in FROZEN_ROLES:
             getattr(self, role).requires_grad_(False)
         if self.loss_weights["id_dropout"] <= 0:
@@ -168,12 +188,8 @@ class ID2Face(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any]) -> "ID2Face":
-        loss = model_cfg.get("loss")
-        components = build_components(model_cfg)
-        try:
-            return cls(**components, loss=dict(loss) if loss is not None else None)
-        except ValueError as err:
-            raise ComponentValueError(f"model.loss: {one_line(err)}") from None
+        loss = check_loss(model_cfg)  # before the components: a bad weight fails without a model built
+        return cls(**build_components(model_cfg), loss=loss)
 
     def trainable_modules(self) -> nn.ModuleDict:
         """The denoiser and the conditioning networks (everything but the frozen encoders): what the

@@ -347,14 +347,6 @@ def _strategy_parameters(strategy_class) -> set[str]:
     return accepted
 
 
-# Values lightning.Trainer takes and then fails on mid-run (accumulate_grad_batches=0 and
-# val_check_interval=0 divide by zero) or uses against the run (a negative clip value scales every
-# gradient by a negative factor: gradient ascent).
-TRAINER_BOUNDS = (("accumulate_grad_batches", ">= 1", lambda v: v >= 1),
-                  ("val_check_interval", "> 0", lambda v: v > 0),
-                  ("gradient_clip_val", ">= 0", lambda v: v >= 0))
-
-
 def build_trainer(cfg: DictConfig, folder: Path, callbacks: list[Callback] = (), **overrides: Any) -> L.Trainer:
     """``lightning.Trainer(**cfg.trainer)`` writing into the run folder (``trainer.strategy`` through
     ``build_strategy``); ``overrides`` win."""
@@ -367,10 +359,6 @@ def build_trainer(cfg: DictConfig, folder: Path, callbacks: list[Callback] = (),
         kwargs.setdefault("logger", TensorBoardLogger(save_dir=str(folder), name="tb", version=""))
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), *callbacks]
     kwargs.update(overrides)
-    for key, bound, holds in TRAINER_BOUNDS:
-        value = kwargs.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not holds(value):
-            raise UserError(f"trainer.{key} must be {bound}, got {value}")
     try:
         trainer = L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, TypeError) as err:

@@ -120,6 +120,10 @@ def test_a_number_key_given_a_word_names_the_key_and_the_layer(tmp_path):
     ("model.optim.ema_every=2.5", r"model\.optim\.ema_every takes a whole number >= 1, got 2\.5"),
     ("eval.limit=0", r"eval\.limit takes a whole number >= 1 or null, got 0"),
     ("model.optim.fused=maybe", r"model\.optim\.fused is true or false, got 'maybe'"),
+    # Lightning takes these, then divides by zero mid-run or ascends the gradient
+    ("trainer.accumulate_grad_batches=0", r"trainer\.accumulate_grad_batches must be >= 1, got 0"),
+    ("trainer.val_check_interval=0", r"trainer\.val_check_interval must be > 0, got 0"),
+    ("trainer.gradient_clip_val=-1", r"trainer\.gradient_clip_val must be >= 0, got -1"),
 ])
 def test_the_frameworks_own_settings_are_checked_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=f"^{message}$"):

@@ -54,6 +54,19 @@ def test_a_param_typo_or_unknown_variant_stops_the_sweep_before_launch(tmp_path)
             load_sweep(write(tmp_path, f"base: [tiny]\noverrides: ['{override}']\n"))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.optim.lr=-1", "model.optim: Invalid learning rate: -1.0"),
+    ("model.optim.ema_decay=2", "model.optim.ema_decay must be in [0, 1]"),
+    ("model.loss.alignment=-1", "model.loss: loss weights are numbers >= 0; got {'alignment': -1}"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be >= 1, got 0"),
+])
+def test_a_value_the_optimiser_loss_or_trainer_refuses_stops_the_sweep_before_launch(tmp_path, override, message):
+    """`id2face train` refuses these before its run folder; a sweep queued them, each task to fail
+    on its node after its wait in the queue."""
+    with pytest.raises(UserError, match=rf"ablation 'base': {re.escape(message)}"):
+        load_sweep(write(tmp_path, f"base: [tiny]\noverrides: ['{override}']\n"))
+
+
 def test_unknown_sweep_and_resource_keys(tmp_path):
     with pytest.raises(UserError, match="unknown sweep key"):
         load_sweep(write(tmp_path, "base: [tiny]\nseed: [1]\n"))

@@ -24,7 +24,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..config import ConfigError, check_whole_number, load_config, resolve_config_path
 from ..errors import UserError
-from ..registry import RegistryError, check_components
+from ..model import check_loss
+from ..optim import check_optim
+from ..registry import check_components
 
 SWEEP_KEYS = {"base", "ablations", "seeds", "overrides", "resources"}
 RESOURCE_DEFAULTS = {
@@ -136,7 +138,9 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
             try:
                 cfg = task.config()
                 check_components(cfg)  # a param typo fails here, not after the task waited in the queue
-            except (ConfigError, RegistryError) as err:
+                check_loss(cfg.model)
+                check_optim(cfg.model.optim)
+            except UserError as err:
                 raise UserError(f"{path}: ablation '{ablation}': {err}") from None
             task.experiment = str(cfg.run.experiment)
             tasks.append(task)
