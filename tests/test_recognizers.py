@@ -266,6 +266,23 @@ def test_oracle_weights_do_not_depend_on_the_callers_thread_count(tmp_path):
         assert torch.equal(states[0][name], states[1][name]), name
 
 
+def test_an_oracles_description_names_its_weights(oracle_cache, tmp_path):
+    """metrics.json records the judge by its description: one oracle file gives one description,
+    an oracle of the same config with other weights another (their digests)."""
+    import re
+
+    from id2face.metrics.oracle import oracle_dir, train_oracle, weights_digest
+
+    folder = oracle_dir(_tiny_oracle_config(), oracle_cache)
+    first, again = (RECOGNIZERS.build({"name": "oracle", "params": {"path": str(folder)}}) for _ in range(2))
+    assert first.description == again.description
+    assert re.search(r"; weights [0-9a-f]{8}\)$", first.description)
+    other = train_oracle(_tiny_oracle_config(seed=99), tmp_path, log=lambda m: None)
+    assert weights_digest(other) != weights_digest(first.net)
+    assert weights_digest(other) in RECOGNIZERS.build({"name": "oracle", "params": {"path": str(
+        oracle_dir(_tiny_oracle_config(seed=99), tmp_path))}}).description
+
+
 def test_an_oracle_by_path_must_judge_the_people_the_data_renders(oracle_cache):
     """An oracle trained on other SynthFaces identities (another renderer seed, fewer people, another
     size) would judge strangers: refused on one line; one that covers the data is accepted."""

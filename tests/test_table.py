@@ -140,6 +140,19 @@ def test_evaluations_of_one_seed_keep_rows_of_their_own(tmp_path, capsys):
     assert {rows[name]["n"] for name in rows} == {"1"}
 
 
+def test_rows_judged_by_different_oracles_are_flagged_in_the_caption(tmp_path, capsys):
+    """Two oracles of one config trained on different processors judge differently; their weights'
+    digest in the description tells them apart, and the caption says the rows are not comparable."""
+    oracle = "SynthFaces oracle 64-d (cosine; 300 identities, held-out views: top-1 0.22; weights {})"
+    same = [_write_run(tmp_path / "same", name, {"oracle/top1": 0.3},
+                       meta={"recognizers": {"oracle": oracle.format("0127a26f")}}) for name in ("a", "b")]
+    assert "oracle: SynthFaces" in _table(capsys, *same) and "differs" not in _table(capsys, *same)
+    other = _write_run(tmp_path / "other", "c", {"oracle/top1": 0.3},
+                       meta={"recognizers": {"oracle": oracle.format("9d8d0000")}})
+    caption = _table(capsys, *same, other).split("Table: ", 1)[1]
+    assert f"oracle differs between rows: {oracle.format('0127a26f')} / {oracle.format('9d8d0000')}" in caption
+
+
 def test_ablation_and_encoder_layouts(tmp_path, capsys):
     root = tmp_path / "runs"
     meta = {**META, "recognizers": {**META["recognizers"], "oracle": "SynthFaces oracle 64-d (cosine)"}}

@@ -292,6 +292,16 @@ def _train(config: OracleConfig, log: Callable[[str], None]) -> tuple[OracleNet,
     return net, metrics
 
 
+def weights_digest(net: nn.Module) -> str:
+    """Eight hex digits of the weights: which judge this is. Two oracles of one config trained on
+    processors of different kinds have different weights, and judge differently."""
+    digest = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:8]
+
+
 def _summary(config: OracleConfig, metrics: Mapping[str, float]) -> str:
     return (f"{config.num_identities} identities, held-out views: top-1 {metrics['val_retrieval_top1']:.2f}, "
             f"pose MAE {metrics['val_pose_mae_degrees']:.1f} deg")

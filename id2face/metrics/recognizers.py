@@ -200,7 +200,8 @@ class OracleRecognizer(Recognizer):
                         else oracle_lib.load_cached_oracle(config, cache_dir))
         self.embed_dim = self.net.embed_dim
         self.threshold = None
-        self.description = f"SynthFaces oracle {self.embed_dim}-d (cosine; {self.net.summary})"
+        self.description = (f"SynthFaces oracle {self.embed_dim}-d (cosine; {self.net.summary}; "
+                            f"weights {oracle_lib.weights_digest(self.net)})")
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

@@ -253,7 +253,8 @@ def _caption(runs: Sequence[Run], recognizers: Sequence[str], fars: set, max_see
         described = []
         for name in recognizers:
             descriptions = _distinct((run.meta.get("recognizers") or {}).get(name) for run in runs)
-            described.append(f"{name}: {' / '.join(descriptions)}" if descriptions else name)
+            differ = " differs between rows" if len(descriptions) > 1 else ""  # another judge: not comparable
+            described.append(f"{name}{differ}: {' / '.join(descriptions)}" if descriptions else name)
         far_text = (f"; VR = verification rate at FAR {', '.join(_short_number(f) for f in sorted(fars))} "
                     "(threshold calibrated on the originals)") if fars else ""
         parts.append(f"Identity by {'; '.join(described)} (retrieval: gallery = originals, query = anonymized"
