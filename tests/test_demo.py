@@ -74,7 +74,8 @@ def test_make_demo_shows_anonymization_in_numbers(tmp_path):
     """`make demo`: the shipped checkpoint judged by the shipped oracle (nothing trained, nothing
     cached): the oracle re-identifies reconstructions far more often than anonymizations, while pose
     and expression errors stay at the reconstruction's level."""
-    env = {**os.environ, "ID2FACE_CACHE": str(tmp_path / "cache")}
+    # conftest's OMP_NUM_THREADS=1 would make the sampling ~1.8x slower than `make demo` on 2 cores
+    env = {**os.environ, "ID2FACE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
     done = subprocess.run([sys.executable, "-m", "id2face.cli", "demo", "--checkpoint", str(SHIPPED), "--oracle",
                            str(SHIPPED_ORACLE), "--root", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
