@@ -159,6 +159,25 @@ def test_a_task_whose_judge_is_missing_fails_before_its_training(tmp_path, monke
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_task_builds_its_judges_once_before_training_and_evaluates_with_them(tmp_path, monkeypatch):
+    import json
+
+    from id2face.commands import eval as eval_command
+    from id2face.config import load_config
+    from id2face.launch.task import train_and_evaluate
+
+    built = []
+    real = eval_command.build_judges
+    monkeypatch.setattr(eval_command, "build_judges", lambda cfg: built.append(cfg) or real(cfg))
+    cfg = load_config(["tiny"], [f"run.root={tmp_path / 'runs'}", "trainer.max_steps=1", "data.batch_size=2",
+                                 "trainer.limit_val_batches=0", "eval.limit=4", "eval.diversity_k=1",
+                                 "eval.recognizers=[{name: encoder, params: {encoder: {name: tiny}}}]"])
+    metrics = train_and_evaluate(cfg)
+    assert len(built) == 1 and "tiny/top1" in metrics
+    saved = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
+    assert saved["metrics"]["tiny/top1"] == metrics["tiny/top1"]
+
+
 def test_cli_rejects_missing_sweep_file_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "id2face.cli", "sweep", str(tmp_path / "nope.yaml"), "--dry-run"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)

@@ -107,13 +107,14 @@ def build_judges(cfg) -> tuple[dict, Any]:
 
 def evaluate(module, cfg, reconstruction: bool = True, device: str = "cpu",
              progress: bool = True, generate: str = "anonymize", split_file: Path | None = None,
-             precision: str | None = None) -> tuple[dict, dict]:
+             precision: str | None = None, judges: tuple[dict, Any] | None = None) -> tuple[dict, dict]:
     """Run every metric of ``cfg.eval`` on the test split; returns (metrics, meta) for save_metrics.
 
     ``generate``: ``anonymize`` (the method) or ``reconstruct`` (own identity: the baseline that
     shows what the metrics read when no identity is removed). ``split_file``: the run's split.
     ``precision``: of the sampling only (``id2face.precision``; None: the config's on CUDA, fp32 on
-    CPU); recognizers, FID and attribute estimators always run in fp32.
+    CPU); recognizers, FID and attribute estimators always run in fp32. ``judges``: what
+    ``build_judges(cfg)`` returned, if the caller built them already.
     """
     import torch
     from omegaconf import OmegaConf
@@ -142,7 +143,7 @@ def evaluate(module, cfg, reconstruction: bool = True, device: str = "cpu",
     loader = DataLoader(dataset, batch_size=int(eval_cfg.batch_size), shuffle=False,
                         num_workers=int(cfg.data.get("num_workers", 0)))
 
-    recognizers, fid = build_judges(cfg)
+    recognizers, fid = judges if judges is not None else build_judges(cfg)
     recognizers = {name: recognizer.to(device) for name, recognizer in recognizers.items()}
     fid = fid.to(device) if fid is not None else None
     k = int(eval_cfg.diversity_k)

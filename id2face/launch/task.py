@@ -13,8 +13,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     from ..metrics.table import save_metrics
     from ..training import final_checkpoint, fit, split_path
 
-    if rank_zero_only.rank == 0:
-        build_judges(cfg)  # a missing judge fails the task now, not after its training
+    # Rank 0 evaluates: a judge missing there fails the task now, not after its training.
+    judges = build_judges(cfg) if rank_zero_only.rank == 0 else None
     folder = fit(cfg)
     if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
             or torch.distributed.get_rank() == 0:
@@ -23,7 +23,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         module.load_state_dict(checkpoint["state_dict"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         metrics, meta = evaluate(module, cfg, device=device, progress=False,
-                                 split_file=split_path(cfg, folder))
+                                 split_file=split_path(cfg, folder), judges=judges)
         meta["checkpoint"] = str(final_checkpoint(folder))
         save_metrics(folder, metrics, meta)
         return metrics
