@@ -127,14 +127,12 @@ def _test_identities(cfg) -> int:
 def judge_with(cfg, oracle: str) -> None:
     """Make ``oracle`` (a trained oracle's folder or file) the demo's judge, in place of the one the
     config trains into the cache; checked against the test data before any training starts."""
-    from omegaconf import OmegaConf
-
     from .metrics.oracle import check_fits, load_oracle
+    from .registry import recognizer_nodes
 
     check_fits(load_oracle(oracle).config, cfg.data, oracle)
-    nodes = OmegaConf.to_container(cfg.eval.recognizers, resolve=True)
-    nodes = nodes if isinstance(nodes, list) else [nodes]
-    others = [n for n in nodes if n != "oracle" and not (isinstance(n, dict) and n.get("name") == "oracle")]
+    others = [n for n in recognizer_nodes(cfg.eval)
+              if n != "oracle" and not (isinstance(n, dict) and n.get("name") == "oracle")]
     cfg.eval.recognizers = [{"name": "oracle", "params": {"path": str(oracle)}}, *others]
 
 

@@ -175,6 +175,13 @@ def to_plain(value: Any) -> Any:
     return value
 
 
+def recognizer_nodes(eval_section: Mapping[str, Any]) -> list:
+    """``eval.recognizers`` as a list of plain nodes; a single name (``eval.recognizers=dlib``) is a
+    list of one, not a string to iterate."""
+    nodes = to_plain(eval_section.get("recognizers")) or []
+    return nodes if isinstance(nodes, list) else [nodes]
+
+
 def _qualname(obj) -> str:
     return f"{obj.__module__}.{getattr(obj, '__qualname__', obj)}"
 
@@ -218,5 +225,5 @@ def check_components(cfg: Mapping[str, Any]) -> None:
     for role, registry in MODEL_ROLES.items():
         registry.check(cfg["model"][role])
     DATASETS.check(cfg["data"]["dataset"])
-    for node in cfg["eval"].get("recognizers") or []:
+    for node in recognizer_nodes(cfg["eval"]):
         RECOGNIZERS.check(node)

@@ -67,6 +67,16 @@ def test_a_value_the_optimiser_loss_or_trainer_refuses_stops_the_sweep_before_la
         load_sweep(write(tmp_path, f"base: [tiny]\noverrides: ['{override}']\n"))
 
 
+def test_one_recognizer_name_instead_of_a_list_is_a_sweeps_judge_too(tmp_path):
+    """`eval.recognizers=dlib` is what `id2face eval` takes; the sweep's check read it as the
+    recognizers 'd', 'l', 'i', 'b'."""
+    from id2face.launch.sweep import check_judges
+
+    sweep = load_sweep(write(tmp_path, "base: [tiny]\noverrides: [eval.recognizers=dlib]\n"))
+    assert sweep.tasks[0].config().eval.recognizers == "dlib"
+    check_judges(sweep)
+
+
 def test_unknown_sweep_and_resource_keys(tmp_path):
     with pytest.raises(UserError, match="unknown sweep key"):
         load_sweep(write(tmp_path, "base: [tiny]\nseed: [1]\n"))

@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..inference import load_model
     from ..precision import resolve_precision
+    from ..registry import recognizer_nodes
     from ..user_cache import user_cache
 
     settings = AnonymizeSettings(key=_read_key(args), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     audit_arg = _parse_node(args.audit_recognizer)
     audit, audit_note = None, None
     if audit_arg == "auto":
-        for node in OmegaConf.to_container(cfg.eval.get("recognizers") or [], resolve=True):
+        for node in recognizer_nodes(cfg.eval):
             try:
                 audit = build_audit_recognizer(node, cfg, model, dlib_workers=audit_workers)
                 break

@@ -79,19 +79,16 @@ def build_judges(cfg) -> tuple[dict, Any]:
     """The recognizers (by name) and the FID metric (or None) that ``cfg.eval`` names, on the CPU:
     all that evaluation reads from disk or trains (an oracle with ``train_if_missing``), so a sweep
     task can fail on a missing judge before its training, not after."""
-    from omegaconf import OmegaConf
-
     from ..errors import UserError
     from ..metrics import build_fid
     from ..metrics.oracle import OracleFeatures
     from ..metrics.recognizers import OracleRecognizer, build_recognizer
+    from ..registry import recognizer_nodes
 
     eval_cfg = cfg.eval
     taken: set = set()
-    nodes = OmegaConf.to_container(eval_cfg.recognizers, resolve=True) \
-        if OmegaConf.is_config(eval_cfg.recognizers) else eval_cfg.recognizers
-    nodes = nodes if isinstance(nodes, list) else [nodes]  # eval.recognizers=dlib: one name, not a list
-    recognizers = {_recognizer_key(node, taken): build_recognizer(node, data=cfg.data) for node in nodes}
+    recognizers = {_recognizer_key(node, taken): build_recognizer(node, data=cfg.data)
+                   for node in recognizer_nodes(eval_cfg)}
     if not recognizers:
         raise UserError("eval.recognizers is empty: name at least one (dlib, oracle, encoder)")
     oracle = next((r.net for r in recognizers.values() if isinstance(r, OracleRecognizer)), None)
