@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from id2face.config import load_config
+from id2face.launch.task import train_and_evaluate
 from id2face.training import fit
 
 warnings.filterwarnings("ignore")
@@ -40,8 +41,16 @@ class ParameterChecksums(Callback):
 
 if __name__ == "__main__":
     root, out, strategy = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "ddp"
+    sweep_task = len(sys.argv) > 4 and sys.argv[4] == "sweep-task"
     cfg = load_config(["tiny"], [f"run.root={root}", f"trainer.strategy={strategy}", "trainer.devices=2",
                                  "trainer.accelerator=cpu", "trainer.max_steps=3", "trainer.limit_val_batches=0",
                                  "data.batch_size=2", "data.dataset.params.num_identities=40",
-                                 "data.dataset.params.samples_per_identity=4"])
-    fit(cfg, callbacks=[ParameterChecksums(out)])
+                                 "data.dataset.params.samples_per_identity=4", "eval.limit=8", "eval.diversity_k=1",
+                                 "eval.recognizers=[{name: encoder, params: {encoder: tiny}}]"])
+    if sweep_task:  # what a multi-GPU SLURM task runs: every rank trains, rank 0 then evaluates alone
+        metrics = train_and_evaluate(cfg)
+        if metrics:
+            with open(out, "w") as handle:
+                json.dump(metrics, handle)
+    else:
+        fit(cfg, callbacks=[ParameterChecksums(out)])

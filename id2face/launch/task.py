@@ -16,8 +16,13 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     # Rank 0 evaluates: a judge missing there fails the task now, not after its training.
     judges = build_judges(cfg) if rank_zero_only.rank == 0 else None
     folder = fit(cfg)
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
-            or torch.distributed.get_rank() == 0:
+    rank = 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning keeps training's process group until exit; evaluation is rank 0 alone, and its
+        # metrics would otherwise gather on compute() from ranks that have already returned.
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+    if rank == 0:
         checkpoint = torch.load(final_checkpoint(folder), map_location="cpu", weights_only=False)
         module = ID2FaceModule(cfg)
         module.load_state_dict(checkpoint["state_dict"])
