@@ -184,6 +184,29 @@ def test_bad_run_folder_is_a_one_line_error(tmp_path, three_runs, capsys):
     assert "not an id2face metrics file" in capsys.readouterr().err
 
 
+def test_pose_angles_of_eval_are_not_taken_for_a_recognizer(tmp_path, capsys):
+    """`id2face eval` writes pose/yaw, pose/pitch, pose/roll beside dlib/...: one judge, not two."""
+    runs = [_write_run(tmp_path / "runs", name, {**metrics, "pose/yaw": 4.0, "pose/pitch": 2.0, "pose/roll": 1.0})
+            for name, metrics in RUNS.items()]
+    text = _table(capsys, *runs, "--format", "md")
+    header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("|")).strip("|").split("|")]
+    assert "Top-1 ↓" in header and "dlib Top-1 ↓" not in header
+    assert "Identity by dlib:" in text and "; pose" not in text
+
+
+@pytest.mark.parametrize("config_text, said", [
+    ("- a\n- b\n", "its top level is not a section"),
+    ("run: exp1\n", "run is not a section"),
+    ("run:\n  seed: ${oc.env:SEED}\n", "run.seed must be a whole number"),
+    ("model:\n  identity_encoder: facenet\n", "identity_encoder is not a section"),
+])
+def test_run_config_of_another_shape_is_a_one_line_error(three_runs, capsys, config_text, said):
+    (three_runs[0] / "config.yaml").write_text(config_text)
+    assert main(["table", *map(str, three_runs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and said in err and "config.yaml" in err
+
+
 def test_metrics_json_round_trip_keeps_nan_as_missing(tmp_path, capsys):
     folder = tmp_path / "solo"
     save_metrics(folder, {"fid": float("nan"), "dlib/top1": 0.25}, META)

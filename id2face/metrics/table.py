@@ -113,12 +113,25 @@ def load_run(path: str | Path) -> Run:
             cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
         except Exception as err:  # a broken config only costs the names
             raise UserError(f"{config}: cannot read YAML: {str(err).splitlines()[0] if str(err) else err}") from None
-        run = cfg.get("run") or {}
+        run = _section(cfg, "run", config)
         experiment = str(run.get("experiment", experiment))
         ablation = str(run.get("ablation", ablation))
-        seed = int(run["seed"]) if run.get("seed") is not None else seed
-        encoder = ((cfg.get("model") or {}).get("identity_encoder") or {}).get("name", encoder)
+        if run.get("seed") is not None:
+            try:
+                seed = int(run["seed"])
+            except (TypeError, ValueError):
+                raise UserError(f"{config}: run.seed must be a whole number, got {run['seed']!r}") from None
+        encoder = _section(_section(cfg, "model", config), "identity_encoder", config).get("name", encoder)
     return Run(path, metrics, meta, experiment, ablation, seed, encoder)
+
+
+def _section(node: Any, key: str, config: Path) -> dict:
+    """``node[key]`` of a run's config.yaml as a mapping ({} if absent); a config of another shape is one line."""
+    value = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or not isinstance(value, (dict, type(None))):
+        where = key if isinstance(node, dict) else "its top level"
+        raise UserError(f"{config} is not an id2face run config: {where} is not a section")
+    return value or {}
 
 
 def _names_from_path(path: Path) -> tuple[str, str, int | None, str | None]:
@@ -160,6 +173,9 @@ class Table:
             label = f"{label} {arrow}".strip()
         return label
 
+RECOGNIZER_KINDS = frozenset(kind for spec in LAYOUT_COLUMNS.values()
+                             for kind in (*spec["recognizer"], *spec["recognizer_tail"]))
+
 
 def _split_key(key: str) -> tuple[str | None, str]:
     if "/" in key:
@@ -193,8 +209,8 @@ def build_table(runs: Sequence[Run], layout: str = "main") -> Table:
     recognizers: list[str] = []
     for run in runs:
         for key in run.metrics:
-            recognizer, _ = _split_key(key)
-            if recognizer and recognizer not in recognizers:
+            recognizer, kind = _split_key(key)  # a judge's prefix, not a plain metric's parts (pose/yaw)
+            if recognizer and kind in RECOGNIZER_KINDS and recognizer not in recognizers:
                 recognizers.append(recognizer)
     columns = _order_columns({k for run in runs for k in run.metrics}, layout, recognizers)
     if not columns:
