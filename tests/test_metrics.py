@@ -55,6 +55,15 @@ def test_fid_identical_sets_is_zero_and_grows_with_shift():
     assert "TinyFeatures" in fid.convention and "24-d" in fid.convention
 
 
+def test_fid_inception_sees_the_pixel_levels_an_image_was_read_from(random_inception_file):
+    fid = build_fid(weights=random_inception_file, feature=64)
+    seen = []
+    fid.inception.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    levels = torch.arange(256, dtype=torch.uint8).repeat(3, 16, 1)[None]  # (1, 3, 16, 256): every level
+    fid.update(levels.float() / 127.5 - 1, real=True)  # how the datasets read 8-bit photos
+    assert seen[0].dtype == torch.uint8 and torch.equal(seen[0], levels)
+
+
 def test_fid_argument_errors():
     with pytest.raises(UserError, match="exactly one"):
         build_fid()
@@ -67,8 +76,9 @@ def test_fid_argument_errors():
     assert "torch-fidelity" in message
 
 
-def test_fid_reads_inception_weights_from_a_local_file(tmp_path, monkeypatch):
-    """The real loading path: torch-fidelity's Inception class, random weights saved as a state dict."""
+@pytest.fixture
+def random_inception_file(tmp_path, monkeypatch):
+    """torch-fidelity's Inception class with random weights, saved as the release's state dict."""
     from torch_fidelity import feature_extractor_inceptionv3 as fidelity
 
     monkeypatch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
@@ -77,7 +87,12 @@ def test_fid_reads_inception_weights_from_a_local_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(random_inception.state_dict(), path)
+    return path
 
+
+def test_fid_reads_inception_weights_from_a_local_file(random_inception_file):
+    """The real loading path: torch-fidelity's Inception class, random weights saved as a state dict."""
+    path = random_inception_file
     fid = build_fid(weights=path, feature=64)
     real = _images(8, size=64)
     fid.update(real, real=True)

@@ -6,14 +6,15 @@
 with an int attribute ``num_features`` (tests and SynthFaces use a small one).
 
 Input convention of ``FrechetDistance.update(images, real)``: RGB NCHW float in [-1, 1], like every
-id2face image. Inception receives them as uint8 [0, 255] (torchmetrics' ``normalize=True`` path
-after mapping to [0, 1]); a custom extractor receives the [-1, 1] floats unchanged, so any id2face
+id2face image. Inception receives them as uint8 [0, 255], rounded, so an image read from 8-bit pixels
+reaches it with its own levels; a custom extractor receives the [-1, 1] floats unchanged, so any id2face
 identity encoder can serve as one.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -36,8 +37,8 @@ class FrechetDistance(FrechetInceptionDistance):
     def update(self, images: Tensor, real: bool) -> None:  # type: ignore[override]
         if self.used_custom_model:
             super().update(images, real=real)
-        else:
-            super().update(((images.detach().float() + 1) / 2).clamp(0, 1), real=real)
+        else:  # rounded: torchmetrics' normalize=True truncates, a level lower for a quarter of them
+            super().update(((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), real=real)
 
 
 def build_fid(weights: str | Path | None = None, feature_extractor: nn.Module | None = None,
@@ -64,7 +65,7 @@ def build_fid(weights: str | Path | None = None, feature_extractor: nn.Module | 
     if not path.is_file():
         raise MissingWeightsError("FID Inception-v3", path, INCEPTION_SOURCE)
     try:
-        metric = FrechetDistance(feature=feature, normalize=True, feature_extractor_weights_path=str(path), **kwargs)
+        metric = FrechetDistance(feature=feature, normalize=False, feature_extractor_weights_path=str(path), **kwargs)
     except ModuleNotFoundError as err:  # torch-fidelity absent
         raise UserError(f"FID with Inception weights needs torch-fidelity: {err}") from None
     except (RuntimeError, KeyError, OSError, ValueError) as err:
