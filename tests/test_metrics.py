@@ -64,6 +64,19 @@ def test_fid_inception_sees_the_pixel_levels_an_image_was_read_from(random_incep
     assert seen[0].dtype == torch.uint8 and torch.equal(seen[0], levels)
 
 
+def test_reconstruction_psnr_is_the_mean_of_each_faces():
+    from id2face.commands.eval import reconstruction_metrics
+
+    psnr, ssim = reconstruction_metrics()
+    source = torch.zeros(2, 3, 8, 8)
+    rebuilt = source + torch.tensor([0.002, 0.2]).view(2, 1, 1, 1)  # one good face, one poor: MSE 4e-6, 4e-2
+    psnr.update(rebuilt, source)
+    ssim.update(rebuilt, source)
+    expected = (10 * math.log10(4 / 4e-6) + 10 * math.log10(4 / 4e-2)) / 2  # 40 dB (pooled MSE: 23.0)
+    assert psnr.compute().item() == pytest.approx(expected, abs=1e-3)
+    assert 0 < ssim.compute().item() <= 1
+
+
 def test_fid_argument_errors():
     with pytest.raises(UserError, match="exactly one"):
         build_fid()
