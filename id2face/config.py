@@ -23,7 +23,7 @@ SECTIONS = ("run", "model", "data", "trainer", "eval")
 SEED_RANGE = (0, 2**32 - 1, False)
 COUNTS = {
     "run.seed": SEED_RANGE,
-    "run.checkpoint_every_n_steps": (0, None, False),  # 0: none but the one written on SIGTERM/SIGUSR1
+    "run.checkpoint_every_n_steps": (0, None, False),  # 0: only the last step's and one on SIGTERM/SIGUSR1
     "run.log_images_every_n_steps": (0, None, False),  # 0: no image grids
     "model.context_dim": (1, None, False),
     "model.optim.warmup_steps": (0, None, False),

@@ -28,6 +28,13 @@ from .model import ID2Face
 from .optim import adamw, check_optim
 
 
+def micro_batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """A 64-bit seed for one rank's micro-batch, distinct for each (seed, epoch, batch, rank)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, batch_idx, rank]).generate_state(1, np.uint64)[0])
+
+
 class ID2FaceModule(L.LightningModule):
     """Built from the full resolved config (``model.optim`` holds lr, weight_decay, betas, fused,
     ema_decay, warmup_steps). Logs ``train/loss``, ``train/diffusion``, ... per step and
@@ -127,17 +134,33 @@ class ID2FaceModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ema_step"] = self._ema_step
+        if self._ema_swapped:  # saved mid-validation (a signal, SLURM's USR1): each copy under its own name
+            names = {id(p): name for name, p in self.named_parameters()}
+            state = checkpoint["state_dict"]
+            for live, average in zip(self.model.trainable_modules().parameters(), self.ema.module.parameters(),
+                                     strict=True):
+                live_key, average_key = names[id(live)], names[id(average)]
+                state[live_key], state[average_key] = state[average_key], state[live_key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._ema_updates = int(checkpoint["state_dict"].get("ema.n_averaged", 0))
         self._ema_step = int(checkpoint.get("ema_step", checkpoint.get("global_step", 0)))
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Per optimiser step (global_step counts them), not per accumulated micro-batch.
-        elapsed = self.trainer.global_step - self._ema_step
-        if elapsed >= self._ema_every:
-            self.update_ema(elapsed)
-            self._ema_step = self.trainer.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: Lightning runs the callbacks' batch-end hooks (the
+        # checkpoints among them) before the module's, which would save the EMA one update behind.
+        step = self.trainer.global_step + 1  # the step just taken: Lightning counts it after this hook
+        if step - self._ema_step >= self._ema_every:
+            self.update_ema(step - self._ema_step)
+            self._ema_step = step
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Each micro-batch's randomness (noise, timesteps, identity dropout, the identity VAE's
+        # sample) is a function of the run's seed, its place in the run and the rank, so a resumed
+        # run draws what the uninterrupted one draws (a checkpoint holds no generator state).
+        torch.manual_seed(micro_batch_seed(int(self.config.run.seed), self.trainer.current_epoch, batch_idx,
+                                           self.global_rank))
 
     def on_validation_epoch_start(self) -> None:
         if not self._ema_swapped:

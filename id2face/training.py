@@ -159,6 +159,25 @@ class CheckpointOnSignal(Callback):
             signal.signal(signal.SIGUSR1, self._previous_usr1)
 
 
+class StepCheckpoints(ModelCheckpoint):
+    """Lightning's checkpoint every ``every_n_train_steps`` steps with ``last.ckpt`` linking to the
+    newest, plus one at the step training ends on: with a step interval Lightning saves nothing at
+    the end, so the steps after the last multiple were lost to ``eval`` and retrained by a rerun.
+    Not after ``CheckpointOnSignal`` saved that step (a preempted job has seconds left)."""
+
+    def __init__(self, *args: Any, on_signal: CheckpointOnSignal | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.on_signal = on_signal
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        saved = self.on_signal is not None and self.on_signal.saved
+        if not saved and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
 class TrainingThroughput(Callback):
     """Logs ``throughput/images_per_s`` (all devices), ``throughput/tflops_per_s`` and, where one
     device's peak is known, ``throughput/mfu`` (per device) at the steps Lightning logs the losses
@@ -424,8 +443,9 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     if not cfg.trainer.get("fast_dev_run"):
         # last.ckpt links to the newest periodic checkpoint instead of being a second copy of it:
         # one write, not two, of the 14 GB an SD-1.5 run's checkpoint holds (BENCHMARKS.md).
-        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir), save_last="link", save_top_k=-1,
-                                         every_n_train_steps=int(cfg.run.checkpoint_every_n_steps)))
+        callbacks.append(StepCheckpoints(dirpath=str(checkpoint_dir), save_last="link", save_top_k=-1,
+                                         every_n_train_steps=int(cfg.run.checkpoint_every_n_steps),
+                                         on_signal=on_signal))
     trainer = build_trainer(cfg, folder, callbacks, **trainer_overrides)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming {folder} from {ckpt.name}", flush=True)

@@ -88,7 +88,8 @@ def test_a_run_resumed_mid_epoch_sees_what_an_uninterrupted_run_sees(tmp_path):
     """Stopped after 2 and 5 steps (4 batches an epoch) and resumed each time: the epoch goes on with
     the batches it had not seen, in the same order, with the same partners, as one run of 7 steps."""
     small = ["data.batch_size=4", "data.dataset.params.num_identities=10", "data.dataset.params.samples_per_identity=2",
-             "trainer.limit_val_batches=0", "run.checkpoint_every_n_steps=1", "run.log_images_every_n_steps=0"]
+             "trainer.limit_val_batches=0", "run.checkpoint_every_n_steps=1", "run.log_images_every_n_steps=0",
+             "model.optim.ema_every=2"]
     whole = SeenBatches()
     fit(load_config(["tiny"], [f"run.root={tmp_path / 'whole'}", "trainer.max_steps=7", *small]), callbacks=[whole])
     assert [epoch for epoch, _, _ in whole.batches] == [0, 0, 0, 0, 1, 1, 1]
@@ -101,6 +102,58 @@ def test_a_run_resumed_mid_epoch_sees_what_an_uninterrupted_run_sees(tmp_path):
     assert state(folder)["start_step"] == 5 and state(folder)["global_step"] == 7
     assert pieces.batches == whole.batches
     assert whole.batches[0][2] != whole.batches[4][2] or whole.batches[0][1] != whole.batches[4][1]
+    # and draws the same noise, timesteps and dropout: the same weights, live and averaged, bit for bit
+    ends = [torch.load(f / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            for f in (folder, run_dir(load_config([str(folder / "config.yaml")], [f"run.root={tmp_path / 'whole'}"])))]
+    assert ends[0]["global_step"] == ends[1]["global_step"] == 7 and ends[0]["ema_step"] == ends[1]["ema_step"] == 6
+    assert ends[0]["state_dict"].keys() == ends[1]["state_dict"].keys()
+    assert all(torch.equal(value, ends[1]["state_dict"][key]) for key, value in ends[0]["state_dict"].items())
+
+
+def test_the_step_training_ends_on_is_checkpointed_and_last_links_to_it(tmp_path):
+    """max_steps not a multiple of run.checkpoint_every_n_steps: the last steps are not lost."""
+    cfg = load_config(["tiny"], [f"run.root={tmp_path}", "trainer.max_steps=5", "run.checkpoint_every_n_steps=2",
+                                 "run.log_images_every_n_steps=0", *FAST])
+    folder = fit(cfg)
+    last = folder / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last).endswith("-step=5.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 5 == state(folder)["global_step"]
+    assert (folder / "checkpoints" / "epoch=0-step=4.ckpt").is_file()
+
+
+def test_checkpoints_hold_the_ema_of_their_own_step(tmp_path):
+    """ema_decay 0: after each update the average is the live weights; every k-th step's checkpoint
+    (saved by Lightning's callback, which runs before the module's batch-end hook) holds that."""
+    cfg = load_config(["tiny"], [f"run.root={tmp_path}", "trainer.max_steps=4", "run.checkpoint_every_n_steps=2",
+                                 "model.optim.ema_decay=0", "model.optim.ema_every=2",
+                                 "run.log_images_every_n_steps=0", *FAST])
+    folder = fit(cfg)
+    for step in (2, 4):
+        ckpt = torch.load(folder / "checkpoints" / f"epoch=0-step={step}.ckpt", map_location="cpu", weights_only=False)
+        state_dict = ckpt["state_dict"]
+        averaged = {k[len("ema.module."):]: v for k, v in state_dict.items()
+                    if k.startswith("ema.module.") and v.is_floating_point()}
+        assert ckpt["ema_step"] == step and averaged
+        assert all(torch.equal(v, state_dict[f"model.{k}"]) for k, v in averaged.items() if f"model.{k}" in state_dict)
+
+
+def test_a_checkpoint_saved_during_validation_keeps_live_and_averaged_weights_apart(tmp_path):
+    """Validation runs on the EMA weights swapped into the model; a signal's checkpoint taken then
+    must still hold the live weights as the model's and the average as the EMA's."""
+    from id2face.lit_module import ID2FaceModule
+
+    module = ID2FaceModule(load_config(["tiny"], [f"run.root={tmp_path}"]))
+    with torch.no_grad():
+        for p in module.ema.module.parameters():
+            p.add_(1.0)  # an average unlike the live weights
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    module.on_validation_epoch_start()  # swaps the average in
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    saved = {k: v.clone() for k, v in checkpoint["state_dict"].items()}  # as torch.save writes it, now
+    module.on_validation_epoch_end()
+    assert saved.keys() == before.keys()
+    assert all(torch.equal(saved[k], v) for k, v in before.items())
 
 
 @pytest.mark.slow
