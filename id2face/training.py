@@ -416,6 +416,54 @@ def out_of_memory_message(cfg: DictConfig, step: int, err: BaseException) -> str
             "memory without a GPU")
 
 
+# What may differ between a run's starts: how long it trains, on what hardware, how it logs, where
+# its files are, and switches that change the speed, not the arithmetic. Anything else would make
+# one run of two configs under a config.yaml that describes neither.
+RESUMABLE_CHANGES = (
+    "run.root", "run.checkpoint_every_n_steps", "run.log_images_every_n_steps", "run.peak_flops",
+    "trainer.max_steps", "trainer.max_epochs", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.limit_val_batches", "trainer.num_sanity_val_steps", "trainer.log_every_n_steps",
+    "trainer.val_check_interval", "trainer.enable_progress_bar", "trainer.benchmark",
+    "data.num_workers", "data.pixel_transport", "data.latent_cache", "data.split_file", "data.dataset.params.root",
+    "model.identity_encoder.params.weights", "model.first_stage.params.path", "model.backbone.params.pretrained",
+    "model.backbone.params.gradient_checkpointing", "model.backbone.params.channels_last",
+    "model.backbone.params.compile", "model.backbone.params.sdpa_backends", "model.first_stage.params.channels_last",
+    "model.first_stage.params.compile", "model.harmonizer.params.attention", "model.optim.fused", "eval",
+)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {key: value for name, child in node.items() for key, value in _flat(child, f"{prefix}{name}.").items()} \
+        if node else {prefix: {}}
+
+
+def config_changes(previous: Any, current: Any) -> list[str]:
+    """``key: old -> new`` for each value both configs hold that differs and may not change on a resume."""
+    old, new = _flat(previous), _flat(current)
+    allowed = tuple(RESUMABLE_CHANGES)
+    changes = []
+    for key in old.keys() & new.keys():
+        name = key.rstrip(".")
+        if old[key] != new[key] and not any(name == a or name.startswith(f"{a}.") for a in allowed):
+            changes.append(f"{name}: {old[key]!r} -> {new[key]!r}")
+    return sorted(changes)
+
+
+def check_resumable(cfg: DictConfig, config_path: Path, checkpoint: Path) -> None:
+    """Refuse to resume the run in ``config_path``'s folder with a config that computes something else."""
+    if not config_path.is_file():
+        return
+    previous = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    changes = config_changes(previous, OmegaConf.to_container(cfg, resolve=True))
+    if changes:
+        more = f", and {len(changes) - 3} more" if len(changes) > 3 else ""
+        raise UserError(f"{config_path.parent} holds a run ({checkpoint.name}) of another config: "
+                        f"{'; '.join(changes[:3])}{more}; resume it with {config_path}, start over with "
+                        "--no-resume, or give this config its own run.experiment or run.ablation")
+
+
 def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **trainer_overrides: Any) -> Path:
     """Train the run described by ``cfg`` in its run folder; returns the folder.
 
@@ -436,6 +484,8 @@ def fit(cfg: DictConfig, resume: bool = True, callbacks: list[Callback] = (), **
     L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
     checkpoint_dir = folder / "checkpoints"
     ckpt = resume_checkpoint(folder) if resume else None
+    if ckpt is not None:
+        check_resumable(cfg, folder / "config.yaml", ckpt)
     on_signal = CheckpointOnSignal(checkpoint_dir / "last.ckpt")
     run_state = RunState(folder / "train_state.json", ckpt)
     callbacks = [on_signal, run_state, LogImages(int(cfg.run.log_images_every_n_steps)),

@@ -274,13 +274,38 @@ def test_resuming_a_checkpoint_of_another_model_is_one_line_and_keeps_the_runs_c
     folder = fit(load_config(["tiny"], [*base, "trainer.max_steps=1"]))
     saved, checkpoint = (folder / "config.yaml").read_text(), (folder / "checkpoints" / "last.ckpt").read_bytes()
     changed = load_config(["tiny"], [*base, "trainer.max_steps=2", "model.id_vae.params.latent_dim=8"])
-    with pytest.raises(UserError, match=r"last\.ckpt is a checkpoint of another model than this config describes "
-                                        r"\(size mismatch for model\.id_vae\..*--no-resume") as err:
+    with pytest.raises(UserError, match=r"holds a run \(last\.ckpt\) of another config: model\.id_vae\.params\."
+                                        r"latent_dim: 16 -> 8; .*--no-resume") as err:
         fit(changed)
     assert "\n" not in str(err.value)
     assert (folder / "config.yaml").read_text() == saved  # it still describes the checkpoint
     assert (folder / "checkpoints" / "last.ckpt").read_bytes() == checkpoint
+    (folder / "config.yaml").unlink()  # without it, loading the weights is what finds the change
+    with pytest.raises(UserError, match=r"last\.ckpt is a checkpoint of another model than this config describes "
+                                        r"\(size mismatch for model\.id_vae\..*--no-resume"):
+        fit(changed)
     assert state(fit(changed, resume=False))["global_step"] == 2
+
+
+@pytest.mark.parametrize("layers, overrides, said", [
+    ([], ["model.optim.lr=1e-5"], "model.optim.lr: 0.0003 -> 1e-05"),  # the optimiser's state would keep the old one
+    (["ablations/prediction_v.yaml"], ["run.ablation=base"], "prediction_type: 'epsilon' -> 'v_prediction'"),
+])
+def test_resuming_with_a_config_that_computes_something_else_is_refused(tmp_path, capsys, layers, overrides, said):
+    from id2face.cli import main
+
+    base = ["tiny", f"run.root={tmp_path}", *FAST, "trainer.max_steps=1", "run.log_images_every_n_steps=0"]
+    assert main(["train", *base]) == 0
+    folder = tmp_path / "tiny" / "base" / "seed0"
+    saved = (folder / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", *base[:1], *layers, *base[1:], "trainer.max_steps=2", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and said in err and str(folder) in err
+    assert (folder / "config.yaml").read_text() == saved and state(folder)["global_step"] == 1
+    # what changes how long and how fast it runs, not what it computes, resumes
+    assert main(["train", *base, "trainer.max_steps=2", "data.num_workers=1", "eval.limit=4"]) == 0
+    assert state(folder)["global_step"] == 2
 
 
 def test_a_split_file_the_config_names_is_the_split_training_uses(tmp_path):
