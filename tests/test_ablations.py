@@ -62,7 +62,9 @@ def test_ablation_file_touches_one_subtree_and_says_what_it_tests(path):
     text = path.read_text()
     assert text.startswith("# ") and len(text.splitlines()[0]) > 20, "first line: a comment saying what it tests"
     layer = yaml.safe_load(text)
-    assert list(layer) == ["model"] and len(layer["model"]) == 1, "an ablation touches one model subtree"
+    assert list(layer) == ["run", "model"] and len(layer["model"]) == 1, "an ablation touches one model subtree"
+    # `id2face train tiny <ablation>` trains in a folder of its own, not in (and over) the base run's
+    assert layer["run"] == {"ablation": path.stem}
     tiny, ablated = load_config(["tiny"]), load_config(["tiny", str(path)])
     assert OmegaConf.to_container(tiny.model) != OmegaConf.to_container(ablated.model), "the file changes nothing"
 
