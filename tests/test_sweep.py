@@ -34,6 +34,23 @@ def test_ablation_list_names_tasks_by_file_stem(tmp_path):
     assert [t.name for t in sweep.tasks] == ["tiny/halfbatch/seed0"]
 
 
+def test_two_listed_ablation_files_with_one_name_are_refused_not_merged(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write(tmp_path / folder, "data:\n  batch_size: 2\n", "variant.yaml")
+    with pytest.raises(UserError, match=r"a/variant\.yaml and .*b/variant\.yaml would share the name 'variant'"):
+        load_sweep(write(tmp_path, f"base: [tiny]\nablations: [{tmp_path}/a/variant.yaml, {tmp_path}/b/variant.yaml]\n"))
+
+
+@pytest.mark.parametrize("seeds", ["[0, one]", "[0, 1.5]", "[-1]"])
+def test_a_seed_that_is_not_a_whole_number_is_one_line(tmp_path, seeds, capsys):
+    from id2face.cli import main
+
+    assert main(["sweep", str(write(tmp_path, f"base: [tiny]\nseeds: {seeds}\n")), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "seeds[" in err and "whole number" in err
+
+
 def test_a_typo_in_one_ablation_stops_the_sweep_before_launch(tmp_path):
     bad = write(tmp_path, "model:\n  harmonizr: {}\n", "bad.yaml")
     with pytest.raises(UserError, match=r"ablation 'bad'.*model.harmonizr"):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..config import ConfigError, check_whole_number, load_config, resolve_config_path
+from ..config import SEED_RANGE, ConfigError, check_whole_number, load_config, resolve_config_path
 from ..errors import UserError
 from ..model import check_loss
 from ..optim import check_optim
@@ -117,10 +117,21 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     base = [str(f) for f in _as_list(spec.get("base"), "base", path)]
     ablations_spec = spec.get("ablations") or {"base": []}
     if isinstance(ablations_spec, (ListConfig, list)):
-        ablations = {Path(str(f)).stem: [str(f)] for f in ablations_spec}
+        ablations = {}
+        for f in map(str, ablations_spec):
+            if Path(f).stem in ablations:  # one task, one folder: the later file would replace the earlier
+                raise UserError(f"{path}: ablations {ablations[Path(f).stem][0]} and {f} would share the name "
+                                f"'{Path(f).stem}'; name them in a mapping (ablations: {{name: [file]}})")
+            ablations[Path(f).stem] = [f]
     else:
         ablations = {str(k): [str(f) for f in _as_list(v, f"ablations.{k}", path)] for k, v in ablations_spec.items()}
-    seeds = [int(s) for s in _as_list(spec.get("seeds"), "seeds", path)] or [0]
+    seeds = list(_as_list(spec.get("seeds"), "seeds", path)) or [0]
+    for index, seed in enumerate(seeds):
+        try:
+            check_whole_number(f"seeds[{index}]", seed, *SEED_RANGE[:2])
+        except ConfigError as err:
+            raise UserError(f"{path}: {err}") from None
+    seeds = [int(float(seed)) for seed in seeds]
     overrides = [str(o) for o in _as_list(spec.get("overrides"), "overrides", path)] + list(extra_overrides)
 
     resources = dict(RESOURCE_DEFAULTS)
