@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,23 @@ def test_vggface2_identity_is_the_parent_folder_and_subsets_select(tmp_path):
         build("vggface2", root=str(tmp_path), subset="val")
 
 
+@pytest.mark.parametrize("name, param, value", [
+    ("vggface2", "subset", "../.."), ("vggface2", "subset", "train/../../elsewhere"), ("vggface2", "subset", "/"),
+    ("celeba", "image_dir", ".."), ("celebahq", "image_dir", "../photos")])
+def test_layout_folders_must_stay_inside_the_root(tmp_path, name, param, value):
+    # Item paths are relative to the root and `prepare` writes each crop at OUTPUT/images/<path>:
+    # a folder above the root gave "../../photos/x.jpg" items and crops written beside the photos.
+    root, outside = tmp_path / "data/root", tmp_path / "photos"
+    write_image(root / "train/n000001/0001_01.jpg", 0)
+    write_image(outside / "n000009/0001_01.jpg", 1)
+    write_image(tmp_path / "elsewhere/n000008/x.jpg", 2)
+    (root / "identity_CelebA.txt").write_text("0001_01.jpg 1\n")
+    (root / "CelebA-HQ-to-CelebA-mapping.txt").write_text("idx orig_idx orig_file\n")
+    with pytest.raises(UserError, match=f"{param}=.*must be a folder inside the dataset root"):
+        build(name, root=str(root), **{param: value})
+    assert len(build("vggface2", root=str(root), subset="train/../train")) == 1  # normalized, inside
+
+
 def test_identity_folder_uses_the_first_folder_and_leaves_loose_files_unlabelled(tmp_path):
     for index, rel in enumerate(["alice/a.png", "alice/holiday/b.jpg", "bob/c.jpeg", "loose.png"]):
         write_image(tmp_path / rel, index)
@@ -221,6 +239,27 @@ def test_prepared_output_is_read_from_its_manifest(tmp_path):
     (tmp_path / "prepared/images/n2/a.png").unlink()
     with pytest.raises(UserError, match="rerun `id2face prepare`"):
         data[2]
+
+
+def test_file_names_that_are_not_utf8_are_read_raw_and_prepared(tmp_path):
+    # os.walk and json give such a name (Latin-1 "caf\xe9.jpg") as surrogate escapes; encoding it
+    # to UTF-8 raised UnicodeEncodeError once `prepare` had accepted the photo.
+    latin1 = os.fsdecode(b"caf\xe9")
+    raw = tmp_path / "raw"
+    try:
+        write_image(raw / "p1" / f"{latin1}.jpg", 0)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    write_image(raw / "p1/b.jpg", 1)
+    data = build("identity_folder", root=str(raw))
+    assert data.paths == ["p1/b.jpg", f"p1/{latin1}.jpg"]
+    assert np.abs(item_colour(data[1]) - colour(0)).max() < 3
+    write_prepared(tmp_path / "prepared", 64, "identity_folder", [(f"p1/{latin1}.jpg", "p1", "ok"),
+                                                                  ("p1/b.jpg", "p1", "ok")])
+    prepared = build("identity_folder", root=str(tmp_path / "prepared"))
+    assert prepared.paths == [f"images/p1/{latin1}.png", "images/p1/b.png"]
+    check_item(prepared[0])
+    assert np.abs(item_colour(prepared[0]) - colour(0)).max() < 3
 
 
 def test_prepare_then_read_celeba_end_to_end(tmp_path):

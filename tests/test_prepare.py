@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from id2face.cli import main  # noqa: E402
 from id2face.data.align import template_landmarks, transform_points  # noqa: E402
+from id2face.data.imageio import ImageReadError, read_image  # noqa: E402
 from id2face.data.prepare import (FaceDetector, PrepareSettings, output_paths, prepare)  # noqa: E402
+from id2face.errors import UserError  # noqa: E402
 
 ASTRONAUT = skimage_data.astronaut()  # public-domain NASA portrait, one face
 
@@ -152,6 +155,89 @@ def test_output_paths_never_collide():
     sources = ["a/x.jpg", "a/x.png", "a/y.jpg", "b/x.jpg"]
     assert output_paths(sources) == ["images/a/x.jpg.png", "images/a/x.png.png", "images/a/y.png", "images/b/x.png"]
     assert len(set(output_paths(sources))) == len(sources)
+    # a.jpg keeps its suffix (a.png shares its stem): images/a.jpg.png, the name a.jpg.png's stem gives
+    sources = ["p/a.jpg", "p/a.jpg.png", "p/a.png", "p/b.jpg", "p/b.jpg.png", "q/c.png.png", "q/c.png"]
+    assert output_paths(sources) == ["images/p/a.jpg.png", "images/p/a.jpg.png.png", "images/p/a.png.png",
+                                     "images/p/b.png", "images/p/b.jpg.png.png", "images/q/c.png.png.png",
+                                     "images/q/c.png"]
+    assert len(set(output_paths(sources))) == len(sources)
+
+
+def test_a_source_named_like_a_siblings_crop_gets_its_own_crop_and_reruns_settle(tmp_path):
+    # a.jpg and a.jpg.png both had the crop images/a.jpg.png: the manifest pointed both at one file,
+    # and each rerun redid the one whose crop the other had overwritten.
+    source, output = tmp_path / "in", tmp_path / "out"
+    (source / "p").mkdir(parents=True)
+    face_photo(side=180).save(source / "p/a.jpg.png")
+    first = run_quiet(source, output, size=64)
+    assert first.usable == 1 and read_entries(output)[0]["output"] == "images/p/a.jpg.png"
+    face_photo(side=200, flip=True).save(source / "p/a.jpg")
+    face_photo(side=220, shift=20).save(source / "p/a.png")
+    second = run_quiet(source, output, size=64)
+    assert (second.processed, second.usable) == (3, 3)  # a.jpg.png renamed: redone under its new name
+    entries = read_entries(output)
+    assert [(e["source"], e["output"]) for e in entries] == [
+        ("p/a.jpg", "images/p/a.jpg.png"), ("p/a.jpg.png", "images/p/a.jpg.png.png"), ("p/a.png", "images/p/a.png.png")]
+    for entry in entries:
+        assert (output / entry["output"]).stat().st_size == entry["output_bytes"]
+    assert Image.open(output / "images/p/a.jpg.png").size == (64, 64)
+    third = run_quiet(source, output, size=64)
+    assert (third.processed, third.skipped) == (0, 3) and read_entries(output) == entries
+
+
+def test_a_layout_folder_outside_the_input_is_refused_and_nothing_is_written(tmp_path, capsys):
+    # subset=../.. scanned above INPUT, and the crop of ../../pics/face.png went to
+    # OUTPUT/images/../../pics/face.png: onto the source photo itself.
+    source, pics = tmp_path / "data/in", tmp_path / "pics"
+    (source / "n0001").mkdir(parents=True)
+    pics.mkdir()
+    face_photo().save(source / "n0001/a.png")
+    face_photo(flip=True).save(pics / "face.png")
+    before = (pics / "face.png").read_bytes()
+    assert main(["prepare", "-i", str(source), "-o", str(tmp_path / "data/out"), "--dataset", "vggface2",
+                 "--dataset-param", "subset=../..", "--size", "64", "--quiet", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "subset='../..' must be a folder inside" in err and len(err.strip().splitlines()) == 1
+    assert (pics / "face.png").read_bytes() == before
+    assert not (tmp_path / "data/out").exists()
+
+
+def test_a_crop_path_through_a_link_out_of_the_output_is_refused(tmp_path, capsys):
+    # The second guard: whatever the layout gives, no crop is written outside OUTPUT; here
+    # OUTPUT/images/p links to the input folder, where the crop images/p/a.png would replace p/a.png.
+    source, output = tmp_path / "in", tmp_path / "out"
+    (source / "p").mkdir(parents=True)
+    face_photo().save(source / "p/a.png")
+    before = (source / "p/a.png").read_bytes()
+    (output / "images").mkdir(parents=True)
+    (output / "prepare.json").write_text(json.dumps({"format": 1, **asdict(PrepareSettings(size=64))}))
+    (output / "images/p").symlink_to(source / "p", target_is_directory=True)
+    assert main(["prepare", "-i", str(source), "-o", str(output), "--size", "64", "--quiet", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "outside the output" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (source / "p/a.png").read_bytes() == before
+    assert sorted(p.name for p in source.rglob("*")) == ["a.png", "p"]
+    from id2face.data.prepare import check_outputs
+
+    with pytest.raises(UserError, match="outside the output"):
+        check_outputs(["images/../../in/p/a.png"], output.resolve())
+
+
+def test_a_photo_whose_name_is_not_utf8_is_prepared_and_read(tmp_path):
+    from id2face.data.datasets import IdentityFolder
+
+    source = tmp_path / "in"
+    (source / "p1").mkdir(parents=True)
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1: os.walk gives its \xe9 as a surrogate escape
+    try:
+        face_photo().save(source / "p1" / name)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    face_photo(flip=True).save(source / "p1/b.png")
+    assert run_quiet(source, tmp_path / "out", size=64).usable == 2
+    data = IdentityFolder(tmp_path / "out", image_size=64)
+    assert data.paths == ["images/p1/b.png", f"images/p1/{name}"]
+    assert data[1]["image"].shape == (3, 64, 64) and data.identity_labels.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "around", "foreign"])
@@ -222,6 +308,34 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert err.count("error:") == 4 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path / "empty") == []
+
+
+@pytest.mark.parametrize("flag, value", [("--max-pixels", "nan"), ("--max-pixels", "inf"), ("--max-pixels", "0"),
+                                         ("--max-pixels", "-1e6"), ("--detect-max-side", "0"),
+                                         ("--detect-max-side", "31")])
+def test_bad_limits_are_one_line_errors(tmp_path, capsys, flag, value):
+    # nan gave a traceback from int(); --detect-max-side 0 made every photo too_small, silently.
+    source = tmp_path / "in"
+    source.mkdir()
+    face_photo().save(source / "a.png")
+    assert main(["prepare", "-i", str(source), "-o", str(tmp_path / "out"), f"{flag}={value}", "--quiet",
+                 "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_pixels_above_pillows_own_limit_is_what_decides(tmp_path, monkeypatch):
+    # Pillow refuses above 2 x Image.MAX_IMAGE_PIXELS (179 Mpx) at open, before our header check:
+    # --max-pixels 3e8 refused a 195 Mpx photo all the same. A lowered Pillow limit stands in here.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (60, 50), (10, 200, 30)).save(tmp_path / "big.png")  # 3000 px > 2 x 1000
+    loaded = read_image(tmp_path / "big.png", max_pixels=5000)
+    assert loaded.pixels.shape == (50, 60, 3) and (loaded.pixels[0, 0] == (10, 200, 30)).all()
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+    with pytest.raises(ImageReadError, match=r"60x50 = .* exceeds the cap .*\(--max-pixels\)") as refused:
+        read_image(tmp_path / "big.png", max_pixels=2500)  # our cap, on the header: never decoded
+    assert refused.value.status == "too_large" and Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_face_scale_keeps_more_context_and_datasets_follow_it(tmp_path):

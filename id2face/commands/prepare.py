@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
     import sys
 
     from ..data.prepare import PrepareSettings, prepare
@@ -50,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UserError(f"--dataset-param expects KEY=VALUE, got {item!r}")
         params[key] = value
+    # A float for 1e8-style values; int() would raise a traceback on nan or inf, and 0.5 would become 0.
+    if not (math.isfinite(args.max_pixels) and args.max_pixels >= 1):
+        raise UserError(f"--max-pixels must be a finite number >= 1, got {args.max_pixels}")
     settings = PrepareSettings(size=args.size, face_scale=args.face_scale, dataset=args.dataset,
                                dataset_params=params, multiple_faces=args.multiple_faces, min_score=args.min_score,
                                detect_max_side=args.detect_max_side, max_pixels=int(args.max_pixels))

@@ -129,7 +129,9 @@ class AlignedFaceDataset(torch.utils.data.Dataset):
                             + (" (manifest has no ok entries)" if self.prepared else ""))
         # Paths as one bytes array, not a list of str: DataLoader workers forked from this process
         # would otherwise copy every page that a str refcount touches (millions for VGGFace2).
-        self._paths = np.array([r[0].encode("utf-8") for r in records])
+        # fsencode, not utf-8: a file name that is not valid UTF-8 (Latin-1 "caf\xe9.jpg") comes
+        # from os.walk and the manifest as surrogate escapes, which only fsencode maps back to its bytes.
+        self._paths = np.array([os.fsencode(r[0]) for r in records])
         labels = [r[1] for r in records] if self.labelled else [None] * len(records)
         self.identity_labels, self.identity_names = index_labels(labels)
         if self.labelled and not self.identity_names:
@@ -175,14 +177,14 @@ class AlignedFaceDataset(torch.utils.data.Dataset):
     @property
     def paths(self) -> list[str]:
         """Item paths relative to ``root`` (crops in prepared mode, source images in raw mode)."""
-        return [p.decode("utf-8") for p in self._paths]
+        return [os.fsdecode(p) for p in self._paths]
 
     def __len__(self) -> int:
         return len(self._paths)
 
     def __getitem__(self, index: int) -> dict:
         size = self.image_size
-        path = self.root / self._paths[index].decode("utf-8")
+        path = self.root / os.fsdecode(self._paths[index])
         landmarks = self.landmarks[index]
         if self.prepared:
             pixels, landmarks = self._load_prepared(path, landmarks)
@@ -250,6 +252,17 @@ def list_images(base: Path, recursive: bool = True) -> list[Path]:
 
 def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
+
+
+def _inside(root: Path, folder: str, name: str) -> str:
+    """``folder``, a layout parameter naming a folder of the dataset, normalized ("a/../b" -> "b")
+    and refused unless it stays inside ``root``: item paths are relative to ``root`` and `prepare`
+    writes each crop at OUTPUT/images/<that path>, so "../.." would read above the dataset and
+    write above OUTPUT. Checked by name, not resolved: a symlinked subset folder stays usable."""
+    relative = os.path.normpath(folder)
+    if Path(folder).is_absolute() or relative == ".." or relative.startswith(".." + os.sep):
+        raise UserError(f"{name}={folder!r} must be a folder inside the dataset root {root}")
+    return relative
 
 
 def _find_dir(root: Path, candidates: Iterable[str], what: str) -> Path:
@@ -345,6 +358,7 @@ class CelebA(AlignedFaceDataset):
     @classmethod
     def scan_raw(cls, root, identity_file: str | None = None, image_dir: str | None = None) -> list[RawEntry]:
         root = Path(root)
+        image_dir = _inside(root, image_dir, "celeba: image_dir") if image_dir else None
         images = _find_dir(root, [image_dir] if image_dir else
                            ["img_align_celeba", "Img/img_align_celeba", "img_celeba", "Img/img_celeba"], "CelebA image")
         identity_path = _find_file(root, identity_file, "identity_CelebA.txt", ["", "Anno"])
@@ -389,6 +403,7 @@ class CelebAHQ(AlignedFaceDataset):
     def scan_raw(cls, root, identity_file: str | None = None, mapping_file: str | None = None,
                  image_dir: str | None = None) -> list[RawEntry]:
         root = Path(root)
+        image_dir = _inside(root, image_dir, "celebahq: image_dir") if image_dir else None
         images = _find_dir(root, [image_dir] if image_dir else ["CelebA-HQ-img", "."], "CelebA-HQ image")
         mapping_path = _find_file(root, mapping_file, "CelebA-HQ-to-CelebA-mapping.txt", ["", images.parent])
         identity_path = _find_file(root, identity_file, "identity_CelebA.txt", ["", "Anno", mapping_path.parent])
@@ -422,7 +437,7 @@ class VGGFace2(AlignedFaceDataset):
     @classmethod
     def scan_raw(cls, root, subset: str | None = None) -> list[RawEntry]:
         root = Path(root)
-        base = root / subset if subset else root
+        base = root / _inside(root, subset, "vggface2: subset") if subset else root
         if not base.is_dir():
             raise UserError(f"vggface2: no folder {base}")
         entries = []

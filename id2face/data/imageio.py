@@ -8,7 +8,9 @@ The file is only ever opened for reading.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,36 @@ def is_image_name(path: str | Path) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+_LIMIT_LOCK = threading.Lock()
+_LIMIT_USERS = 0
+_LIMIT_SAVED: int | None = None
+_LIMIT_RAISED = False
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int):
+    """Pillow's own bomb limit (``Image.MAX_IMAGE_PIXELS``; it refuses above twice that, 179 Mpx
+    by default) raised to ``max_pixels`` while the block runs, so that our cap, checked on the
+    header before decoding, is what decides. Pillow checks at open and again while loading (GIF
+    frames, TIFF tiles), hence a block around both. Concurrent readers (anonymize's threads)
+    share one raise, to the largest cap asked, undone when the last one leaves (so the default cap
+    leaves Pillow's limit as it is)."""
+    global _LIMIT_USERS, _LIMIT_SAVED, _LIMIT_RAISED
+    with _LIMIT_LOCK:
+        if _LIMIT_USERS == 0:
+            _LIMIT_SAVED, _LIMIT_RAISED = Image.MAX_IMAGE_PIXELS, False
+        _LIMIT_USERS += 1
+        if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS, _LIMIT_RAISED = max_pixels, True
+    try:
+        yield
+    finally:
+        with _LIMIT_LOCK:
+            _LIMIT_USERS -= 1
+            if _LIMIT_USERS == 0 and _LIMIT_RAISED:
+                Image.MAX_IMAGE_PIXELS = _LIMIT_SAVED
+
+
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode ``path`` to upright RGB uint8. Raises ``ImageReadError`` (never anything else for
     a bad file; a missing file is ``unreadable``)."""
@@ -74,7 +106,11 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
             raise ImageReadError("empty_file", "file is empty (0 bytes)")
     except OSError as err:
         raise ImageReadError("unreadable", f"cannot access file: {err.strerror or err}") from None
+    with _pillow_limit(max_pixels):
+        return _read_image(path, max_pixels)
 
+
+def _read_image(path: Path, max_pixels: int) -> LoadedImage:
     with warnings.catch_warnings():
         # We enforce our own pixel cap below; PIL's warning would only repeat it. (Readers in
         # threads, as `anonymize`'s: at worst their races leave this one filter installed.)

@@ -4,7 +4,8 @@ Output layout (what every real dataset reads in prepared mode)::
 
     OUTPUT/prepare.json        settings (size, face_scale, template, dataset, detector settings)
     OUTPUT/manifest.jsonl      one JSON object per input image file, sorted by source path
-    OUTPUT/images/<source relative path, suffix .png>   the aligned crops (usable entries only)
+    OUTPUT/images/<source relative path, suffix .png>   the aligned crops (usable entries only;
+                               a.jpg.png where a.jpg and a.png both exist: see output_paths)
     OUTPUT/prepare_errors.log  tracebacks of unexpected per-file errors (status ``error``)
 
 Manifest fields: ``source`` (relative to INPUT), ``output`` (relative to OUTPUT, null when no
@@ -22,7 +23,7 @@ traceback goes to prepare_errors.log). Photos larger than ``--detect-max-side`` 
 for detection only; the crop is cut from the full-resolution photo.
 
 Resumable: a rerun keeps every entry whose source file is unchanged (size and mtime) and whose
-crop exists with the recorded size, and redoes the rest (plus ``error`` and ``too_large``, which
+crop exists under its name with the recorded size, and redoes the rest (plus ``error`` and ``too_large``, which
 may succeed with a fixed bug or a higher cap). Crops are written to a temporary name and renamed,
 so a crop that exists is complete. Inputs are opened read-only and never modified.
 """
@@ -302,11 +303,30 @@ def check_folders(input_root: Path, output_root: Path) -> tuple[Path, Path]:
 
 
 def output_paths(sources: list[str]) -> list[str]:
-    """images/<source with .png>; sources sharing a stem in one folder (a.jpg, a.png) keep their
-    suffix (images/a.jpg.png) so no crop overwrites another."""
-    stems = Counter(str(Path(s).with_suffix("")) for s in sources)
-    return [f"images/{Path(s).with_suffix('').as_posix()}.png" if stems[str(Path(s).with_suffix(""))] == 1
-            else f"images/{s}.png" for s in sources]
+    """images/<source with .png>, one distinct name per source. A source keeps its suffix
+    (images/a.jpg.png) where its stem is shared in one folder (a.jpg, a.png) or is itself a source
+    (a.jpg.png beside a.jpg, whose crop is then images/a.jpg.png; a.jpg.png's is images/a.jpg.png.png):
+    a suffix-free name can then only equal another suffix-free one, of the same stem, which both
+    rules exclude. The names depend on the set of sources only, so a rerun repeats them."""
+    stems = [Path(s).with_suffix("").as_posix() for s in sources]
+    shared, names = Counter(stems), set(sources)
+    return [f"images/{stem}.png" if shared[stem] == 1 and stem not in names else f"images/{source}.png"
+            for source, stem in zip(sources, stems)]
+
+
+def check_outputs(outputs: list[str], output_root: Path) -> None:
+    """Refuse (UserError) a crop path that would land outside ``output_root`` (resolved): by ".."
+    from a dataset layout, or through a symlinked folder under it. Crops are written there and
+    the input may be beside it: one escaping path could overwrite a source photo."""
+    for output in outputs:
+        if Path(output).is_absolute() or ".." in Path(output).parts:
+            raise UserError(f"crop path {output!r} would be outside the output {output_root}: "
+                            f"the dataset layout gave a source path outside the input")
+    for folder in sorted({Path(output).parent for output in outputs}):  # one resolve per folder
+        resolved = Path(os.path.realpath(output_root / folder))  # realpath: a link loop is no crash
+        if resolved != output_root and output_root not in resolved.parents:
+            raise UserError(f"{output_root / folder} resolves to {resolved}, outside the output {output_root}: "
+                            f"remove that link or choose a new output folder")
 
 
 def _dataset_class(name: str) -> type[AlignedFaceDataset]:
@@ -353,7 +373,7 @@ def _check_meta(output_root: Path, settings: PrepareSettings) -> dict:
     return meta
 
 
-def _is_done(previous: dict | None, source: Path, output_root: Path) -> bool:
+def _is_done(previous: dict | None, source: Path, output_root: Path, output: str) -> bool:
     if previous is None or previous.get("status") in RETRY_STATUSES:
         return False
     try:
@@ -363,8 +383,12 @@ def _is_done(previous: dict | None, source: Path, output_root: Path) -> bool:
     if (previous.get("source_bytes"), previous.get("source_mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
         return False
     if is_usable(previous):
-        output = output_root / previous["output"]
-        return output.is_file() and output.stat().st_size == previous.get("output_bytes")
+        # Renamed since (a sibling appeared, see output_paths): redo it under its new name, or a
+        # new source's crop could be written at the name this entry still points at.
+        if previous["output"] != output:
+            return False
+        path = output_root / output
+        return path.is_file() and path.stat().st_size == previous.get("output_bytes")
     return True
 
 
@@ -386,26 +410,31 @@ def prepare(input_root: str | Path, output_root: str | Path, settings: PrepareSe
         raise UserError(f"--workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
+    # anonymize's floor: smaller leaves MTCNN too few pixels for a face (0 made every photo too_small)
+    if not settings.detect_max_side >= 32:
+        raise UserError(f"--detect-max-side must be >= 32, got {settings.detect_max_side}")
+    if not settings.max_pixels >= 1:  # `not >=`: NaN fails too
+        raise UserError(f"--max-pixels must be >= 1, got {settings.max_pixels}")
     input_root, output_root = check_folders(Path(input_root), Path(output_root))
     entries = scan_input(input_root, settings.dataset, settings.dataset_params)
     if not entries:
         raise UserError(f"no image files under {input_root} for dataset layout '{settings.dataset}'")
     ignored = _count_other_files(input_root, len(entries))
     meta = _check_meta(output_root, settings)
-    output_root.mkdir(parents=True, exist_ok=True)
-    meta["input"] = str(input_root)
-    _write_atomic(output_root / META_NAME, json.dumps(meta, indent=1) + "\n")
-
     manifest_path = output_root / MANIFEST_NAME
     previous = {e["source"]: e for e in read_manifest(manifest_path)} if manifest_path.is_file() else {}
     jobs, final = [], {}
     for entry, output in zip(entries, output_paths([e.path for e in entries])):
         old = previous.get(entry.path)
-        if _is_done(old, input_root / entry.path, output_root):
+        if _is_done(old, input_root / entry.path, output_root, output):
             old.update(identity=entry.identity, **entry.extra)  # labels may have been corrected since
             final[entry.path] = old
         else:
             jobs.append(Job(entry.path, output, entry.identity, entry.extra))
+    check_outputs([job.output for job in jobs], output_root)  # before anything is written
+    output_root.mkdir(parents=True, exist_ok=True)
+    meta["input"] = str(input_root)
+    _write_atomic(output_root / META_NAME, json.dumps(meta, indent=1) + "\n")
 
     started = time.perf_counter()
     with open(manifest_path, "a", encoding="utf-8") as manifest, _progress(len(jobs), progress) as bar:
@@ -413,7 +442,8 @@ def prepare(input_root: str | Path, output_root: str | Path, settings: PrepareSe
         for entry in _run_jobs(jobs, input_root, output_root, settings, workers, threads):
             trace = entry.pop("_traceback", None)
             if trace:
-                with open(output_root / ERROR_LOG_NAME, "a", encoding="utf-8") as log:
+                # backslashreplace: a source name that is not UTF-8 arrives with surrogate escapes
+                with open(output_root / ERROR_LOG_NAME, "a", encoding="utf-8", errors="backslashreplace") as log:
                     log.write(f"--- {entry['source']}\n{trace}\n")
             manifest.write(json.dumps(entry) + "\n")
             manifest.flush()
@@ -445,4 +475,4 @@ def _progress(total: int, enabled: bool):
 
 
 __all__ = ["FaceDetector", "PrepareSettings", "PrepareSummary", "prepare", "process_file", "check_folders",
-           "output_paths", "scan_input", "USABLE_STATUSES"]
+           "output_paths", "check_outputs", "scan_input", "USABLE_STATUSES"]
