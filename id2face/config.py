@@ -32,6 +32,7 @@ COUNTS = {
     "data.batch_size": (1, None, False),
     "data.num_workers": (0, None, False),
     "data.split_seed": SEED_RANGE,
+    "trainer.max_steps": (-1, None, False),  # -1: Lightning's "no step limit"
     "eval.limit": (1, None, True),  # null: the whole test split
     "eval.batch_size": (1, None, False),
     "eval.diversity_k": (1, None, False),  # 1: no diversity metric

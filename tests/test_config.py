@@ -119,6 +119,7 @@ def test_a_number_key_given_a_word_names_the_key_and_the_layer(tmp_path):
     ("model.optim.warmup_steps=null", r"model\.optim\.warmup_steps takes a whole number >= 0, got None"),
     ("model.optim.ema_every=2.5", r"model\.optim\.ema_every takes a whole number >= 1, got 2\.5"),
     ("eval.limit=0", r"eval\.limit takes a whole number >= 1 or null, got 0"),
+    ("trainer.max_steps=1.5", r"trainer\.max_steps takes a whole number >= -1, got 1\.5"),
     ("model.optim.fused=maybe", r"model\.optim\.fused is true or false, got 'maybe'"),
     # Lightning takes these, then divides by zero mid-run or ascends the gradient
     ("trainer.accumulate_grad_batches=0", r"trainer\.accumulate_grad_batches must be >= 1, got 0"),
