@@ -42,6 +42,12 @@ def test_two_listed_ablation_files_with_one_name_are_refused_not_merged(tmp_path
         load_sweep(write(tmp_path, f"base: [tiny]\nablations: [{tmp_path}/a/variant.yaml, {tmp_path}/b/variant.yaml]\n"))
 
 
+@pytest.mark.parametrize("extra", [["run.seed=3"], ["run.ablation=mine"]])
+def test_a_seed_or_ablation_override_is_refused_not_dropped(tmp_path, extra):
+    with pytest.raises(UserError, match=r"sets run\.seed and run\.ablation per task"):
+        load_sweep(write(tmp_path, "base: [tiny]\nseeds: [0]\n"), extra)
+
+
 @pytest.mark.parametrize("seeds", ["[0, one]", "[0, 1.5]", "[-1]"])
 def test_a_seed_that_is_not_a_whole_number_is_one_line(tmp_path, seeds, capsys):
     from id2face.cli import main

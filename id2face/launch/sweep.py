@@ -133,6 +133,10 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
             raise UserError(f"{path}: {err}") from None
     seeds = [int(float(seed)) for seed in seeds]
     overrides = [str(o) for o in _as_list(spec.get("overrides"), "overrides", path)] + list(extra_overrides)
+    for override in overrides:  # each task's own are layered last: these would be dropped unsaid
+        if override.split("=", 1)[0].strip() in ("run.seed", "run.ablation"):
+            raise UserError(f"{path}: override {override!r}: a sweep sets run.seed and run.ablation per task "
+                            "from its seeds and ablations")
 
     resources = dict(RESOURCE_DEFAULTS)
     given = OmegaConf.to_container(spec.get("resources") or OmegaConf.create({}))
