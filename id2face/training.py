@@ -149,8 +149,9 @@ class CheckpointOnSignal(Callback):
     def save(self, trainer) -> None:
         # ``last.ckpt`` may be the periodic checkpoints' link to the newest one: writing through it
         # would overwrite that step's checkpoint with this later state.
-        if self.path.is_symlink():
-            self.path.unlink()
+        # Rank 0 alone: it writes the file, and another rank's unlink could take the new one.
+        if getattr(trainer, "is_global_zero", True) and self.path.is_symlink():
+            self.path.unlink(missing_ok=True)
         trainer.save_checkpoint(self.path)
         self.saved = True
 

@@ -70,6 +70,11 @@ def test_a_signal_checkpoint_replaces_the_last_link_and_leaves_the_step_checkpoi
     assert step_file.read_bytes() == b"step 4"
     assert not (tmp_path / "last.ckpt").is_symlink() and (tmp_path / "last.ckpt").read_bytes() == b"step 6"
     assert on_signal.saved
+    # under DDP every rank saves, and only rank 0 writes: another rank leaves the link to it
+    (tmp_path / "last.ckpt").unlink()
+    (tmp_path / "last.ckpt").symlink_to(step_file.name)
+    CheckpointOnSignal(tmp_path / "last.ckpt").save(SimpleNamespace(is_global_zero=False, save_checkpoint=lambda p: None))
+    assert (tmp_path / "last.ckpt").is_symlink()
 
 
 class SeenBatches(Callback):
