@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -277,6 +278,147 @@ def test_io_threads_write_what_one_thread_writes_and_report_a_failed_write(tmp_p
     assert sidecar["output"] is None and "No space left on device" in sidecar["message"]
     assert "p2.png: write" in log and "OSError" in log and "OSError" in log_one
     assert threaded["statuses"] == one["statuses"] == {"anonymized": 2, "not_an_image": 1, "write_error": 1}
+
+
+def one_face_photos(detector: GroundTruthDetector, folder: Path, names) -> None:
+    """A small photo of one SynthFaces face for each of ``names`` (paths relative to ``folder``)."""
+    for index, name in enumerate(names):
+        photo, _ = compose(detector, skimage_data.coffee(), [(index, 0, 20 + 10 * index, 20)], size=64,
+                           shape=(120, 160))
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo).save(folder / name)
+
+
+def test_a_rerun_with_other_detection_or_cover_settings_is_refused(tmp_path, loaded, checkpoint, capsys):
+    """--min-face-size and --detect-max-side decide which faces are found, --cover-if-recognized
+    which are covered: a rerun into the same folder must repeat them, as the other fixed settings."""
+    detector = GroundTruthDetector()
+    detector.min_face_size, detector.max_side = 600, 2048  # the attributes of the command's FaceDetector
+    one_face_photos(detector, tmp_path / "in", ["a.png"])
+    out = tmp_path / "out"
+    assert anonymize_files([tmp_path / "in"], out, anonymizer(loaded, detector=detector), progress=False)[
+        "images"]["written"] == 1
+    for min_face_size, max_side, cover_if_recognized, message in (
+            (20, 2048, False, "min_face_size=600 (now 20)"), (600, 64, False, "detect_max_side=2048 (now 64)"),
+            (600, 2048, True, "cover_if_recognized=False (now True)")):
+        other = GroundTruthDetector()
+        other.faces, other.min_face_size, other.max_side = detector.faces, min_face_size, max_side
+        with pytest.raises(UserError, match=re.escape(f"holds a run with other settings: {message};")):
+            anonymize_files([tmp_path / "in"], out, progress=False,
+                            anonymizer=anonymizer(loaded, detector=other, cover_if_recognized=cover_if_recognized))
+    again = anonymize_files([tmp_path / "in"], out, anonymizer(loaded, detector=detector), progress=False)
+    assert again["images"]["skipped"] == 1 and again["settings"]["min_face_size"] == 600
+
+    # the command's flags are the detector's: a face MTCNN cannot find at 300 px is found at 20 px
+    Image.fromarray(skimage_data.astronaut()).save(tmp_path / "astronaut.png")
+    command = ["anonymize", "--checkpoint", str(checkpoint), "-i", str(tmp_path / "astronaut.png"), "-o",
+               str(tmp_path / "cli"), "--device", "cpu", "--audit-recognizer", "none", "--quiet", "--steps", "2"]
+    assert main([*command, "--min-face-size", "300"]) == 0
+    assert json.loads((tmp_path / "cli" / "astronaut.png.json").read_text())["status"] == "no_face"
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds a run with other settings: min_face_size=300 (now 20)" in err
+
+
+def test_a_rerun_after_a_killed_run_with_other_settings_is_refused(tmp_path, loaded):
+    """A run killed mid-way has written sidecars but not its final summary: its settings are on disk
+    from the start, so a rerun with others is refused as after a finished run, not mixed in."""
+    detector = GroundTruthDetector()
+    one_face_photos(detector, tmp_path / "in", ["p0.png", "p1.png", "p2.png"])
+    out = tmp_path / "out"
+
+    def killed_at_the_third(pixels):
+        if detector.calls == 2:
+            raise KeyboardInterrupt  # nothing after it runs, as after SIGKILL
+        return detector(pixels)
+
+    with pytest.raises(KeyboardInterrupt):
+        anonymize_files([tmp_path / "in"], out, anonymizer(loaded, detector=killed_at_the_third, batch_size=1),
+                        progress=False, io_workers=0)
+    finished = sorted(p.name for p in out.glob("*.png.json"))
+    assert finished and "p2.png.json" not in finished
+    with pytest.raises(UserError, match=r"holds a run with other settings: keyed=False \(now True\)"):
+        anonymize_files([tmp_path / "in"], out, anonymizer(loaded, detector=detector, key="secret"), progress=False)
+    (out / SUMMARY_NAME).unlink()  # each sidecar records them too
+    with pytest.raises(UserError, match=r"holds a run with other settings: steps=3 \(now 2\)"):
+        anonymize_files([tmp_path / "in"], out, anonymizer(loaded, detector=detector, steps=2), progress=False)
+    resumed = anonymize_files([tmp_path / "in"], out, anonymizer(loaded, detector=detector), progress=False)
+    assert resumed["finished"] and resumed["images"]["skipped"] == len(finished)
+    assert resumed["images"]["written"] == 3 and resumed["settings"]["keyed"] is False
+
+
+def test_a_link_out_of_the_output_folder_is_never_written_through(tmp_path, loaded):
+    """A folder link inside the output that leads into the input (or anywhere outside): the photo
+    that would be written there fails, and nothing is written, its original least of all."""
+    detector = GroundTruthDetector()
+    source, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    one_face_photos(detector, source, ["sub/a.png", "deep/b.png", "c.png"])
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "sub").symlink_to(source / "sub")
+    (out / "deep").symlink_to(elsewhere)
+    before = {p: (sha(p), p.stat().st_mtime_ns) for p in source.rglob("*") if p.is_file()}
+    warned = []
+    summary = anonymize_files([source], out, anonymizer(loaded, detector=detector), progress=False,
+                              warn=warned.append)
+    assert before == {p: (sha(p), p.stat().st_mtime_ns) for p in source.rglob("*") if p.is_file()}
+    assert list(elsewhere.iterdir()) == [] and exit_code(summary) == 1
+    assert summary["statuses"] == {"anonymized": 1, "write_error": 2} and (out / "c.png.json").is_file()
+    assert len(warned) == 2 and all("leads outside the output folder" in line for line in warned)
+    assert "sub/a.png: folder sub leads outside the output folder" in warned[1]
+
+
+def test_a_photo_that_writes_nothing_now_leaves_no_earlier_output(tmp_path, loaded, monkeypatch):
+    """A rerun whose status for a photo writes no output (unreadable now, a failed write) removes the
+    earlier run's output; a link there is removed, not what it leads to."""
+    import id2face.anonymize.files as anonymize_module
+
+    detector = GroundTruthDetector()
+    source, out = tmp_path / "in", tmp_path / "out"
+    one_face_photos(detector, source, ["a.png", "b.png"])
+    engine = anonymizer(loaded, detector=detector)
+    assert anonymize_files([source], out, engine, progress=False)["images"]["written"] == 2
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"not ours")
+    (out / "b.png").unlink()
+    (out / "b.png").symlink_to(kept)
+    (source / "a.png").write_text("not a picture")  # unreadable now
+    os.utime(source / "b.png", ns=(1, 1))  # changed: processed again, and its write fails
+    write_photo = anonymize_module.write_photo
+
+    def failing_b(pixels, path):
+        if path.name == "b.png":
+            raise OSError(28, "No space left on device")
+        write_photo(pixels, path)
+
+    monkeypatch.setattr(anonymize_module, "write_photo", failing_b)
+    summary = anonymize_files([source], out, engine, progress=False, warn=lambda line: None)
+    assert summary["images"]["written"] == 0 and summary["statuses"] == {"not_an_image": 1, "write_error": 1}
+    assert not os.path.lexists(out / "a.png") and not os.path.lexists(out / "b.png")
+    assert kept.read_bytes() == b"not ours"
+    for name in ("a.png", "b.png"):
+        assert json.loads((out / f"{name}.json").read_text())["output"] is None
+
+
+def test_a_file_where_an_output_folder_or_sidecar_goes_fails_that_photo_only(tmp_path, loaded):
+    detector = GroundTruthDetector()
+    source, out = tmp_path / "in", tmp_path / "out"
+    one_face_photos(detector, source, ["sub/a.png", "sub/deeper/b.png", "c.png", "d.png"])
+    out.mkdir()
+    (out / "sub").write_text("a file of someone's")
+    (out / "c.png.json").mkdir()  # no sidecar can replace a folder
+    warned = []
+    summary = anonymize_files([source], out, anonymizer(loaded, detector=detector), progress=False,
+                              warn=warned.append)
+    assert summary["statuses"] == {"anonymized": 1, "write_error": 3} and exit_code(summary) == 1
+    assert (out / "sub").read_text() == "a file of someone's"
+    messages = [line.split(": write_error: ")[1] for line in warned]
+    assert messages[:2] == ["cannot write sub/a.png: sub in the output folder is a file, not a folder",
+                            "cannot write sub/deeper/b.png: sub in the output folder is a file, not a folder"]
+    assert len(messages) == 3 and messages[2].startswith("cannot write c.png: IsADirectoryError")
+    assert not (out / "c.png").exists() and (out / "d.png").is_file() and (out / "d.png.json").is_file()
+    assert "c.png: sidecar" in (out / "anonymize_errors.log").read_text()
 
 
 @pytest.mark.parametrize("key", [None, "secret"])

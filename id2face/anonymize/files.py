@@ -1,8 +1,13 @@
 """Photos on disk: input folders mirrored into the output folder, each photo and its JSON sidecar
 written atomically (the sidecar last: a sidecar means a finished photo), finished photos skipped
-on a rerun with the same settings, originals never opened for writing, and the run's summary."""
+on a rerun with the same settings, originals never opened for writing, and the run's summary.
+
+The run's settings are recorded in the summary before the first photo (and in each sidecar), so a
+rerun into a folder that an interrupted run left is refused with other settings as after a finished
+one. Nothing is written where a link inside the output folder leads out of it: such a photo fails."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -33,8 +38,9 @@ WRITTEN_STATUSES = frozenset({"anonymized", "covered", "no_face"})
 # on one core, as long as several faces take on a GPU.
 DEFAULT_IO_WORKERS = min(4, os.cpu_count() or 1)
 # Settings that decide what an output looks like: a rerun into the same folder must repeat them.
+# min_face_size, detect_max_side: which faces the detector finds; cover_if_recognized: which it covers.
 _FIXED_SETTINGS = ("checkpoint", "image_size", "steps", "keyed", "cover", "output_format", "min_score",
-                   "face_scale", "template")
+                   "face_scale", "template", "min_face_size", "detect_max_side", "cover_if_recognized")
 
 
 @dataclass
@@ -132,6 +138,30 @@ def write_photo(pixels: np.ndarray, path: Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def folder_problem(folder: Path, root: Path) -> str | None:
+    """Why nothing may be written into ``folder`` (a folder of the output folder ``root``, both
+    absolute, ``root`` resolved), else None: a link on its way that leads out of ``root`` (into an
+    input, a write there would replace an original), or a file where one of its folders goes.
+    Inside the real ``root`` is outside every input: check_paths refuses overlapping ones."""
+    real = Path(os.path.realpath(folder))  # links followed; the part not there yet stays as it is
+    shown = folder.relative_to(root).as_posix()
+    if real != root and root not in real.parents:
+        return f"folder {shown} leads outside the output folder (to {real}); anonymize writes only inside it"
+    existing = real  # the root itself is a folder or not there yet (check_paths)
+    while existing != root and not os.path.lexists(existing):
+        existing = existing.parent
+    if existing != root and not existing.is_dir():
+        return f"{existing.relative_to(root).as_posix()} in the output folder is a file, not a folder"
+    return None
+
+
+def remove_output(job: Job) -> None:
+    """Remove an earlier run's output of ``job`` (a photo whose new status writes none must not keep
+    an old one): a file or a link itself, never what a link leads to, never a folder."""
+    if job.output.is_symlink() or job.output.is_file():
+        job.output.unlink()
+
+
 def _source_stat(path: Path) -> tuple[int, int] | None:
     try:
         stat = os.stat(path)
@@ -140,14 +170,21 @@ def _source_stat(path: Path) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
-def is_finished(job: Job) -> dict | None:
-    """The sidecar of a photo an earlier run finished (output written, source unchanged), else None."""
+def is_finished(job: Job, settings: Mapping[str, Any] | None = None, output: Path | None = None) -> dict | None:
+    """The sidecar of a photo an earlier run finished (output written, source unchanged), else None.
+    UserError if that run's fixed settings, recorded in the sidecar, are not ``settings`` (of a run
+    into the folder ``output``): a killed run leaves no summary to tell, and its photos must not be
+    mixed with other ones."""
     if not (job.sidecar.is_file() and job.output.is_file()):
         return None
     try:
         sidecar = json.loads(job.sidecar.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    if not isinstance(sidecar, dict):
+        return None
+    if settings is not None and isinstance(sidecar.get("settings"), dict):
+        _refuse_other(output or job.output.parent, sidecar["settings"], settings)
     if sidecar.get("status") not in WRITTEN_STATUSES:
         return None
     if _source_stat(job.source) != (sidecar.get("source_bytes"), sidecar.get("source_mtime_ns")):
@@ -157,10 +194,13 @@ def is_finished(job: Job) -> dict | None:
 
 def run_settings(anonymizer: Anonymizer, info: Mapping[str, Any], output_format: str) -> dict:
     s = anonymizer.settings
+    detector = anonymizer.detector_fn  # built now, not at the first photo; another detector records None
     return {"checkpoint": str(Path(info.get("checkpoint", "")).resolve()) if info.get("checkpoint") else None,
             "image_size": anonymizer.size, "steps": s.steps, "keyed": s.key is not None, "cover": s.cover,
             "output_format": output_format, "min_score": s.min_score, "face_scale": s.face_scale,
-            "template": round_values(anonymizer.template, 3), "precision": s.precision}
+            "template": round_values(anonymizer.template, 3), "precision": s.precision,
+            "min_face_size": getattr(detector, "min_face_size", None),
+            "detect_max_side": getattr(detector, "max_side", None), "cover_if_recognized": s.cover_if_recognized}
 
 
 def _check_previous(output: Path, settings: Mapping[str, Any]) -> None:
@@ -171,6 +211,12 @@ def _check_previous(output: Path, settings: Mapping[str, Any]) -> None:
         previous = json.loads(path.read_text()).get("settings") or {}
     except (OSError, json.JSONDecodeError, AttributeError):
         return
+    _refuse_other(output, previous, settings)
+
+
+def _refuse_other(output: Path, previous: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """UserError if ``previous`` (a record of an earlier run into ``output``) has other fixed settings;
+    a setting it does not record (an older version's record) is not compared."""
     changed = [f"{k}={previous.get(k)!r} (now {settings.get(k)!r})" for k in _FIXED_SETTINGS
                if k in previous and previous.get(k) != settings.get(k)]
     if changed:
@@ -204,20 +250,33 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
     jobs = plan_jobs(roots, target, output_format)
     settings = run_settings(anonymizer, info, output_format)
     _check_previous(target, settings)
-    target.mkdir(parents=True, exist_ok=True)
-    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
-    error_log = target / ERROR_LOG_NAME
-    anonymizer.error_log = lambda text: _append(error_log, text)
-
     sidecars: dict[str, dict] = {}
-    todo = []
+    todo, blocked = [], []  # blocked: (job, why nothing may be written where it goes)
+    problems: dict[Path, str | None] = {}
     for job in jobs:
-        done = is_finished(job)
+        folder = job.output.parent
+        if folder not in problems:
+            problems[folder] = folder_problem(folder, target)
+        if problems[folder] is not None:  # checked first: its sidecar and output are not ours to read
+            blocked.append((job, f"cannot write {job.relative}: {problems[folder]}"))
+            continue
+        done = is_finished(job, settings, target)
         if done is not None:
             sidecars[job.relative] = done
         else:
             todo.append(job)
-    skipped = len(jobs) - len(todo)
+    skipped = len(sidecars)
+    model = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled", "first_stage_dtype",
+                                      "unet_dtype", "tiny_decoder", "tiny_encoder", "harmonizer_attention",
+                                      "attention_backends", "frozen_weights_from_checkpoint")}
+    target.mkdir(parents=True, exist_ok=True)
+    # The settings before the first photo: a rerun after a killed run is checked against them too.
+    # The summary is rewritten at the end (finished: true) over every photo of the run.
+    write_atomic(target / SUMMARY_NAME, (json.dumps({"finished": False, "settings": settings, "model": model},
+                                                    indent=1) + "\n").encode())
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    error_log = target / ERROR_LOG_NAME
+    anonymizer.error_log = lambda text: _append(error_log, text)
     statuses: Counter = Counter()
 
     depth = 2 * max(io_workers, 1)  # photos decoded ahead, and photos whose writes may be in flight
@@ -232,15 +291,27 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
 
     faces_seen = sum(len(s.get("faces", [])) for s in sidecars.values())
 
-    def finish(job: Job, sidecar: dict) -> None:
+    def finish(job: Job, sidecar: dict, record: bool = True) -> None:
+        """Count ``job``'s photo and, if ``record``, write its sidecar (an earlier output removed first
+        if it has none now); a sidecar that cannot be written is the photo's write_error."""
         nonlocal faces_seen
+        if record:
+            sidecar["settings"] = {k: settings[k] for k in _FIXED_SETTINGS}
+            try:
+                if sidecar.get("output") is None:  # an earlier run's output of this photo must not stay behind
+                    remove_output(job)
+                job.sidecar.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(job.sidecar, (json.dumps(sidecar, indent=1) + "\n").encode())
+            except OSError as err:  # e.g. a full disk: without its sidecar the photo is not finished
+                _append(error_log, f"--- {job.source}: sidecar\n{''.join(traceback.format_exception(err))}\n")
+                sidecar.update(status="write_error", message=f"cannot write {job.relative}: {describe(err)}",
+                               output=None)
+                with contextlib.suppress(OSError):
+                    remove_output(job)
         statuses[sidecar["status"]] += 1
         faces_seen += len(sidecar.get("faces", []))
         if sidecar["status"] not in WRITTEN_STATUSES:
             warn(f"id2face anonymize: {job.source}: {sidecar['status']}: {sidecar['message']}")
-        sidecar["settings"] = {"keyed": settings["keyed"], "steps": settings["steps"], "cover": settings["cover"]}
-        job.sidecar.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(job.sidecar, (json.dumps(sidecar, indent=1) + "\n").encode())
         sidecars[job.relative] = sidecar
         bar.update(1)
         # The statuses count photos: a bare "faces=9 anonymized=3" read as 3 of 9 faces.
@@ -262,7 +333,10 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
 
     started = time.perf_counter()
     faces_this_run = 0
-    with _progress(len(todo), progress) as bar, io_executor(io_workers) as executor:
+    with _progress(len(todo) + len(blocked), progress) as bar, io_executor(io_workers) as executor:
+        for job, message in blocked:  # nothing written: neither the photo nor its sidecar
+            finish(job, {"source": str(job.source), "output": None, "status": "write_error", "message": message,
+                         "faces": []}, record=False)
         for (job, meta), result in anonymizer.process(decoded(executor)):
             sidecar = {**meta, "status": result.status, "message": result.message, "faces": result.faces,
                        "notes": meta.get("notes", []) + result.notes}
@@ -270,9 +344,7 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
             if result.pixels is not None and result.status in WRITTEN_STATUSES:
                 write = executor.submit(write_photo, result.pixels, job.output)
             else:
-                sidecar["output"] = None
-                if job.output.exists():  # a stale output from an earlier run must not stay behind
-                    job.output.unlink()
+                sidecar["output"] = None  # finish removes an earlier run's output
                 write = None
             writes.append((job, sidecar, write))
             settle(keep=depth)
@@ -280,11 +352,7 @@ def anonymize_files(inputs: Sequence[str | Path], output: str | Path, anonymizer
     seconds = time.perf_counter() - started
 
     summary = summarize(jobs, sidecars, skipped, seconds, faces_this_run, anonymizer)
-    summary["settings"] = settings
-    summary["model"] = {k: info.get(k) for k in ("config_source", "ema_weights", "template", "compiled",
-                                                 "first_stage_dtype", "unet_dtype", "tiny_decoder", "tiny_encoder",
-                                                 "harmonizer_attention", "attention_backends",
-                                                 "frozen_weights_from_checkpoint")}
+    summary.update(finished=True, settings=settings, model=model)
     write_atomic(target / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 
