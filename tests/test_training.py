@@ -253,7 +253,7 @@ def test_validation_interval_beyond_the_epoch_is_a_config_error(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("trainer.precision=bogus",
      r"^trainer: Precision 'bogus' is invalid\. Allowed .*bf16-mixed.*\(config section: trainer\)$"),
-    ("trainer.max_steps=-3", r"^trainer: `max_steps` must be a non-negative integer or -1"),
+    ("trainer.max_epochs=-3", r"^trainer: `max_epochs` must be a non-negative integer or -1"),
     ("model.optim.lr=-1", r"^model\.optim: Invalid learning rate: -1\.0 \(lr=-1, betas=\[0\.9, 0\.999\]"),
     ("model.optim.betas=[0.9]", r"^model\.optim: .*\(lr=.*, betas=\[0\.9\], weight_decay="),
     ("model.optim.ema_decay=2", r"^model\.optim\.ema_decay must be in \[0, 1\] and ema_every >= 1 .*got 2\.0 and"),
