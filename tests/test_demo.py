@@ -28,6 +28,9 @@ def test_export_keeps_weights_and_config_and_drops_training_state(tmp_path):
     assert not {"optimizer_states", "lr_schedulers", "loops", "callbacks"} & set(copy)
     with pytest.raises(UserError, match="checkpoint itself"):
         export_weights(out, out)
+    with pytest.raises(UserError, match="is a folder: name the weights file"):
+        export_weights(out, tmp_path)
+    assert not list(tmp_path.glob("*.partial"))
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot be read as a checkpoint"):

@@ -316,3 +316,11 @@ def test_train_oracle_command(tmp_path, capsys):
     assert "SynthFaces only" in capsys.readouterr().err
     assert main(["train-oracle", "tiny", "oracle.stepz=3", "-o", str(tmp_path)]) == 2
     assert "unknown oracle setting" in capsys.readouterr().err
+    # steps=-5 trained nothing and cached the untrained net as a judge; steps=abc was a traceback
+    for setting, said in [("oracle.steps=-5", "oracle.steps takes a whole number >= 1"),
+                          ("oracle.steps=abc", "oracle.steps takes a whole number"),
+                          ("oracle.lr=0", "oracle.lr takes a number > 0")]:
+        assert main(["train-oracle", "tiny", setting, "-o", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err
+    assert not (tmp_path / "refused").exists()

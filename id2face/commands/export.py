@@ -29,6 +29,8 @@ def export_weights(checkpoint: str | Path, output: str | Path) -> Path:
     checkpoint, output = Path(checkpoint), Path(output)
     if output.exists() and output.resolve() == checkpoint.resolve():
         raise UserError(f"output {output} is the checkpoint itself; choose another path")
+    if output.is_dir():  # checked first: the rename at the end cannot replace a folder
+        raise UserError(f"output {output} is a folder: name the weights file to write (e.g. {output / 'model.pt'})")
     config, state, _ = read_checkpoint_config(checkpoint)  # refuses anything that is not ours
     payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
     from omegaconf import OmegaConf

@@ -65,6 +65,24 @@ class OracleConfig:
     margin: float = 0.2             # CosFace additive margin
     scale: float = 16.0             # CosFace logit scale
 
+    def __post_init__(self) -> None:
+        # A setting that trains no judge (steps=-5: NaN losses, chance accuracy, cached as a judge)
+        # or fails deep inside (steps=abc) is one line naming it.
+        from ..config import check_whole_number
+
+        lowest = {"image_size": 1, "renderer_seed": 0, "num_identities": 2, "samples_per_identity": 1,
+                  "sample_offset": 0, "width": 1, "embed_dim": 1, "seed": 0, "steps": 1, "batch_size": 1}
+        for name, low in lowest.items():
+            check_whole_number(f"oracle.{name}", getattr(self, name), low)
+            object.__setattr__(self, name, int(float(getattr(self, name))))
+        ranges = {"lr": (0.0, False), "weight_decay": (0.0, True), "margin": (0.0, True), "scale": (0.0, False)}
+        for name, (low, inclusive) in ranges.items():
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < low or (value == low and not inclusive):
+                raise UserError(f"oracle.{name} takes a number {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
     def key(self) -> str:
         payload = json.dumps({"format": ORACLE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
