@@ -500,3 +500,21 @@ def test_autoencoder_in_bf16_runs_whole_in_bf16_and_returns_the_callers_dtype(na
 def test_autoencoder_dtype_must_be_a_float_dtype(name):
     with pytest.raises(UserError, match=f"first_stage {name} dtype: 'int8'; valid: null, float32, bfloat16, float16"):
         FIRST_STAGES.build({"name": name, "params": {**FIRST_STAGE_PARAMS[name], "dtype": "int8"}})
+
+
+def test_a_first_stage_rebuilt_on_the_defaults_decodes_on_the_scale_it_trained_with():
+    """A checkpoint moved to a machine without its VAE folder is rebuilt on SD-1.5's config; its
+    latents' scale (SDXL VAE: 0.13025) is config, not weights, and comes from the state dict."""
+    trained = FIRST_STAGES.build({"name": "sd_vae", "params": {"random_init": True,
+                                                              "config": {**TINY_VAE, "scaling_factor": 0.13025}}})
+    state = trained.state_dict()
+    rebuilt = FIRST_STAGES.build({"name": "sd_vae", "params": {"random_init": True, "config": TINY_VAE}})
+    assert rebuilt.scaling_factor == pytest.approx(0.18215)
+    rebuilt.load_state_dict(state)
+    assert rebuilt.scaling_factor == pytest.approx(0.13025)
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(rebuilt.encode(images), trained.encode(images))
+    old = {k: v for k, v in state.items() if k != "latent_scale"}  # a checkpoint from before it was kept
+    default = FIRST_STAGES.build({"name": "sd_vae", "params": {"random_init": True, "config": TINY_VAE}})
+    default.load_state_dict(old)
+    assert default.scaling_factor == pytest.approx(0.18215)

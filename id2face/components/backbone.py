@@ -115,6 +115,11 @@ class AutoencoderFirstStage(FrozenModule):
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.latent_channels = int(vae.config.latent_channels)
+        # The scale is the autoencoder's config, not its weights; kept in the state dict too, so a
+        # checkpoint rebuilt on the SD-1.5 defaults (its VAE folder not on this machine) decodes on
+        # the scale it trained with (an SDXL VAE's is 0.13025, not 0.18215).
+        self.register_buffer("latent_scale", torch.tensor([self.scaling_factor, self.shift_factor],
+                                                          dtype=torch.float64))
         self.freeze()
         if self.compute_dtype is not None:
             # nn.Module.to: diffusers' own `to` warns about casting a loaded model (it has no
@@ -125,6 +130,12 @@ class AutoencoderFirstStage(FrozenModule):
         if compile:
             self.vae.encoder.compile()
             self.vae.decoder.compile()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint from before the scale was recorded trained on its autoencoder's own.
+        state_dict.setdefault(f"{prefix}latent_scale", self.latent_scale.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.scaling_factor, self.shift_factor = (float(v) for v in self.latent_scale.tolist())
 
     def _raw_latents(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
