@@ -4,17 +4,20 @@ cached ones; refused when made for other data or another first stage, and the em
 only to the identity encoder that made them."""
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import default_collate
 
 from id2face.cli import main
 from id2face.config import load_config
 from id2face.data.datamodule import FacePairDataModule
+from id2face.data.datasets import IdentityFolder
 from id2face.data.latent_cache import (CACHED_KEYS, CachedLatents, LatentCache, collate_pairs,
-                                       weights_fingerprint)
+                                       weights_fingerprint, write_latent_cache)
 from id2face.data.pairs import PairDataset
 from id2face.data.synthfaces import SynthFaces, render_sample
 from id2face.errors import UserError
@@ -191,13 +194,111 @@ def test_identity_embeddings_of_another_encoder_are_not_served(tmp_path):
     other = tiny_model("model.identity_encoder.params.width=8").identity_encoder
     assert not cache.serve_identity_to(other) and "identity_embedding" not in cache[0]
     assert cache.serve_identity_to(tiny_model().identity_encoder) and cache[0]["identity_embedding"].shape == (64,)
-    # A cache made before identity embeddings were cached: latents only, the step embeds.
+    # A cache made without an identity encoder: latents only, the step embeds.
     meta = json.loads((folder / "meta.json").read_text())
-    del meta["identity_encoder_weights"]
+    del meta["identity_encoder_fingerprint"]
     (folder / "meta.json").write_text(json.dumps(meta))
     (folder / "identity.npy").unlink()
     old = LatentCache(folder)
     assert not old.serve_identity_to(tiny_model().identity_encoder) and set(old[0]) == {"latent", "masked_latent"}
+
+
+def test_identity_embeddings_are_served_only_to_an_encoder_that_preprocesses_alike(tmp_path):
+    """input_size, mean and std are no weights: equal state dicts that see other pixels embed otherwise."""
+    folder = tmp_path / "cache"
+    assert main(cache_args(folder)) == 0
+    cache = LatentCache(folder)
+    made = tiny_model().identity_encoder
+    at_64 = tiny_model("model.identity_encoder.params.input_size=64").identity_encoder
+    assert weights_fingerprint(at_64) == weights_fingerprint(made)
+    assert not cache.serve_identity_to(at_64) and "identity_embedding" not in cache[0]
+    other_std = tiny_model().identity_encoder
+    other_std.std = (0.25, 0.25, 0.25)  # a class attribute of the contract, overridden as a subclass would
+    assert not cache.serve_identity_to(other_std)
+    assert cache.serve_identity_to(made)
+
+
+def prepared_folder(root, face_scale=1.0, seed=0):
+    """A folder as `id2face prepare` writes it: 3 identities x 2 crops of 32 px with their landmarks."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "prepare.json").write_text(json.dumps({
+        "format": 1, "size": 32, "face_scale": face_scale, "dataset": "identity_folder", "dataset_params": {},
+        "multiple_faces": "largest", "min_score": 0.9, "detect_max_side": 1024, "min_face_size": 20,
+        "max_pixels": 10**8, "input": str(root.parent / "photos")}))
+    with open(root / "manifest.jsonl", "w") as manifest:
+        for identity in range(3):
+            for k in range(2):
+                output = f"images/p{identity}/{k}.png"
+                (root / output).parent.mkdir(exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / output)
+                points = (16 + (rng.random((5, 2)) - 0.5) * 16 * face_scale).round(2).tolist()
+                manifest.write(json.dumps({"source": f"p{identity}/{k}.jpg", "output": output, "status": "ok",
+                                           "identity": f"p{identity}", "landmarks_crop": points}) + "\n")
+    return root
+
+
+def test_a_cache_for_other_crops_of_the_same_photos_is_refused_and_a_moved_dataset_keeps_it(tmp_path):
+    """Two `prepare` runs of the same photos (another --face-scale, another face found) give the same
+    crop names and labels but other pixels, template masks and landmarks: the cache of one is not the other's."""
+    made = prepared_folder(tmp_path / "prepared")
+    folder = tmp_path / "cache"
+    assert main(["cache-latents", "tiny", f"data.dataset={{name: identity_folder, params: {{root: {made}}}}}",
+                 "-o", str(folder), "--device", "cpu"]) == 0
+    cache = LatentCache(folder)
+
+    # Moved to scratch, with prepare.json's non-crop settings changed by a resumed run: still its cache.
+    moved = shutil.copytree(made, tmp_path / "scratch" / "prepared")
+    settings = json.loads((moved / "prepare.json").read_text())
+    (moved / "prepare.json").write_text(json.dumps({**settings, "input": "/elsewhere", "max_pixels": 10**9}))
+    CachedLatents(IdentityFolder(moved, image_size=32), cache)
+
+    rescaled = shutil.copytree(made, tmp_path / "rescaled")  # crop settings alone (same files and landmarks)
+    (rescaled / "prepare.json").write_text(json.dumps({**settings, "face_scale": 1.4}))
+    relandmarked = shutil.copytree(made, tmp_path / "relandmarked")  # landmarks alone
+    entries = [json.loads(line) for line in (relandmarked / "manifest.jsonl").read_text().splitlines()]
+    entries[3]["landmarks_crop"][2][0] += 3.0
+    (relandmarked / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    for other in (rescaled, relandmarked, prepared_folder(tmp_path / "again", face_scale=1.4, seed=1)):
+        with pytest.raises(UserError, match="other data"):
+            CachedLatents(IdentityFolder(other, image_size=32), cache)
+
+
+def test_a_cache_of_the_older_format_is_refused_with_how_to_rebuild_it(tmp_path):
+    """Its meta cannot tell other crops or another preprocessing apart: one line, rebuild it."""
+    folder = tmp_path / "cache"
+    assert main(cache_args(folder)) == 0
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format": "id2face-latent-cache/1"}))
+    with pytest.raises(UserError, match=r"older format .*rebuild it.*`id2face cache-latents") as raised:
+        LatentCache(folder)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("bad, said", [(["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
+                                       (["data.num_workers=-1"], "data.num_workers takes a whole number >= 0"),
+                                       (["--batch-size", "0"], "--batch-size must be >= 1, got 0")])
+def test_bad_numbers_are_one_line_before_anything_is_written(tmp_path, capsys, bad, said):
+    code = main([*cache_args(tmp_path / "cache"), *bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"id2face cache-latents: error: {said}")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_run_that_fails_midway_leaves_no_partial_folder(tmp_path):
+    model = tiny_model()
+    calls = []
+
+    def encode_then_fail(images, masks):
+        calls.append(len(images))
+        if len(calls) == 2:  # after the first batch's rows are written
+            raise RuntimeError("CUDA out of memory")
+        return model.first_stage_latents(images, masks)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        write_latent_cache(SynthFaces(image_size=32, num_identities=2, samples_per_identity=2), model.first_stage,
+                           encode_then_fail, tmp_path / "cache", {}, batch_size=2, progress=False)
+    assert calls == [2, 2] and not any(tmp_path.iterdir())
 
 
 def test_unfinished_missing_and_existing_cache_folders(tmp_path, capsys):

@@ -6,7 +6,8 @@ encodes (47 % of its FLOPs at SD-1.5 size) and the identity encoder (hundreds of
 The model is built as training builds it (seeded with ``run.seed``), so a random-init first stage
 caches the same latents a run of that config would compute. DIR is a new folder; training checks
 that its data and first stage match the run's, and uses the identity embeddings only with the
-identity encoder that made them (see ``id2face.data.latent_cache``).
+identity encoder that made them (see ``id2face.data.latent_cache``). A failed run leaves neither DIR
+nor ``DIR.partial`` (where the rows are written until complete) behind.
 
 ``--precision`` (default: the config's ``trainer.precision`` on CUDA, fp32 on a CPU): the encodes'
 arithmetic. bf16 autocast is what a training step without a cache encodes in, and on a GPU's tensor
@@ -46,9 +47,13 @@ def run(args: argparse.Namespace) -> int:
     from ..precision import resolve_precision
     from ..registry import DATASETS
 
+    # Checked before anything is built or written (torch's own checks come as tracebacks, late).
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    cfg = load_config(*split_args(args.args))
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
+    cfg = load_config(*split_args(args.args))  # checks data.num_workers
+    workers = int(cfg.data.num_workers if args.num_workers is None else args.num_workers)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device, OmegaConf.select(cfg, "trainer.precision"))
     dataset = DATASETS.build(cfg.data.dataset, image_size=int(cfg.data.image_size))
@@ -57,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     description = {"dataset": OmegaConf.to_container(cfg.data.dataset, resolve=True),
                    "first_stage": OmegaConf.to_container(cfg.model.first_stage, resolve=True),
                    "identity_encoder": OmegaConf.to_container(cfg.model.identity_encoder, resolve=True)}
-    workers = int(cfg.data.num_workers if args.num_workers is None else args.num_workers)
     start = time.perf_counter()
     folder = write_latent_cache(dataset, model.first_stage, model.first_stage_latents, args.output, description,
                                 batch_size=args.batch_size, num_workers=workers, device=device,

@@ -5,11 +5,13 @@ SD-1.5 size the encodes are 47 % of a step's FLOPs (``benchmarks/train_step.py -
 the identity encoder is a few FLOPs but hundreds of small kernels (``--traffic``).
 
 A cache is a folder: ``latents.npy`` (N, 2, c, h, w) float16, row i = (latent, masked-image latent)
-of dataset item i, and ``identity.npy`` (N, D) float32, its identity embedding (caches made before
-it existed lack it: the step then runs the encoder), both read memory-mapped; ``meta.json``
+of dataset item i, and ``identity.npy`` (N, D) float32, its identity embedding (a cache made without an
+identity encoder lacks it: the step then runs the encoder), both read memory-mapped; ``meta.json``
 (written last, so a folder without it is an unfinished cache) records what the rows were made
-from: the dataset's items (count, image size, mask mode, identity labels, file paths), the first
-stage and the identity encoder (configs and hashes of their weights). Training with
+from: the dataset's items (count, image size, mask mode, identity labels, file paths relative to the
+dataset's root, landmarks, and a prepared folder's crop settings, so that a moved dataset keeps its
+cache), the first stage (config, hash of its weights) and the identity encoder (config, hash of its
+weights and its preprocessing). A cache of an older format is refused: rebuild it. Training with
 ``data.latent_cache: DIR`` refuses a cache made for other data or another first stage; cached
 identity embeddings are served only to the identity encoder that made them (``serve_identity``).
 
@@ -33,21 +35,49 @@ from torch.utils.data import DataLoader, default_collate
 
 from ..errors import UserError
 
-CACHE_FORMAT = "id2face-latent-cache/1"
+# /2: the items' fingerprint covers landmarks and crop settings, the identity encoder's its preprocessing.
+CACHE_FORMAT = "id2face-latent-cache/2"
+# Formats whose rows may be right but whose meta cannot tell: refused with a request to rebuild.
+OLD_FORMATS = ("id2face-latent-cache/1",)
 CACHED_KEYS = ("latent", "masked_latent", "identity_embedding")
 META_NAME, ROWS_NAME, IDENTITY_NAME = "meta.json", "latents.npy", "identity.npy"
 HOW_TO_MAKE = "make one with `id2face cache-latents CONFIG... -o DIR` (same data and model.first_stage as training)"
 
 
 def items_fingerprint(dataset) -> str:
-    """Hash of what a dataset's items are: class, count, image size, mask mode, labels, paths."""
+    """Hash of what a dataset's items are: class, count, image size, mask mode, labels, paths relative to
+    its root, landmarks and crop settings. Not the root itself: a dataset copied to scratch keeps its cache."""
     h = hashlib.sha256()
     h.update(f"{type(dataset).__name__}|{len(dataset)}|{getattr(dataset, 'image_size', '')}|"
-             f"{getattr(dataset, 'mask_mode', '')}|{getattr(dataset, 'seed', '')}".encode())
+             f"{getattr(dataset, 'mask_mode', '')}|{getattr(dataset, 'seed', '')}|"
+             f"{getattr(dataset, 'prepared', '')}|{getattr(dataset, 'face_scale', '')}|"
+             f"{getattr(dataset, 'crop_size', '')}".encode())
     h.update(np.asarray(dataset.identity_labels, dtype=np.int64).tobytes())
     for path in getattr(dataset, "paths", None) or ():
         h.update(path.encode("utf-8") + b"\0")
+    # The crops' landmarks: a folder prepared again (other detector settings, another face) has other
+    # ones under the same names; and with mask="landmarks" they are the masks.
+    landmarks = getattr(dataset, "landmarks", None)
+    if isinstance(landmarks, np.ndarray):
+        h.update(np.ascontiguousarray(landmarks, dtype=np.float32).tobytes())
+    h.update(json.dumps(_crop_settings(dataset), sort_keys=True).encode())
     return h.hexdigest()[:20]
+
+
+def _crop_settings(dataset) -> dict:
+    """A prepared folder's ``prepare.json`` settings that decide its crops' pixels (two `prepare` runs
+    at another --face-scale give the same names and labels, other pixels); not ``input`` or ``max_pixels``."""
+    if not getattr(dataset, "prepared", False):
+        return {}
+    from .datasets import META_NAME as PREPARE_META
+    from .prepare import _FIXED_SETTINGS  # the settings a rerun into the same folder must repeat
+
+    path = Path(dataset.root) / PREPARE_META
+    try:
+        meta = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} cannot be read: {err}") from None
+    return {key: meta.get(key) for key in ("format", *_FIXED_SETTINGS, "template")}
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -57,6 +87,29 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:20]
+
+
+# Plain constructor settings of an identity encoder that change its embeddings but are in no state dict.
+PREPROCESSING = ("input_size", "mean", "std")
+
+
+def encoder_fingerprint(module: torch.nn.Module) -> str:
+    """``weights_fingerprint`` and the settings no state dict holds: the preprocessing (``input_size``,
+    ``mean``, ``std``: class attributes or constructor params) and the module's other plain public
+    attributes (``embed_dim``, ``model_name``, ...). Equal weights that see 64 px instead of 32 px embed otherwise."""
+    settings = {name: getattr(module, name) for name in PREPROCESSING if hasattr(module, name)}
+    settings.update((name, value) for name, value in vars(module).items()
+                    if not name.startswith("_") and name != "training")
+    settings = {name: value for name, value in settings.items() if _is_plain(value)}
+    h = hashlib.sha256(weights_fingerprint(module).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 class LatentCache:
@@ -72,6 +125,10 @@ class LatentCache:
             self.meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as err:
             raise UserError(f"latent cache {meta_path} cannot be read: {err}") from None
+        if self.meta.get("format") in OLD_FORMATS:
+            raise UserError(f"latent cache {self.folder} is of an older format ({self.meta['format']}) whose "
+                            f"checks miss the crop settings, landmarks and identity preprocessing; rebuild it "
+                            f"in a new folder: {HOW_TO_MAKE}")
         if self.meta.get("format") != CACHE_FORMAT:
             raise UserError(f"{meta_path} is not an {CACHE_FORMAT} cache (format {self.meta.get('format')!r})")
         # Opened per process: a pickled memmap would copy its data.
@@ -96,7 +153,7 @@ class LatentCache:
 
     @property
     def has_identity(self) -> bool:
-        return "identity_encoder_weights" in self.meta
+        return "identity_encoder_fingerprint" in self.meta
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_rows": None, "_identity_rows": None}
@@ -106,7 +163,8 @@ class LatentCache:
         if made != given:
             raise UserError(f"latent cache {self.folder} was made for other data ({self.meta['dataset']}, "
                             f"{len(self)} items at {self.meta['image_size']} px) than data.dataset "
-                            f"({len(dataset)} items at {getattr(dataset, 'image_size', '?')} px); {HOW_TO_MAKE}")
+                            f"({len(dataset)} items at {getattr(dataset, 'image_size', '?')} px: their labels, "
+                            f"paths, landmarks or crop settings differ); {HOW_TO_MAKE}")
 
     def check_first_stage(self, first_stage: torch.nn.Module) -> None:
         if self.meta["first_stage_weights"] != weights_fingerprint(first_stage):
@@ -114,10 +172,11 @@ class LatentCache:
                             f"({self.meta['first_stage']}) than this model's; {HOW_TO_MAKE}")
 
     def serve_identity_to(self, identity_encoder: torch.nn.Module) -> bool:
-        """Serve the cached identity embeddings from now on if ``identity_encoder`` made them;
+        """Serve the cached identity embeddings from now on if ``identity_encoder`` made them (same
+        weights and preprocessing: ``encoder_fingerprint``);
         returns whether it does (another encoder computes its own in the step: slower, not wrong)."""
         self.serve_identity = self.has_identity and \
-            self.meta["identity_encoder_weights"] == weights_fingerprint(identity_encoder)
+            self.meta["identity_encoder_fingerprint"] == encoder_fingerprint(identity_encoder)
         return self.serve_identity
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -169,22 +228,36 @@ def write_latent_cache(dataset, first_stage: torch.nn.Module, encode: Callable, 
     """Encode every item of ``dataset`` with ``encode(images, masks) -> (latents, masked_latents)``
     and, given ``identity_encoder``, ``embed(images) -> (N, D)`` into ``folder`` (which must not
     exist), in ``precision`` (``id2face.precision``); ``description``: dataset, first-stage and
-    identity-encoder configs for the record. Written under ``folder.partial`` and renamed when complete."""
-    from ..precision import autocast
-
+    identity-encoder configs for the record. Written under ``folder.partial`` and renamed when complete;
+    a failure removes ``folder.partial`` (nothing reads it, and the next run would start it afresh anyway)."""
     folder = Path(folder).expanduser()
     if folder.exists():
         raise UserError(f"{folder} exists; latent caches are written to a new folder (remove it to remake)")
+    device = torch.device(device)
+    # Pinned batches: a copy from pageable memory would wait for the GPU's queued encodes first.
+    # Made before the folder: torch's own checks of its arguments then fail before anything is written.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_images_and_masks, pin_memory=device.type == "cuda")
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    device = torch.device(device)
+    try:
+        _write_rows(dataset, first_stage, encode, loader, partial, description, device, progress,
+                    identity_encoder, embed, precision)
+    except BaseException:  # an interrupt too: a half-written folder is never resumed
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, folder)
+    return folder
+
+
+def _write_rows(dataset, first_stage, encode, loader, partial: Path, description, device, progress,
+                identity_encoder, embed, precision) -> None:
+    from ..precision import autocast
+
     first_stage.to(device)
     if identity_encoder is not None:
         identity_encoder.to(device)
-    # Pinned batches: a copy from pageable memory would wait for the GPU's queued encodes first.
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_images_and_masks, pin_memory=device.type == "cuda")
     rows = identity_rows = None
     done = 0
     for batch in _progress(loader, progress):
@@ -211,11 +284,10 @@ def write_latent_cache(dataset, first_stage: torch.nn.Module, encode: Callable, 
         if array is not None:
             array.flush()
     if identity_rows is not None:
-        meta.update(identity_dim=int(identity_rows.shape[1]), identity_encoder_weights=weights_fingerprint(identity_encoder))
+        meta.update(identity_dim=int(identity_rows.shape[1]),
+                    identity_encoder_fingerprint=encoder_fingerprint(identity_encoder))
     del rows, identity_rows
     (partial / META_NAME).write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    os.replace(partial, folder)
-    return folder
 
 
 def _images_and_masks(items: list[dict]) -> dict:
