@@ -10,7 +10,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "config": ("config", "print the resolved config of FILE... key=value; --build instantiates it"),
     "synthfaces": ("synthfaces", "render a SynthFaces grid (rows = identities, columns = samples)"),
     "train": ("train", "train a model from a config"),
-    "train-encoder": ("train_encoder", "train the tiny identity encoder on identity labels"),
+    "train-encoder": ("train_encoder", "train or fine-tune an identity encoder on identity labels"),
     "train-oracle": ("train_oracle", "train the SynthFaces oracle (identity classifier + factor regressors)"),
     "eval": ("eval", "evaluate a checkpoint and write metrics.json"),
     "anonymize": ("anonymize", "anonymize the faces in photos or folders"),

@@ -357,6 +357,18 @@ def test_encoder_contract(random_encoder, size):
         torch.testing.assert_close(encoder(x[:1].detach()), e[:1].detach(), rtol=1e-4, atol=1e-5)
 
 
+def test_weights_state_dict_is_what_weights_loads(random_encoder, request, tmp_path):
+    # `train-encoder` writes weights_state_dict(): the wrappers load their file into an inner network
+    node = CONTRACT_NODES[request.node.callspec.params["random_encoder"]]
+    path = tmp_path / "weights.pt"
+    torch.save(random_encoder.weights_state_dict(), path)
+    reloaded = IDENTITY_ENCODERS.build({"name": node["name"], "params": {**node["params"], "weights": str(path)}})
+    assert_same_tensors(random_encoder.state_dict(), reloaded)
+    x = images(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), random_encoder(x), **SAME)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_encoders_on_cuda_match_cpu(random_encoder):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from id2face.cli import main
+from id2face.commands import train_encoder
 from id2face.commands.train_encoder import embed_all, heldout_items, load_images, retrieval_top1
 from id2face.config import load_config
 from id2face.data.pairs import split_identities
@@ -42,6 +43,14 @@ def test_heldout_items_are_val_and_test_identities_only():
 
 @pytest.mark.parametrize("overrides, options, message", [
     ([], ["--steps", "0"], "--steps must be >= 1"),
+    ([], ["--batch-size", "1"], "--batch-size must be >= 2"),
+    ([], ["--lr", "-1"], "--lr must be a finite number > 0 (got -1.0)"),
+    ([], ["--lr", "nan"], "--lr must be a finite number > 0 (got nan)"),  # would train to NaN weights
+    ([], ["--margin", "inf"], "--margin must be a finite number >= 0"),
+    ([], ["--margin", "-0.2"], "--margin must be a finite number >= 0"),
+    ([], ["--scale", "0"], "--scale must be a finite number > 0"),
+    # checked before any work: before the config, which has a typo here
+    (["model.identity_encoder.params.widht=3"], ["--lr", "nan"], "--lr must be"),
     (["data.dataset.params.num_identities=4"], [], "held-out"),
     (["model.identity_encoder.params.widht=3"], [], "no parameter 'widht'"),
 ])
@@ -55,6 +64,59 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, overrides, options, messa
 def test_output_directory_is_refused(tmp_path, capsys):
     assert main(["train-encoder", "tiny", "-o", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_safetensors_output_name_is_refused(tmp_path, capsys):
+    # the timm encoder would read the torch.save file it names as safetensors, and fail
+    assert main(["train-encoder", "tiny", "-o", str(tmp_path / "w.safetensors"), "--steps", "1"]) == 2
+    assert "name it .pt" in capsys.readouterr().err and not (tmp_path / "w.safetensors").exists()
+
+
+# Every registered identity encoder, untrained and as small as it builds offline.
+ROUND_TRIP_NODES = {
+    "tiny": {},
+    "arcface": {"allow_random_init": "true", "depth": 18},
+    "facenet": {"allow_random_init": "true"},
+    "timm": {"model_name": "test_resnet", "embed_dim": 64},
+}
+ROUND_TRIP_DATA = ["data.dataset.params.num_identities=20", "data.dataset.params.samples_per_identity=4"]
+
+
+def test_round_trip_covers_every_registered_identity_encoder():
+    assert sorted(ROUND_TRIP_NODES) == sorted(IDENTITY_ENCODERS.names())
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_NODES))
+def test_written_file_loads_as_the_encoders_weights_and_reproduces_the_trained_encoder(
+        tmp_path, monkeypatch, capsys, name):
+    trained = []
+
+    def recording_train(encoder, *args, **kwargs):
+        trained.append((encoder, {k: v.clone() for k, v in encoder.state_dict().items()}))
+        return real_train(encoder, *args, **kwargs)
+
+    real_train = train_encoder.train
+    monkeypatch.setattr(train_encoder, "train", recording_train)
+    node = [f"model.identity_encoder.name={name}",
+            *(f"model.identity_encoder.params.{k}={v}" for k, v in ROUND_TRIP_NODES[name].items())]
+    weights = tmp_path / "encoder.pt"
+    rc = main(["train-encoder", "tiny", *node, *ROUND_TRIP_DATA, "-o", str(weights),
+               "--steps", "2", "--batch-size", "4", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    ((encoder, initial),) = trained
+
+    # built from the file as a config names it, strictly loaded (arcface/facenet/timm load into their inner net)
+    cfg = load_config(["tiny"], [*node, f"model.identity_encoder.params.weights={weights}"])
+    reloaded = IDENTITY_ENCODERS.build(cfg.model.identity_encoder)
+    final = encoder.state_dict()
+    assert any(not torch.equal(final[k], v) for k, v in initial.items())  # the two steps did train it
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), encoder(x), rtol=1e-5, atol=1e-6)
+    # all of the trained encoder came back: nothing was trained outside the file (the timm projection
+    # stays the one every build draws from its seed)
+    assert reloaded.state_dict().keys() == encoder.state_dict().keys()
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in reloaded.state_dict().items())
 
 
 @pytest.mark.slow

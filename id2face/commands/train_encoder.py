@@ -5,8 +5,10 @@ Identities are split as the datamodule splits them (``data.split_seed``, ``data.
 ``data.split_file``): the training split trains (a cosine-margin softmax over its identities); the
 val + test identities, never seen in training, measure retrieval top-1 (one gallery image per
 identity, the others as queries) before and after training.
-Training starts from the encoder's ``weights`` when the config names some (fine-tuning). The written
-file is what ``model.identity_encoder.params.weights`` expects.
+Training starts from the encoder's ``weights`` when the config names some (fine-tuning). What is
+trained and written is the encoder's ``weights_module()``, the part its ``weights`` file loads into
+(the timm encoder's backbone, not its seeded projection), so the written file is what
+``model.identity_encoder.params.weights`` expects, for every registered encoder.
 """
 from __future__ import annotations
 
@@ -34,6 +36,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=float, default=0.2, help="additive cosine margin (CosFace)")
     parser.add_argument("--scale", type=float, default=16.0, help="logit scale of the cosine classifier")
     parser.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The numeric options, checked before any work: a one-line UserError instead of a traceback
+    from the optimiser or, for NaN, a run that silently writes NaN weights."""
+    from ..errors import UserError
+
+    checks = [
+        ("--steps", args.steps, args.steps >= 1, ">= 1"),
+        # Training-mode BatchNorm1d (arcface's, facenet's) cannot normalise a batch of one.
+        ("--batch-size", args.batch_size, args.batch_size >= 2, ">= 2"),
+        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
+        # 0 is a plain cosine softmax; a negative margin would favour the true class instead of demanding a gap.
+        ("--margin", args.margin, math.isfinite(args.margin) and args.margin >= 0, "a finite number >= 0"),
+        ("--scale", args.scale, math.isfinite(args.scale) and args.scale > 0, "a finite number > 0"),
+    ]
+    for flag, value, ok, wanted in checks:
+        if not ok:
+            raise UserError(f"{flag} must be {wanted} (got {value})")
+    if Path(args.output).suffix == ".safetensors":
+        # The timm encoder reads a .safetensors name as safetensors, which torch.save does not write.
+        raise UserError(f"-o {args.output}: train-encoder writes a torch.save file; name it .pt")
 
 
 class CosineMarginClassifier:
@@ -127,8 +151,9 @@ def train(encoder, train_batches, num_classes: int, steps: int, lr: float, margi
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     log_every = log_every or max(1, steps // 10)
     start, loss = time.time(), None
-    # Frozen encoders pin themselves to eval mode; training needs batch statistics in BatchNorm.
-    torch.nn.Module.train(encoder, True)
+    # Frozen encoders pin themselves to eval mode; training needs batch statistics in BatchNorm (in the
+    # part that is trained and written only: running statistics elsewhere would not be saved).
+    torch.nn.Module.train(encoder.weights_module(), True)
     for step in range(1, steps + 1):
         images, labels = next(train_batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -199,8 +224,7 @@ def run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(message, flush=True)  # progress shows up promptly in job logs too
 
-    if args.steps < 1 or args.batch_size < 2:
-        raise UserError(f"--steps must be >= 1 and --batch-size >= 2 (got {args.steps}, {args.batch_size})")
+    check_arguments(args)
     output = Path(args.output)
     if output.is_dir():
         raise UserError(f"-o {output} is a directory; give the path of the weights file to write")
@@ -214,8 +238,11 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # "untrained" is the point here
         warnings.simplefilter("ignore", UserWarning)
         encoder = IDENTITY_ENCODERS.build(node)
-    encoder.requires_grad_(True).to(device)
-    if not any(p.requires_grad for p in encoder.parameters()):
+    # Only the part the `weights` file holds is trained: the rest (the timm encoder's seeded projection)
+    # is rebuilt untrained by every later build, so anything learnt there would be lost on reload.
+    trained = encoder.weights_module().requires_grad_(True)
+    encoder.to(device)
+    if not any(p.requires_grad for p in trained.parameters()):
         raise UserError(f"identity encoder '{node.name}' has no parameters to train")
 
     dataset = DATASETS.build(cfg.data.dataset, image_size=int(cfg.data.image_size))
@@ -232,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     heldout_index = heldout_items(labels, split)
     heldout_ids = np.unique(labels[heldout_index])
     size, workers = int(cfg.data.image_size), int(cfg.data.num_workers)
-    say(f"train-encoder: {node.name} ({sum(p.numel() for p in encoder.parameters()):,d} parameters) on "
+    say(f"train-encoder: {node.name} ({sum(p.numel() for p in trained.parameters()):,d} parameters trained) on "
         f"{cfg.data.dataset.name}: {len(train_ids)} training identities ({len(train_index)} images), "
         f"{len(heldout_ids)} held-out identities ({len(heldout_index)} images), {size} px, device {device}")
 
@@ -255,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     params = OmegaConf.to_container(node.params) if node.get("params") else {}
     params = {k: v for k, v in params.items() if k != "weights"}
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+    torch.save({"state_dict": encoder.weights_state_dict(),
                 "encoder": {"name": str(node.name), "params": params},
                 "heldout_top1": top1, "steps": args.steps}, output)
     say(f"held-out identity retrieval top-1: {top1:.3f} ({identities} identities not seen in training, "

@@ -119,5 +119,8 @@ class ArcFaceEncoder(IdentityEncoder):
             load_matching_state_dict(self.net, state, f"arcface iresnet{depth}", weights, hint)
         self.freeze()
 
+    def weights_module(self) -> nn.Module:
+        return self.net  # the file is an arcface_torch ``backbone.pth``: the IResNet's own keys
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

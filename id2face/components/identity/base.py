@@ -39,6 +39,18 @@ class IdentityEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.embed(self.preprocess(images)), dim=-1)
 
+    def weights_module(self) -> nn.Module:
+        """The module whose ``state_dict()`` the ``weights`` file holds and loads into: the whole
+        encoder, unless a wrapper loads its file into an inner network (then it overrides this).
+        ``train-encoder`` trains exactly this module and writes its state, so the file it writes is
+        what ``weights`` takes."""
+        return self
+
+    def weights_state_dict(self) -> dict[str, torch.Tensor]:
+        """This encoder's state in the layout its ``weights`` parameter loads: detached, on CPU
+        (sharing storage with the parameters there, as ``state_dict()`` does)."""
+        return {k: v.detach().cpu() for k, v in self.weights_module().state_dict().items()}
+
     def freeze(self) -> "IdentityEncoder":
         self.requires_grad_(False)
         return self.train(False)

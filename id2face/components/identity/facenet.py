@@ -55,6 +55,9 @@ class FaceNetEncoder(IdentityEncoder):
             load_matching_state_dict(self.net, state, "facenet", weights, _logits_hint(state, pretrained_on))
         self.freeze()
 
+    def weights_module(self) -> nn.Module:
+        return self.net  # the file is a facenet-pytorch state dict: InceptionResnetV1's own keys, ``logits.*`` included
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # classify=False: the L2-normalised 512-d bottleneck, logits unused
 

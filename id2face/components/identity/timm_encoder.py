@@ -29,8 +29,8 @@ class TimmEncoder(IdentityEncoder):
     its classifier keys are dropped. Without it the backbone is random: a structural / throughput
     stand-in, not a recogniser. The projection pooled-features -> ``embed_dim`` is a Gaussian
     random projection drawn from a fixed seed: it is never trained, so every process, resumed run
-    and evaluation must rebuild the same one. ``model_kwargs`` go to ``timm.create_model`` (e.g.
-    ``img_size: 112`` for a ViT).
+    and evaluation must rebuild the same one (``train-encoder`` trains and writes the backbone
+    only). ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size: 112`` for a ViT).
     """
 
     def __init__(self, model_name: str = "resnet18", embed_dim: int = 512, input_size: int = 112,
@@ -84,6 +84,11 @@ class TimmEncoder(IdentityEncoder):
             raise UserError(f"timm model '{self.model_name}' gives features of shape "
                             f"{tuple(features.shape)}, not pooled (N, C) vectors")
         return features.shape[1]
+
+    def weights_module(self) -> nn.Module:
+        # The file is a timm state dict of the backbone; the projection is rebuilt from its seed, so
+        # it is neither in the file nor trained by train-encoder (a trained one would be lost on reload).
+        return self.backbone
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.backbone(x))
