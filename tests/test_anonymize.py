@@ -31,7 +31,8 @@ from id2face.anonymize import (SUMMARY_NAME, AnonymizeSettings, Anonymizer, anon
                                build_audit_recognizer, exit_code, feathered_mask, training_template)
 from id2face.inference import load_model, read_checkpoint_config  # noqa: E402
 from id2face.cli import main  # noqa: E402
-from id2face.data.align import crop_face, estimate_similarity, inner_face_mask, scale_points  # noqa: E402
+from id2face.data.align import (crop_face, estimate_similarity, inner_face_mask, scale_points,  # noqa: E402
+                               template_landmarks)
 from id2face.data.synthfaces import render_sample  # noqa: E402
 from id2face.errors import UserError  # noqa: E402
 
@@ -497,6 +498,46 @@ def test_fail_closed_covers_every_face_the_model_cannot_anonymize(loaded, failur
             assert np.abs(covered - original).mean() > 10
     keep = outside([f["region"] for f in result.faces], photo.shape)
     assert np.array_equal(result.pixels[keep], photo[keep])
+
+
+def test_a_face_whose_inner_face_reaches_past_its_crop_is_covered(loaded):
+    """Aligned to a tight template (the largest scale allowed), a face with a long eye-to-mouth
+    distance (an open mouth, a long face) has its lower lip past the crop: the model would leave it
+    original, so the face is covered."""
+    from id2face.data.align import MAX_FACE_SCALE
+
+    model, cfg, _, _ = loaded
+    size = int(cfg.data.image_size)
+    detector = GroundTruthDetector()
+    photo, truth = compose(detector, skimage_data.coffee(), [(0, 0, 30, 40), (1, 0, 200, 60)])
+    boxes, scores, points = detector(photo)
+    long_face = points[1].copy()
+    long_face[3:] += (long_face[3:].mean(0) - long_face[:2].mean(0)) * 1.2  # mouth 2.2x as far below the eyes
+    detector.add(photo, boxes, [points[0], long_face])
+    engine = Anonymizer(model, size, template_landmarks(size, MAX_FACE_SCALE), AnonymizeSettings(steps=STEPS, seed=0),
+                        detector=detector)
+    (result,) = engine.anonymize_photos([photo])
+    assert [(f["status"], f["reason"]) for f in result.faces] == [
+        ("anonymized", None), ("covered", "identity_region_outside_crop")]
+    covered = result.pixels[truth[1]["mask"]].astype(float)
+    assert covered.std(0).max() < 1.0  # filled
+
+
+def test_a_template_that_puts_the_inner_face_past_the_crop_is_refused(loaded, tmp_path, capsys):
+    from id2face.data.align import MAX_FACE_SCALE
+
+    model, cfg, _, _ = loaded
+    size = int(cfg.data.image_size)
+    Anonymizer(model, size, template_landmarks(size, MAX_FACE_SCALE), AnonymizeSettings(steps=STEPS, seed=0))
+    with pytest.raises(UserError, match=r"inner face \(brows to lower lip\) past the .* crop.*at most 1\.14"):
+        Anonymizer(model, size, template_landmarks(size, 1.2), AnonymizeSettings(steps=STEPS, seed=0))
+    with pytest.raises(UserError, match=r"--face-scale must be between 0\.1 and 1\.14"):
+        AnonymizeSettings(face_scale=1.3).check()
+    photos = tmp_path / "in"
+    photos.mkdir()
+    Image.fromarray(skimage_data.astronaut()).save(photos / "a.png")
+    assert main(["prepare", "-i", str(photos), "-o", str(tmp_path / "out"), "--face-scale", "1.3"]) == 2
+    assert "--face-scale must be between 0.1 and 1.14" in capsys.readouterr().err
 
 
 def test_faces_too_small_or_degenerate_are_covered_and_failed_detection_writes_nothing(tmp_path, loaded):

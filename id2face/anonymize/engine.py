@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..data.align import (crop_face, estimate_similarity, inner_face_mask, scale_points, template_landmarks,
-                          transform_points)
+from ..data.align import (MAX_FACE_SCALE, crop_face, estimate_similarity, inner_face_extent, inner_face_mask,
+                          scale_points, template_landmarks, transform_points)
 from ..data.imageio import ImageReadError
 from ..errors import UserError, describe
 from ..precision import INFERENCE_PRECISIONS, autocast
@@ -81,8 +81,9 @@ class AnonymizeSettings:
             raise UserError(f"--cover must be one of {', '.join(COVER_MODES)}, got {self.cover!r}")
         if not 0.0 <= self.min_score <= 1.0:
             raise UserError(f"--min-score must be in [0, 1], got {self.min_score}")
-        if self.face_scale is not None and not 0.1 <= self.face_scale <= 2.0:
-            raise UserError(f"--face-scale must be between 0.1 and 2, got {self.face_scale}")
+        if self.face_scale is not None and not 0.1 <= self.face_scale <= MAX_FACE_SCALE:
+            raise UserError(f"--face-scale must be between 0.1 and {MAX_FACE_SCALE:g} (larger puts the inner face "
+                            f"past the crop, where it is not regenerated), got {self.face_scale}")
         if not 0.0 <= self.feather <= 0.5 or not 0.0 <= self.mask_margin <= 0.25:
             raise UserError(f"feather must be in [0, 0.5] and mask_margin in [0, 0.25], got {self.feather}, "
                             f"{self.mask_margin}")
@@ -124,6 +125,12 @@ def training_template(cfg, size: int, face_scale: float | None = None) -> tuple[
         except (ValueError, OSError):
             pass
     return template_landmarks(size), "ArcFace template"
+
+
+def inside_crop(extent: np.ndarray, size: int) -> bool:
+    """Whether a region with bounds ``extent`` [x0, y0, x1, y1] lies on the pixels of a ``size`` crop."""
+    return bool(np.all(np.isfinite(extent))) and extent[0] >= -0.5 and extent[1] >= -0.5 \
+        and extent[2] <= size - 0.5 and extent[3] <= size - 0.5
 
 
 @dataclass
@@ -265,6 +272,11 @@ class Anonymizer:
         template_mask = inner_face_mask(self.template, self.size)
         if template_mask.sum() == 0:
             raise UserError("the crop template has coinciding eyes: no identity region")
+        if not inside_crop(inner_face_extent(self.template), self.size):
+            # Every face's brows or lower lip would lie past its crop: neither regenerated nor covered.
+            raise UserError("the crop template puts the inner face (brows to lower lip) "
+                            f"past the {self.size} px crop: faces would keep part of it; use a --face-scale "
+                            f"of at most {MAX_FACE_SCALE:g}")
         self.template_mask = template_mask
         self.keyed_mapping = None
         self.clusters = None
@@ -399,8 +411,13 @@ class Anonymizer:
             face.matrix = None
             face.cover("alignment_failed", describe(err))
             return
+        points = transform_points(face.landmarks, face.matrix)
+        if not inside_crop(inner_face_extent(points), self.size):
+            # Its own proportions put part of its inner face past the crop, where nothing is regenerated.
+            face.cover("identity_region_outside_crop", "the inner face reaches past the aligned crop")
+            return
         face.crop = torch.from_numpy(np.array(crop, dtype=np.uint8))  # a copy: crop may be read-only
-        own = inner_face_mask(transform_points(face.landmarks, face.matrix), self.size)
+        own = inner_face_mask(points, self.size)
         mask = grow_mask(np.maximum(self.template_mask, own), self.settings.mask_margin * self.size)
         face.mask = torch.from_numpy(mask.astype(np.uint8))[None]
 

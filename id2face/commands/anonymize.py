@@ -113,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --key: same person at cosine >= this (encoder, oracle; default 0.5, in [-1, 1]) "
                              "or at a distance < this (dlib; default its own 0.6)")
     parser.add_argument("--face-scale", type=float,
-                        help="align to the ArcFace template x this instead of the training data's template")
+                        help="align to the ArcFace template x this instead of the training data's template "
+                             "(at most 1.14: larger puts the inner face past the crop)")
     parser.add_argument("--format", choices=("keep", "png"), default="keep", dest="output_format",
                         help="keep each photo's format (JPEG re-encoded at quality 95) or write lossless PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

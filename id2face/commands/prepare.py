@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layout parameter, e.g. identity_file=Anno/identity_CelebA.txt (repeatable)")
     parser.add_argument("--face-scale", type=float, default=1.0,
                         help="size of the face in the crop relative to the ArcFace template (< 1 keeps more "
-                             "hair and background; default 1.0)")
+                             "hair and background; at most 1.14, where the lower lip reaches the crop's edge; "
+                             "default 1.0)")
     parser.add_argument("--multiple-faces", choices=("largest", "skip"), default="largest",
                         help="photos with several faces: crop the largest (default) or skip the photo")
     parser.add_argument("--min-score", type=float, default=0.9, help="MTCNN score for a face to count (default 0.9)")

@@ -195,6 +195,29 @@ def paste_back(image: torch.Tensor, crop: torch.Tensor, matrices: torch.Tensor |
     return image * (1 - alpha) + pasted * alpha
 
 
+# The largest ArcFace-template scale whose inner face (``inner_face_extent``) lies on the crop:
+# 1.1429, bisected, at every crop size. Larger, the lower lip or brows of a typical face lie past
+# the crop, where a model neither sees nor regenerates them.
+MAX_FACE_SCALE = 1.14
+
+
+def _inner_face_shape(landmarks: np.ndarray):
+    """(centre, u, v, half_width, half_height) of the inner face's superellipse, or None for
+    landmarks without an eye line (``inner_face_mask``)."""
+    points = np.asarray(landmarks, dtype=np.float64)
+    left_eye, right_eye, _, left_mouth, right_mouth = points
+    eye_mid, mouth_mid = (left_eye + right_eye) / 2, (left_mouth + right_mouth) / 2
+    across = right_eye - left_eye
+    eye_distance = float(np.linalg.norm(across))
+    if eye_distance < 1e-6:
+        return None
+    u = across / eye_distance
+    v = np.array([-u[1], u[0]])  # image y points down: v points from the eyes to the mouth
+    eye_to_mouth = max(float((mouth_mid - eye_mid) @ v), 0.5 * eye_distance)
+    top, bottom = -0.6 * eye_to_mouth, 1.3 * eye_to_mouth
+    return eye_mid + v * (top + bottom) / 2, u, v, 0.85 * eye_distance, (bottom - top) / 2
+
+
 def inner_face_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
     """The identity-bearing inner face (brows, eyes, nose, mouth) of a ``size`` x ``size`` image
     with 5 ``landmarks`` (5, 2): a superellipse in the eye-line frame, (size, size) float32 {0, 1}.
@@ -203,24 +226,27 @@ def inner_face_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
     (height): from 0.6 of it above the eyes (brows) to 0.3 of it below the mouth (lower lip),
     half-width 0.85 x inter-ocular; exponent 3 keeps the brow ends inside.
     """
-    points = np.asarray(landmarks, dtype=np.float64)
-    left_eye, right_eye, _, left_mouth, right_mouth = points
-    eye_mid, mouth_mid = (left_eye + right_eye) / 2, (left_mouth + right_mouth) / 2
-    across = right_eye - left_eye
-    eye_distance = float(np.linalg.norm(across))
-    if eye_distance < 1e-6:
+    shape = _inner_face_shape(landmarks)
+    if shape is None:
         return np.zeros((size, size), dtype=np.float32)
-    u = across / eye_distance
-    v = np.array([-u[1], u[0]])  # image y points down: v points from the eyes to the mouth
-    eye_to_mouth = max(float((mouth_mid - eye_mid) @ v), 0.5 * eye_distance)
-    top, bottom = -0.6 * eye_to_mouth, 1.3 * eye_to_mouth
-    centre = eye_mid + v * (top + bottom) / 2
-    half_height, half_width = (bottom - top) / 2, 0.85 * eye_distance
+    centre, u, v, half_width, half_height = shape
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
     dx, dy = xs - centre[0], ys - centre[1]
     along, down = dx * u[0] + dy * u[1], dx * v[0] + dy * v[1]
     inside = np.abs(along / half_width) ** 3 + np.abs(down / half_height) ** 3 <= 1.0
     return inside.astype(np.float32)
+
+
+def inner_face_extent(landmarks: np.ndarray) -> np.ndarray:
+    """[x0, y0, x1, y1]: the bounds of ``inner_face_mask``'s region, unclipped (it may reach past
+    the image), exactly: the superellipse's support function, exponent 3/2 dual to its 3."""
+    shape = _inner_face_shape(landmarks)
+    if shape is None:
+        return np.full(4, np.nan)
+    centre, u, v, half_width, half_height = shape
+    reach = [(abs(axis @ u * half_width) ** 1.5 + abs(axis @ v * half_height) ** 1.5) ** (2 / 3)
+             for axis in np.eye(2)]
+    return np.concatenate([centre - reach, centre + reach])
 
 
 def template_mask(size: int, face_scale: float = 1.0) -> np.ndarray:

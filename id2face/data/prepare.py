@@ -404,8 +404,11 @@ def prepare(input_root: str | Path, output_root: str | Path, settings: PrepareSe
         raise UserError(f"--multiple-faces must be one of {', '.join(MULTIPLE_FACE_POLICIES)}")
     if not 16 <= settings.size <= 4096:
         raise UserError(f"--size must be between 16 and 4096, got {settings.size}")
-    if not 0.1 <= settings.face_scale <= 2.0:
-        raise UserError(f"--face-scale must be between 0.1 and 2, got {settings.face_scale}")
+    from .align import MAX_FACE_SCALE
+
+    if not 0.1 <= settings.face_scale <= MAX_FACE_SCALE:  # larger: anonymize could not regenerate the whole face
+        raise UserError(f"--face-scale must be between 0.1 and {MAX_FACE_SCALE:g} (larger puts the inner face past "
+                        f"the crop), got {settings.face_scale}")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
