@@ -365,9 +365,14 @@ class ID2Face(nn.Module):
         ``key``: secret for the keyed mapping; ``gallery`` (M, L): identity latents to avoid too
         (``identity_latent(gallery_images)``). Returns (N,3,S,S) in [-1, 1].
         """
-        source = self.identity_latent(images)
-        prior = partial(self.id_vae.sample_prior, device=images.device)
-        pseudo = self.id_mapping(source, prior=prior, generator=generator, key=key, gallery=gallery)
+        from .precision import autocast_off
+
+        # In fp32 whatever the caller's autocast: the substitute is made orthogonal to this source,
+        # and under bf16 it was orthogonal only to an approximation of it (|cos| 2e-3, not 6e-8).
+        with autocast_off(images.device.type):
+            source = self.identity_latent(images.float())
+            prior = partial(self.id_vae.sample_prior, device=images.device)
+            pseudo = self.id_mapping(source, prior=prior, generator=generator, key=key, gallery=gallery)
         return self.generate(images, masks, pseudo, source_latent=source, generator=generator,
                              num_inference_steps=num_inference_steps)
 

@@ -203,6 +203,28 @@ def test_anonymize_keeps_the_outside_exactly_and_changes_the_inside(model, batch
     assert (out[inside] - other[inside]).abs().mean() > 1e-3
 
 
+def test_anonymize_makes_the_substitute_orthogonal_to_the_fp32_source_under_bf16_autocast(model, batch, monkeypatch):
+    """Sampling runs under the checkpoint's autocast; the identities stay fp32 (README), or the
+    substitute is orthogonal only to a bf16 approximation of the source."""
+    model.eval()
+    images, masks = batch["a"]["image"], batch["a"]["mask"]
+    seen = []
+    mapping = model.id_mapping.forward
+
+    def spy(source, *args, **kwargs):
+        pseudo = mapping(source, *args, **kwargs)
+        seen.append((source.dtype, pseudo.float()))
+        return pseudo
+
+    monkeypatch.setattr(model.id_mapping, "forward", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.anonymize(images, masks, generator=torch.Generator().manual_seed(0), num_inference_steps=1)
+    (dtype, pseudo), = seen
+    exact = model.identity_latent(images)
+    assert dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(pseudo.double(), exact.double(), dim=-1).abs().max() < 1e-5
+
+
 def test_reconstruct_keeps_the_outside_exactly(model, batch):
     model.eval()
     images, masks = batch["b"]["image"], batch["b"]["mask"]
