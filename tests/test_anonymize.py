@@ -17,6 +17,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -305,8 +306,9 @@ def test_a_rerun_with_other_detection_or_cover_settings_is_refused(tmp_path, loa
         other = GroundTruthDetector()
         other.faces, other.min_face_size, other.max_side = detector.faces, min_face_size, max_side
         with pytest.raises(UserError, match=re.escape(f"holds a run with other settings: {message};")):
-            anonymize_files([tmp_path / "in"], out, progress=False,
-                            anonymizer=anonymizer(loaded, detector=other, cover_if_recognized=cover_if_recognized))
+            judge = SimpleNamespace(threshold=0.6, description="a judge that decides")  # the flag needs one
+            anonymize_files([tmp_path / "in"], out, progress=False, anonymizer=anonymizer(
+                loaded, detector=other, cover_if_recognized=cover_if_recognized, audit=judge))
     again = anonymize_files([tmp_path / "in"], out, anonymizer(loaded, detector=detector), progress=False)
     assert again["images"]["skipped"] == 1 and again["settings"]["min_face_size"] == 600
 
@@ -347,6 +349,10 @@ def test_a_rerun_after_a_killed_run_with_other_settings_is_refused(tmp_path, loa
     resumed = anonymize_files([tmp_path / "in"], out, anonymizer(loaded, detector=detector), progress=False)
     assert resumed["finished"] and resumed["images"]["skipped"] == len(finished)
     assert resumed["images"]["written"] == 3 and resumed["settings"]["keyed"] is False
+    # a keyed run records its noise seed too: with it and the key, the run repeats
+    keyed = anonymize_files([tmp_path / "in"], tmp_path / "keyed", progress=False,
+                            anonymizer=anonymizer(loaded, detector=detector, key="secret", seed=7))
+    assert keyed["seed"] == 7 and keyed["settings"]["keyed"] is True
 
 
 def test_a_link_out_of_the_output_folder_is_never_written_through(tmp_path, loaded):
@@ -1028,6 +1034,32 @@ def test_faces_still_recognized_are_covered_on_request(loaded, mtcnn, dlib, monk
     (face,) = result.faces
     assert result.status == "covered" and face["status"] == "covered" and face["reason"] == "still_recognized"
     assert face["residual_same_person"] is False
+
+
+def test_cover_if_recognized_without_a_judge_that_decides_is_refused(loaded, checkpoint, tmp_path, capsys):
+    """The oracle and encoder judges have no same-person threshold, and no audit has none: the flag
+    covered nothing, silently."""
+    for audit, said in [(None, "no audit recognizer"),
+                        (SimpleNamespace(threshold=None, description="oracle"), "(oracle) has none")]:
+        with pytest.raises(UserError, match=re.escape(said)):
+            anonymizer(loaded, audit=audit, cover_if_recognized=True)
+    Image.fromarray(skimage_data.astronaut()).save(tmp_path / "a.png")
+    assert main(["anonymize", "--checkpoint", str(checkpoint), "-i", str(tmp_path / "a.png"), "-o",
+                 str(tmp_path / "out"), "--audit-recognizer", "none", "--cover-if-recognized", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cover-if-recognized needs an audit recognizer" in err and "Traceback" not in err
+
+
+def test_cover_if_recognized_covers_the_faces_an_audit_failed_to_judge(loaded, mtcnn, dlib, monkeypatch):
+    engine = anonymizer(loaded, detector=mtcnn, audit=dlib, cover_if_recognized=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("dlib worker died")
+
+    monkeypatch.setattr(engine, "_measure", broken)
+    (result,) = engine.anonymize_photos([skimage_data.astronaut()])
+    assert [(f["status"], f["reason"]) for f in result.faces] == [("covered", "audit_failed")]
+    assert result.status == "covered" and any("audit failed" in note for note in result.notes)
 
 
 def test_output_names_mirror_the_inputs_and_collisions_are_refused(tmp_path):

@@ -269,6 +269,11 @@ class Anonymizer:
         self.error_log = error_log
         self.seed = self.settings.seed if self.settings.seed is not None else secrets.randbits(62)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
+        if self.settings.cover_if_recognized and getattr(audit, "threshold", None) is None:
+            # Without a same-person decision the flag covered nothing, silently.
+            what = "no audit recognizer" if audit is None else f"the audit recognizer ({audit.description}) has none"
+            raise UserError(f"--cover-if-recognized needs an audit recognizer that decides 'same person' (dlib; an "
+                            f"encoder judge with a `threshold` param); {what}")
         template_mask = inner_face_mask(self.template, self.size)
         if template_mask.sum() == 0:
             raise UserError("the crop template has coinciding eyes: no identity region")
@@ -602,17 +607,23 @@ class Anonymizer:
                                        [f.record() for f in entry.faces], entry.notes)
         notes = list(entry.notes)
         if self.audit is not None and entry.faces:
+            audited = True
             try:
                 self._measure(original, out, entry.faces)
             except Exception as err:  # noqa: BLE001 - the audit must not lose the photo
                 self._log(entry.tag, "audit", err)
                 notes.append(f"audit failed: {describe(err)}")
+                audited = False
             if self.settings.cover_if_recognized:
-                recognized = [f for f in entry.faces if f.status == "anonymized" and f.residual.get("same_person")]
+                # Fail closed: a face the audit could not judge is covered as one it still recognizes.
+                reason, message = ("still_recognized", "the audit recognizer still matches the source") if audited \
+                    else ("audit_failed", "the audit could not judge it (--cover-if-recognized)")
+                recognized = [f for f in entry.faces if f.status == "anonymized"
+                              and (not audited or f.residual.get("same_person") is not False)]
                 for face in recognized:
-                    face.cover("still_recognized", "the audit recognizer still matches the source")
+                    face.cover(reason, message)
                     face.region = union_box(face.region, self._cover(out, original, face))
-                if recognized:
+                if recognized and audited:
                     self._measure(original, out, recognized)
         if not entry.faces:
             status = "no_face"

@@ -387,7 +387,7 @@ def summarize(jobs: Sequence[Job], sidecars: Mapping[str, dict], skipped: int, s
         "worst_residual": worst,
         "audit_recognizer": getattr(anonymizer.audit, "description", None) or
                             (type(anonymizer.audit).__name__ if anonymizer.audit is not None else None),
-        "seed": anonymizer.seed if anonymizer.settings.key is None else None,
+        "seed": anonymizer.seed,  # the noise's, keyed or not: with it and the key a run repeats
         "seconds": round(seconds, 3),
         "stage_seconds": {stage: round(busy, 3) for stage, busy in anonymizer.stage_seconds.items()},
         "faces_this_run": faces_this_run,

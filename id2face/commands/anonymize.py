@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detect-device", metavar="DEVICE",
                         help="where MTCNN detects the faces (default: --device); cpu leaves the GPU to the "
                              "sampling, at a few cores' cost with --detect-workers")
-    parser.add_argument("--seed", type=int, help="noise seed without --key (default: random, recorded in the summary)")
+    parser.add_argument("--seed", type=int, help="sampling noise seed (default: random, recorded in the summary; with "
+                        "--key the substitutes come from the key, the noise from this)")
     parser.add_argument("--min-score", type=float, default=0.8, help="detector score of a face (default 0.8)")
     parser.add_argument("--min-face-size", type=int, default=20,
                         help="smallest face MTCNN looks for, px (default 20)")
