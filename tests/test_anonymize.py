@@ -1115,9 +1115,16 @@ def test_clusters_join_the_closest_person_but_never_merge_two_faces_of_one_photo
     clusters = _Clusters(threshold=0.6, metric="euclidean")  # dlib-style: same person iff distance < 0.6
     a, b = torch.zeros(4), torch.tensor([1.0, 0, 0, 0])
     assert clusters.assign([a, b], lambda row: made.append(row) or torch.tensor([float(row)])) == [0, 1]
-    # next photo: a near-copy of a, then a twin of a in the same photo (b is too far for it)
-    assert clusters.assign([a + 0.1, a + 0.05], lambda row: made.append(row) or torch.tensor([9.0])) == [0, 2]
-    assert made == [0, 1, 1] and len(clusters.substitutes) == 3
+    # next photo: a near-copy of a, then a closer one in the same photo (b is too far for either):
+    # the closer one is a, the other a new person, whatever the detector's order
+    assert clusters.assign([a + 0.1, a + 0.05], lambda row: made.append(row) or torch.tensor([9.0])) == [2, 0]
+    assert made == [0, 1, 0] and len(clusters.substitutes) == 3
+    # a stranger who merely passes the threshold, listed first (the larger face), does not take
+    # Alice's pseudonym from Alice
+    known = _Clusters(threshold=0.5, metric="cosine")
+    alice, bob, alice_again = torch.tensor([1.0, 0, 0]), torch.tensor([0.55, 0.835, 0]), torch.tensor([0.98, 0, 0.2])
+    known.assign([alice], lambda row: torch.zeros(1))
+    assert known.assign([bob, alice_again], lambda row: torch.zeros(1)) == [1, 0]
     cosine = _Clusters(threshold=0.9, metric="cosine")
     assert cosine.assign([torch.tensor([1.0, 0]), torch.tensor([0.0, 1])], lambda row: torch.zeros(1)) == [0, 1]
     assert cosine.assign([torch.tensor([0.1, 1.0])], lambda row: torch.zeros(1)) == [1]

@@ -193,8 +193,8 @@ class _Pending:
 
 class _Clusters:
     """Online identity clusters: a face joins the most similar cluster whose representative (its
-    first face) passes the threshold and that no other face of the same photo took; else it opens
-    a new cluster. ``metric`` cosine (similarity >= threshold) or euclidean (distance < threshold)."""
+    first face) passes the threshold and that no better-matching face of the same photo took; else
+    it opens a new cluster. ``metric`` cosine (similarity >= threshold) or euclidean (distance < threshold)."""
 
     def __init__(self, threshold: float, metric: str):
         self.threshold, self.metric = float(threshold), metric
@@ -212,22 +212,23 @@ class _Clusters:
         return score >= self.threshold if self.metric == "cosine" else -score < self.threshold
 
     def assign(self, embeddings: Sequence[torch.Tensor], make_substitute: Callable[[int], torch.Tensor]) -> list[int]:
-        taken: set[int] = set()
+        """One photo's faces: the best-scoring (face, cluster) pairs first, whatever the faces' order
+        (in detector order, a stranger that merely passed the threshold took a known person's
+        cluster, and so her pseudonym, ahead of her); the faces left open new clusters, in order."""
+        chosen: dict[int, int] = {}
+        if self.representatives and len(embeddings):
+            scores = torch.stack([self._scores(embedding) for embedding in embeddings])  # (faces, clusters)
+            for flat in torch.argsort(scores.flatten(), descending=True, stable=True).tolist():
+                row, index = divmod(flat, scores.shape[1])
+                if row not in chosen and index not in chosen.values() and self._passes(float(scores[row, index])):
+                    chosen[row] = index
         assigned = []
         for row, embedding in enumerate(embeddings):
-            chosen = None
-            if self.representatives:
-                scores = self._scores(embedding)
-                for index in torch.argsort(scores, descending=True).tolist():
-                    if index not in taken and self._passes(float(scores[index])):
-                        chosen = index
-                        break
-            if chosen is None:
+            if row not in chosen:
                 self.representatives.append(embedding.detach().cpu())
                 self.substitutes.append(make_substitute(row).detach())
-                chosen = len(self.representatives) - 1
-            taken.add(chosen)
-            assigned.append(chosen)
+                chosen[row] = len(self.representatives) - 1
+            assigned.append(chosen[row])
         return assigned
 
 
