@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"id2face {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno is None:  # not the system's refusal of a file operation: a bug, with its traceback
+            raise
+        # The file system's answer (a file where a folder goes, a full disk, no permission): the
+        # user's to fix, in one line, as the commands' own checks of their paths say it.
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        print(f"id2face {args.command}: error: {err.strerror or err}{': ' + paths if paths else ''}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -241,3 +241,21 @@ def test_read_image_converts_every_mode_to_rgb_uint8():
             if mode != "1":  # every other mode keeps the brightness pattern of the face
                 gray = loaded.pixels.astype(np.float64).mean(-1)
                 assert np.corrcoef(gray.ravel(), reference.ravel())[0, 1] > 0.95, mode
+
+
+@pytest.mark.parametrize("command", [
+    lambda blocker: ["table", str(blocker.parent / "run"), "-o", str(blocker / "t.md")],
+    lambda blocker: ["train", "tiny", f"run.root={blocker}", "trainer.max_steps=1"],
+], ids=["table", "train"])
+def test_an_output_path_the_file_system_refuses_is_one_line(tmp_path, capsys, command):
+    """A file where an output folder goes: the file system's refusal, in one line, exit 2."""
+    from id2face.cli import main
+    from id2face.metrics.table import save_metrics
+
+    save_metrics(tmp_path / "run", {"fid": 1.0}, {})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(command(blocker)) == 2
+    err = capsys.readouterr().err.strip()  # (Lightning's INFO lines may come first)
+    assert "Traceback" not in err and "error: Not a directory" in err.splitlines()[-1] and str(blocker) in err
+    assert blocker.read_text() == "not a folder"
