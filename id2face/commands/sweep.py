@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UserError
     from ..launch.launchers import launch_local, launch_slurm, sbatch_script
-    from ..launch.sweep import check_judges, check_resources, load_sweep
+    from ..launch.sweep import check_judges, check_resources, load_sweep, with_slurm_layout
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             resources[key] = value
     check_resources(resources, "command line")
+    if args.launcher == "slurm":
+        # Each task's Trainer takes the layout SLURM gives it (the list below shows it), --dry-run too.
+        sweep = with_slurm_layout(sweep, resources)
     check_judges(sweep)
     root = Path(str(sweep.tasks[0].config().run.root))
     folder = Path(args.folder) if args.folder else root / sweep.experiment / "slurm"

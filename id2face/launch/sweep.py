@@ -17,7 +17,7 @@ is launched: a typo in one ablation stops the whole sweep at submission, not hou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -165,6 +165,34 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     for f in base:
         resolve_config_path(f)
     return Sweep(path, tasks, resources)
+
+
+def with_slurm_layout(sweep: Sweep, resources: dict) -> Sweep:
+    """The sweep with each task's ``trainer.num_nodes`` and ``trainer.devices`` set from the slurm
+    launcher's resources (``nodes``, one task per GPU: ``gpus_per_node``, at least 1).
+
+    Lightning checks them on the node against SLURM's ``--nodes`` and ``--ntasks-per-node`` and
+    refuses any difference, after the task waited in the queue: the allocation the sbatch request
+    asks for is the only layout a task can train on, so the resources (files or flags) decide and
+    the configs follow, as the task list shows. A value the sweep's own overrides (or the command
+    line's key=value) ask for explicitly is a choice, not a default: one that differs is refused
+    here, before anything is queued, instead of being replaced unsaid."""
+    layout = {"trainer.num_nodes": int(resources["nodes"]),
+              "trainer.devices": max(int(resources["gpus_per_node"] or 0), 1)}
+    source = {"trainer.num_nodes": "resources.nodes (--nodes)",
+              "trainer.devices": "resources.gpus_per_node (--gpus-per-node)"}
+    tasks = []
+    for task in sweep.tasks:
+        explicit = {k.strip(): v.strip() for k, v in (o.split("=", 1) for o in task.overrides if "=" in o)}
+        for key, value in layout.items():
+            given = explicit.get(key, str(value))
+            if given not in (str(value), "auto"):
+                raise UserError(f"{sweep.path}: override {key}={given} contradicts {source[key]}={value}: the "
+                                "slurm launcher runs each task on that layout and Lightning refuses another; set the "
+                                "resource instead")
+        overrides = [o for o in task.overrides if o.split("=", 1)[0].strip() not in layout]
+        tasks.append(replace(task, overrides=[*overrides, *(f"{k}={v}" for k, v in layout.items())]))
+    return replace(sweep, tasks=tasks)
 
 
 def check_judges(sweep: Sweep) -> None:
