@@ -230,3 +230,32 @@ def test_local_launch_starts_each_task_with_fresh_compile_state(tmp_path, monkey
     monkeypatch.setattr(launchers, "run_task", lambda task: events.append(task.name) or {"task": task.name})
     assert launchers.launch_local(sweep) == [{"task": t.name} for t in sweep.tasks]
     assert events == ["reset", "tiny/base/seed0", "reset", "tiny/base/seed1", "reset", "tiny/base/seed2"]
+
+
+def test_slurm_tasks_train_on_the_layout_their_resources_ask_sbatch_for(tmp_path, monkeypatch, capsys):
+    """Lightning refuses num_nodes/devices other than SLURM's --nodes/--ntasks-per-node on the node,
+    after the queue: the slurm launcher's tasks take them from the resources (flags included)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from id2face.cli import main
+    from id2face.launch.sweep import with_slurm_layout
+
+    path = write(tmp_path, "base: [tiny]\nseeds: [0, 1]\nresources: {gpus_per_node: 4, nodes: 2}\n"
+                           "overrides: ['eval.recognizers=[dlib]', trainer.accelerator=cpu, trainer.strategy=ddp]\n")
+    sweep = load_sweep(path)
+    cfg = with_slurm_layout(sweep, sweep.resources).tasks[1].config()
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.run.seed) == (2, 4, 1)
+    for key, value in {"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NTASKS": "8"}.items():
+        monkeypatch.setenv(key, value)
+    # Lightning's own check on the node
+    SLURMEnvironment.validate_settings(SLURMEnvironment(), cfg.trainer.devices, cfg.trainer.num_nodes)
+
+    # the command line's flags are the resources too; the task list shows what each task trains on
+    assert main(["sweep", str(path), "--dry-run", "--nodes", "3", "--gpus-per-node", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer.num_nodes=3 trainer.devices=1 run.ablation=base run.seed=0" in out and "#SBATCH --nodes=3" in out
+    # an explicit choice that contradicts them is refused before anything is queued
+    assert main(["sweep", str(path), "--dry-run", "trainer.devices=2"]) == 2
+    err = capsys.readouterr().err
+    assert "override trainer.devices=2 contradicts resources.gpus_per_node (--gpus-per-node)=4" in err
+    assert main(["sweep", str(path), "--dry-run", "--launcher", "local", "trainer.devices=2"]) == 0
