@@ -443,11 +443,10 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(previous: Any, current: Any) -> list[str]:
     """``key: old -> new`` for each value both configs hold that differs and may not change on a resume."""
     old, new = _flat(previous), _flat(current)
-    allowed = tuple(RESUMABLE_CHANGES)
     changes = []
     for key in old.keys() & new.keys():
         name = key.rstrip(".")
-        if old[key] != new[key] and not any(name == a or name.startswith(f"{a}.") for a in allowed):
+        if old[key] != new[key] and not any(name == a or name.startswith(f"{a}.") for a in RESUMABLE_CHANGES):
             changes.append(f"{name}: {old[key]!r} -> {new[key]!r}")
     return sorted(changes)
 
