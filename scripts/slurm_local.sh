@@ -72,7 +72,7 @@ case "$cmd" in
     done
     log "slurmd did not become idle (see /var/log/slurm/)"; exit 1 ;;
   stop)
-    pkill -x slurmd; pkill -x slurmctld; exit 0 ;;
+    pkill -x slurmd; pkill -x slurmctld; pkill -x munged; exit 0 ;;  # all that start started
   status)
     sinfo ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
