@@ -260,3 +260,15 @@ def test_an_output_path_the_file_system_refuses_is_one_line(tmp_path, capsys, co
     last = err.splitlines()[-1]
     assert "Traceback" not in err and last.startswith("id2face ") and ": error: " in last and str(blocker) in last
     assert blocker.read_text() == "not a folder"
+
+
+def test_an_eval_run_dir_the_file_system_refuses_fails_before_the_evaluation(tmp_path, capsys, monkeypatch):
+    from id2face.cli import main
+    from id2face.commands import eval as eval_command
+
+    monkeypatch.setattr(eval_command, "evaluate", lambda *a, **k: pytest.fail("evaluated before the run dir was made"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    checkpoint = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-tiny.pt"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--run-dir", str(blocker / "run"), "--device", "cpu"]) == 2
+    assert str(blocker) in capsys.readouterr().err.strip().splitlines()[-1]

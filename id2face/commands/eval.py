@@ -263,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
     module.load_state_dict(state)
     device = str(resolve_device(args.device))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
+    run_dir.mkdir(parents=True, exist_ok=True)  # a path the file system refuses fails now, not after the evaluation
     metrics, meta = evaluate(module, cfg, reconstruction=not args.no_reconstruction,
                              device=device, split_file=split_path(cfg, training_run_dir(checkpoint)),
                              precision=args.precision)
