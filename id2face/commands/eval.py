@@ -240,6 +240,17 @@ def evaluate(module, cfg, reconstruction: bool = True, device: str = "cpu",
     return metrics, meta
 
 
+def _check_writable(folder: Path) -> None:
+    """UserError if a file stands where ``folder`` or one of its parents must be a folder (nothing is made)."""
+    from ..errors import UserError
+
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"cannot write {folder}: {path} is a file, not a folder")
+            return
+
+
 def reconstruction_metrics():
     """(PSNR, SSIM) of [-1, 1] images, each face's value averaged over the faces, as papers report them
     (torchmetrics' default PSNR pools the squared error of all faces: one bad face sets the figure)."""
@@ -263,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     module.load_state_dict(state)
     device = str(resolve_device(args.device))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
-    run_dir.mkdir(parents=True, exist_ok=True)  # a path the file system refuses fails now, not after the evaluation
+    _check_writable(run_dir)  # now, not after the evaluation
     metrics, meta = evaluate(module, cfg, reconstruction=not args.no_reconstruction,
                              device=device, split_file=split_path(cfg, training_run_dir(checkpoint)),
                              precision=args.precision)
